@@ -1,0 +1,144 @@
+"""Transformer building blocks as graph functions: norms, rotary, attention, MLP.
+
+Each takes the GraphBuilder first and returns values, so a family's layer code reads like its
+PyTorch forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from phi_onnx.config import ModelConfig, RopeConfig
+from phi_onnx.export.graph import GraphBuilder, Value
+
+
+@dataclass
+class AttentionInputs:
+    """Per-forward values every attention layer shares (computed once from the attention mask)."""
+
+    seqlens_k: Value  # int32 [batch]: valid tokens so far - 1
+    total_length: Value  # int32 scalar: attention_mask width
+    cos: Value  # [total_length, rotary_dim / 2] in the activation dtype
+    sin: Value
+    positions: Value | None  # int64 [batch, seq]: only when rotary runs outside GroupQueryAttention
+
+
+def rms_norm(g: GraphBuilder, x: Value, gamma: Value, eps: float) -> Value:
+    """RMSNorm computed in fp32 (ORT SimplifiedLayerNormalization)."""
+    return g.op("SimplifiedLayerNormalization", x, gamma, axis=-1, epsilon=eps, stash_type=1)
+
+
+def skip_rms_norm(g: GraphBuilder, x: Value, residual: Value, gamma: Value, eps: float) -> tuple[Value, Value]:
+    """`residual + x` and its RMSNorm in one fused op; returns (normed, new residual)."""
+    normed, _, _, total = g.ms("SkipSimplifiedLayerNormalization", x, residual, gamma, outputs=4, epsilon=eps)
+    return normed, total
+
+
+def gqa_fuses_rotary(rope: RopeConfig) -> bool:
+    """GroupQueryAttention's fused rotary needs the cos/sin width (rotary_dim / 2) a multiple of 8."""
+    return rope.rotary_dim > 0 and (rope.rotary_dim // 2) % 8 == 0
+
+
+def rotary_inv_freq(rope: RopeConfig, factors: tuple[float, ...] = ()) -> np.ndarray:
+    """Inverse frequencies exactly as transformers computes them (fp32, optional LongRoPE factors)."""
+    exponent = np.arange(0, rope.rotary_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(rope.rotary_dim)
+    base = np.float32(rope.theta) ** exponent
+    if factors:
+        base = np.asarray(factors, dtype=np.float32) * base
+    return (np.float32(1.0) / base).astype(np.float32)
+
+
+def attention_inputs(g: GraphBuilder, cfg: ModelConfig, input_ids: Value, attention_mask: Value,
+                     dtype: ir.DataType) -> AttentionInputs:
+    """seqlens_k, total length and the rotary cos/sin tables, computed in the graph.
+
+    The tables cover only positions < total length and are computed from the inverse frequencies,
+    so no [max_positions, dim] cache is stored, and LongRoPE picks its factors per forward the way
+    transformers does (long factors once the sequence exceeds the original context).
+    """
+    rope = cfg.rope
+    with g.scope("model", "attn_mask"):
+        valid = g.op("ReduceSum", attention_mask, g.const([1], np.int64), keepdims=0)
+        seqlens_k = g.op("Cast", g.op("Sub", valid, g.const(1, np.int64)), to=ir.DataType.INT32)
+        total64 = g.op("Gather", g.op("Shape", attention_mask), g.const(1, np.int64), axis=0)
+        total_length = g.op("Cast", total64, to=ir.DataType.INT32)
+    with g.scope("model", "rotary_emb"):
+        if rope.kind == "longrope":
+            is_long = g.op("Greater", total64, g.const(rope.original_max_position_embeddings, np.int64))
+            inv_freq = g.op("Where", is_long, g.const(rotary_inv_freq(rope, rope.long_factor)),
+                            g.const(rotary_inv_freq(rope, rope.short_factor)))
+        else:
+            inv_freq = g.const(rotary_inv_freq(rope))
+        steps = g.op("Range", g.const(0, np.int64), total64, g.const(1, np.int64))
+        pos = g.op("Unsqueeze", g.op("Cast", steps, to=ir.DataType.FLOAT), g.const([1], np.int64))
+        freqs = g.op("Mul", pos, g.op("Unsqueeze", inv_freq, g.const([0], np.int64)))
+        cos, sin = g.op("Cos", freqs), g.op("Sin", freqs)
+        if rope.attention_factor != 1.0:
+            factor = g.const(rope.attention_factor, np.float32)
+            cos, sin = g.op("Mul", cos, factor), g.op("Mul", sin, factor)
+        if dtype != ir.DataType.FLOAT:
+            cos, sin = g.op("Cast", cos, to=dtype), g.op("Cast", sin, to=dtype)
+        positions = None
+        if not gqa_fuses_rotary(rope):
+            # Token s of row b sits at (valid_b - seq_len + s), the position GroupQueryAttention uses.
+            seq_len = g.op("Gather", g.op("Shape", input_ids), g.const(1, np.int64), axis=0)
+            start = g.op("Unsqueeze", g.op("Sub", valid, seq_len), g.const([1], np.int64))
+            offsets = g.op("Unsqueeze", g.op("Range", g.const(0, np.int64), seq_len, g.const(1, np.int64)),
+                           g.const([0], np.int64))
+            positions = g.op("Max", g.op("Add", start, offsets), g.const(0, np.int64))
+    return AttentionInputs(seqlens_k, total_length, cos, sin, positions)
+
+
+def apply_rotary(g: GraphBuilder, x: Value, heads: int, head_dim: int, rotary_dim: int,
+                 inputs: AttentionInputs) -> Value:
+    """Rotate the first `rotary_dim` channels of each head (non-interleaved, like `rotate_half`)."""
+    assert inputs.positions is not None
+    x4 = g.op("Reshape", x, g.const([0, 0, heads, head_dim], np.int64))
+    cos = g.op("Unsqueeze", g.op("Gather", inputs.cos, inputs.positions), g.const([2], np.int64))
+    sin = g.op("Unsqueeze", g.op("Gather", inputs.sin, inputs.positions), g.const([2], np.int64))
+    half = rotary_dim // 2
+    sizes = [half, half] + ([head_dim - rotary_dim] if head_dim > rotary_dim else [])
+    parts = g.op("Split", x4, g.const(sizes, np.int64), axis=-1, outputs=len(sizes))
+    x1, x2 = parts[0], parts[1]
+    rot1 = g.op("Sub", g.op("Mul", x1, cos), g.op("Mul", x2, sin))
+    rot2 = g.op("Add", g.op("Mul", x2, cos), g.op("Mul", x1, sin))
+    out = g.op("Concat", rot1, rot2, *parts[2:], axis=-1)
+    return g.op("Reshape", out, g.const([0, 0, heads * head_dim], np.int64))
+
+
+def group_query_attention(g: GraphBuilder, qkv: Value, cfg: ModelConfig, inputs: AttentionInputs,
+                          past_key: Value, past_value: Value) -> tuple[Value, Value, Value]:
+    """ORT GroupQueryAttention over packed QKV, with rotary fused when its kernel allows.
+
+    Returns (attention output [batch, seq, heads*head_dim], present key, present value).
+    """
+    heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    rope = cfg.rope
+    fused = gqa_fuses_rotary(rope)
+    query, key, value = qkv, None, None
+    if not fused:
+        q_size, kv_size = heads * head_dim, kv_heads * head_dim
+        query, key, value = g.op("Split", qkv, g.const([q_size, kv_size, kv_size], np.int64), axis=-1,
+                                 outputs=3)
+        if rope.rotary_dim > 0:
+            query = apply_rotary(g, query, heads, head_dim, rope.rotary_dim, inputs)
+            key = apply_rotary(g, key, kv_heads, head_dim, rope.rotary_dim, inputs)
+    # transformers masks keys with kv_idx <= q_idx - sliding_window; ORT's local_window_size with
+    # the same number masks the same keys (checked by the sliding-window parity test).
+    window = cfg.sliding_window if cfg.sliding_window else -1
+    out, present_key, present_value = g.ms(
+        "GroupQueryAttention", query, key, value, past_key, past_value, inputs.seqlens_k, inputs.total_length,
+        inputs.cos if fused else None, inputs.sin if fused else None, outputs=3,
+        num_heads=heads, kv_num_heads=kv_heads, do_rotary=int(fused), rotary_interleaved=0,
+        scale=float(head_dim**-0.5), local_window_size=window,
+    )
+    return out, present_key, present_value
+
+
+def silu_gated(g: GraphBuilder, gate_up: Value, intermediate: int) -> Value:
+    """`silu(gate) * up` from a packed [gate | up] projection."""
+    gate, up = g.op("Split", gate_up, g.const([intermediate, intermediate], np.int64), axis=-1, outputs=2)
+    return g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)

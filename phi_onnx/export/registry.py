@@ -1,0 +1,54 @@
+"""Hugging Face architecture name → builder class, one module per family, imported on demand."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from phi_onnx.errors import UnsupportedModelError
+
+if TYPE_CHECKING:
+    from phi_onnx.export.base import DecoderBuilder
+
+#: Which module builds each architecture. Adding a family is adding a module and a line here.
+ARCHITECTURE_MODULES: dict[str, str] = {
+    "Phi3ForCausalLM": "phi_onnx.export.phi3",
+}
+
+#: Architectures we know of but do not build yet, with the reason shown to users.
+PLANNED: dict[str, str] = {
+    "PhiForCausalLM": "Phi-2 support is planned (LayerNorm, parallel attention/MLP, gelu).",
+    "PhimoeForCausalLM": "Phi-3.5-MoE support is planned.",
+    "PhiMoEForCausalLM": "Phi-3.5-MoE support is planned.",
+    "Phi3SmallForCausalLM": "Phi-3-small support is planned (block-sparse attention, gegelu).",
+}
+
+_BUILDERS: dict[str, type[DecoderBuilder]] = {}
+B = TypeVar("B", bound="type[DecoderBuilder]")
+
+
+def register(*architectures: str) -> Callable[[B], B]:
+    """Class decorator: this builder handles these `architectures[0]` names."""
+    def decorate(cls: B) -> B:
+        for name in architectures:
+            _BUILDERS[name] = cls
+        return cls
+    return decorate
+
+
+def builder_for(architecture: str) -> type[DecoderBuilder]:
+    """The builder class for an architecture; a clear error for anything we cannot build."""
+    module = ARCHITECTURE_MODULES.get(architecture)
+    if module is None:
+        reason = PLANNED.get(architecture, "phi-onnx builds Microsoft Phi models only.")
+        raise UnsupportedModelError(
+            f"Architecture {architecture!r} is not supported. {reason}",
+            hint="Supported today: " + ", ".join(sorted(ARCHITECTURE_MODULES)) + ". See `phi-onnx models`.")
+    importlib.import_module(module)
+    return _BUILDERS[architecture]
+
+
+def is_supported(architecture: str) -> bool:
+    """Whether `architecture` has a builder."""
+    return architecture in ARCHITECTURE_MODULES

@@ -1,0 +1,86 @@
+"""Turn checkpoint tensors into lazily computed initializers in the export's precision."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from phi_onnx.export.graph import GraphBuilder, Value
+from phi_onnx.export.options import ExportOptions
+from phi_onnx.quantize.int4 import Int4Weight, quantize_int4
+
+Loader = Callable[[], np.ndarray]
+
+
+class Weights:
+    """Makes float initializers and linear layers (MatMul or MatMulNBits) from loaders.
+
+    A loader returns one float32 array as the checkpoint stores it ([out, in] for linear weights);
+    it runs only when the model is written, so at most a few tensors are resident at a time.
+    """
+
+    def __init__(self, options: ExportOptions) -> None:
+        self.options = options
+        self.io_dtype = ir.DataType.FLOAT16 if options.io_dtype == "fp16" else ir.DataType.FLOAT
+        self.np_dtype = np.float16 if options.io_dtype == "fp16" else np.float32
+        self._pending: dict[str, tuple[int, Int4Weight | None]] = {}
+        self._lock = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+
+    def tensor(self, g: GraphBuilder, name: str, shape: tuple[int, ...], load: Loader) -> Value:
+        """A float initializer in the activation dtype (norm gammas, embeddings, biases)."""
+        return g.weight(name, self.io_dtype, shape, lambda: load().astype(self.np_dtype, copy=False))
+
+    def linear(self, g: GraphBuilder, x: Value, name: str, out_features: int, in_features: int,
+               load: Loader, bias: Loader | None = None) -> Value:
+        """`x @ W.T (+ b)` for a checkpoint weight W [out, in], as MatMul or int4 MatMulNBits."""
+        with g.scope(name):
+            if self.options.precision == "int4":
+                y = self._matmul_nbits(g, x, name, out_features, in_features, load)
+            else:
+                w = g.weight(f"{g.prefix}.weight", self.io_dtype, (in_features, out_features),
+                             lambda: np.ascontiguousarray(load().T.astype(self.np_dtype)))
+                y = g.op("MatMul", x, w)
+            if bias is not None:
+                y = g.op("Add", y, self.tensor(g, f"{g.prefix}.bias", (out_features,), bias))
+        return y
+
+    def _matmul_nbits(self, g: GraphBuilder, x: Value, name: str, n: int, k: int, load: Loader) -> Value:
+        opts = self.options
+        key = g.prefix
+        parts = 2 if opts.symmetric else 3
+        self._pending[key] = (parts, None)
+        self._locks[key] = threading.Lock()
+        k_blocks = -(-k // opts.block_size)
+
+        def part(select: Callable[[Int4Weight], np.ndarray]) -> Loader:
+            return lambda: select(self._quantized(key, load))
+
+        packed = g.weight(f"{key}.weight_q4", ir.DataType.UINT8, (n, k_blocks, opts.block_size // 2),
+                          part(lambda q: q.packed))
+        scales = g.weight(f"{key}.weight_scales", self.io_dtype, (n * k_blocks,),
+                          part(lambda q: q.scales.astype(self.np_dtype)))
+        zero_points = None
+        if not opts.symmetric:
+            zero_points = g.weight(f"{key}.weight_zp", ir.DataType.UINT8, (n * ((k_blocks + 1) // 2),),
+                                   part(lambda q: q.zero_points))  # type: ignore[arg-type,return-value]
+        return g.ms("MatMulNBits", x, packed, scales, zero_points, K=k, N=n, bits=4,
+                    block_size=opts.block_size, accuracy_level=opts.effective_accuracy_level)
+
+    def _quantized(self, key: str, load: Loader) -> Int4Weight:
+        """Quantize once, hand the result to each of its parts, then drop it."""
+        with self._locks[key]:
+            remaining, q = self._pending[key]
+            if q is None:
+                q = quantize_int4(load(), self.options.block_size, self.options.symmetric)
+            remaining -= 1
+            self._pending[key] = (remaining, None if remaining == 0 else q)
+            if remaining == 0:
+                # The model may be evaluated again (e.g. saved twice): start over next time.
+                parts = 2 if self.options.symmetric else 3
+                self._pending[key] = (parts, None)
+            return q
+
