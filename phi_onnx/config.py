@@ -99,7 +99,9 @@ def parse_config(raw: dict[str, Any], generation: dict[str, Any] | None = None) 
                               f"({kv_heads}).", hint="The config is inconsistent.")
     max_pos = int(raw.get("max_position_embeddings") or 4096)
     generation = generation or {}
-    eos = _ids(generation.get("eos_token_id")) + _ids(raw.get("eos_token_id"))
+    # generation_config.json lists every stop id (Phi-3: <|endoftext|>, <|assistant|>, <|end|>) and is
+    # what transformers' generate uses; config.json usually names just one.
+    eos = _ids(generation.get("eos_token_id")) or _ids(raw.get("eos_token_id"))
     return ModelConfig(
         architecture=str(architectures[0]),
         model_type=str(raw.get("model_type", "")),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,12 +78,14 @@ def _from_hub(spec: str, hub_id: str, *, revision: str | None, offline: bool) ->
     """Find the checkpoint in the local Hugging Face cache, else download its data files."""
     from huggingface_hub import snapshot_download
 
+    # huggingface_hub reads HF_HUB_CACHE when imported; read it per call so it can change later.
+    cache_dir = os.environ.get("HF_HUB_CACHE") or None
     try:
         folder = snapshot_download(hub_id, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS,
-                                   local_files_only=True)
+                                   local_files_only=True, cache_dir=cache_dir)
         log.info("using cached %s at %s", hub_id, folder)
         return ResolvedSource(spec=spec, path=Path(folder), hub_id=hub_id, revision=revision)
-    except Exception as cached_error:  # noqa: BLE001 - any cache miss falls through to a download
+    except Exception as cached_error:
         log.debug("%s not in the local cache: %s", hub_id, cached_error)
     local_hint = (
         f"Download it on a machine with access (`hf download {hub_id} --include '*.safetensors' "
@@ -92,8 +95,9 @@ def _from_hub(spec: str, hub_id: str, *, revision: str | None, offline: bool) ->
         raise SourceError(f"{hub_id} is not in the local Hugging Face cache and offline mode is on.",
                           hint=local_hint)
     try:
-        folder = snapshot_download(hub_id, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS)
-    except Exception as error:  # noqa: BLE001 - classified below into one clear message
+        folder = snapshot_download(hub_id, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS,
+                                   cache_dir=cache_dir)
+    except Exception as error:
         reason = _describe_hub_error(error)
         raise SourceError(f"Could not download {hub_id} from the Hugging Face hub: {reason}.",
                           hint=local_hint) from error

@@ -25,6 +25,7 @@ from phi_onnx.errors import OutputExistsError, PhiOnnxError
 from phi_onnx.export.genai_config import genai_config
 from phi_onnx.export.options import ExportOptions
 from phi_onnx.export.registry import builder_for
+from phi_onnx.models import find_known_model
 from phi_onnx.source import ResolvedSource, resolve_source
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,9 @@ def export(source: str | os.PathLike[str], output: str | os.PathLike[str], optio
         raise OutputExistsError(f"Output folder {target} already exists.",
                                 hint="Pass --overwrite (overwrite=True) to replace it, or choose another folder.")
     started = time.perf_counter()
+    known = find_known_model(str(source)) if not Path(source).expanduser().is_dir() else None
+    if known is not None:
+        builder_for(known.architecture)  # refuses a model we cannot build before downloading it
     resolved = resolve_source(str(source), revision=revision)
     cfg = load_config(resolved.path)
     builder_cls = builder_for(cfg.architecture)

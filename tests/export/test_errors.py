@@ -1,0 +1,149 @@
+"""Bad input gets one clear paragraph, a non-zero exit, no traceback, and nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import onnx_ir as ir
+import pytest
+from click.testing import CliRunner
+
+from phi_onnx.cli import main
+from phi_onnx.errors import CheckpointError, OutputExistsError, SourceError, UnsupportedModelError
+from phi_onnx.export import ExportOptions, export
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def assert_clean_failure(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in result.output
+
+
+def test_unknown_short_name_lists_known_ones(tmp_path):
+    result = run_cli("export", "phi-9", "-o", str(tmp_path / "out"))
+    assert_clean_failure(result, "Unknown model 'phi-9'", "phi-3-mini", "phi-4-mini", "phi-3.5-moe")
+    assert not (tmp_path / "out").exists()
+
+
+def test_folder_without_config(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    result = run_cli("export", str(tmp_path / "ckpt"), "-o", str(tmp_path / "out"))
+    assert_clean_failure(result, "has no config.json")
+    assert list(tmp_path.iterdir()) == [tmp_path / "ckpt"]
+
+
+def test_folder_without_weights(tmp_path, make_checkpoint):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    shutil.copy(make_checkpoint("phi3-mha") / "config.json", ckpt)
+    with pytest.raises(CheckpointError, match=r"has no weights \(\*\.safetensors\)"):
+        export(ckpt, tmp_path / "out")
+
+
+def test_pickle_checkpoint_is_refused_not_loaded(tmp_path, make_checkpoint):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    shutil.copy(make_checkpoint("phi3-mha") / "config.json", ckpt)
+    (ckpt / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(CheckpointError, match="never loads") as info:
+        export(ckpt, tmp_path / "out")
+    assert "safe_serialization=True" in str(info.value)
+
+
+def test_unsupported_architecture(tmp_path, make_checkpoint):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(make_checkpoint("phi3-mha"), ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["architectures"] = ["LlamaForCausalLM"]
+    (ckpt / "config.json").write_text(json.dumps(config))
+    result = run_cli("export", str(ckpt), "-o", str(tmp_path / "out"))
+    assert_clean_failure(result, "'LlamaForCausalLM' is not supported", "Phi3ForCausalLM")
+
+
+def test_planned_family_refused_before_download(tmp_path):
+    with pytest.raises(UnsupportedModelError, match=r"Phi-3\.5-MoE"):
+        export("phi-3.5-moe", tmp_path / "out")
+
+
+def test_truncated_safetensors(tmp_path, make_checkpoint):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(make_checkpoint("phi3-mha"), ckpt)
+    weights = ckpt / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) - 1000])
+    result = run_cli("export", str(ckpt), "-o", str(tmp_path / "out"))
+    assert_clean_failure(result, "is truncated", "download it again")
+    assert not (tmp_path / "out").exists()
+
+
+def test_weights_that_do_not_match_the_config(tmp_path, make_checkpoint):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(make_checkpoint("phi3-mha"), ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["intermediate_size"] = 999
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"gate_up_proj\.weight' has shape"):
+        export(ckpt, tmp_path / "out")
+
+
+def test_existing_output_is_refused_then_overwritten(tmp_path, make_checkpoint):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        export(make_checkpoint("phi3-mha"), out)
+    assert (out / "keep.txt").read_text() == "mine"
+    export(make_checkpoint("phi3-mha"), out, ExportOptions(precision="fp32"), overwrite=True)
+    assert (out / "model.onnx").is_file() and not (out / "keep.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_interrupted_export_leaves_nothing(tmp_path, make_checkpoint, monkeypatch):
+    """Ctrl-C while the weights are written: no output folder, no staging folder left behind."""
+    real_save = ir.save
+
+    def interrupted(model, path, **kwargs):
+        real_save(model, path, **kwargs)  # the files exist in the staging folder by now
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ir, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export(make_checkpoint("phi3-mha"), tmp_path / "out", ExportOptions(precision="fp32"))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--precision", "fp16"], "fp16 on CPU is refused"),
+    (["--precision", "fp32", "--device", "cuda"], "fp32 on CUDA is refused"),
+    (["--block-size", "48"], "Invalid int4 block size 48"),
+])
+def test_invalid_option_pairs(args, message, tmp_path, make_checkpoint):
+    result = run_cli("export", str(make_checkpoint("phi3-mha")), "-o", str(tmp_path / "out"), *args)
+    assert_clean_failure(result, message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_hub_source_without_network_says_how_to_use_a_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(SourceError) as info:
+        export("phi-3-mini", tmp_path / "out")
+    assert "microsoft/Phi-3-mini-4k-instruct" in str(info.value)
+    assert "pass the folder" in str(info.value)
+
+
+def test_cli_runs_as_a_program_without_traceback(tmp_path):
+    """The installed entry point (not only CliRunner) prints the error and exits 2."""
+    proc = subprocess.run([sys.executable, "-m", "phi_onnx", "export", "nope", "-o", str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("Error: Unknown model 'nope'.")
+    assert "Traceback" not in proc.stderr
