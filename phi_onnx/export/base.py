@@ -103,6 +103,7 @@ class DecoderBuilder:
         for i, (key, value) in enumerate(presents):
             g.output(key, f"present.{i}.key", io, present_shape)
             g.output(value, f"present.{i}.value", io, present_shape)
+        self.w.flush(g)
         from phi_onnx import __version__
 
         return g.model(producer_version=__version__)

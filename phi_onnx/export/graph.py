@@ -87,8 +87,12 @@ class GraphBuilder:
         self.outputs.append(value)
 
     def weight(self, name: str, dtype: ir.DataType, shape: Sequence[int],
-               load: Callable[[], np.ndarray]) -> Value:
-        """A lazily loaded initializer: `load()` runs only when the model is saved (or evaluated)."""
+               load: Callable[[], np.ndarray], *, register: bool = True) -> Value:
+        """A lazily loaded initializer: `load()` runs only when the model is saved (or evaluated).
+
+        With `register=False` the caller adds it later with `add_initializer`, which sets its place
+        in the write order.
+        """
         def tensor() -> ir.TensorProtocol:
             array = load()
             if tuple(array.shape) != tuple(shape):
@@ -97,8 +101,13 @@ class GraphBuilder:
 
         lazy = ir.LazyTensor(tensor, dtype=dtype, shape=ir.Shape(shape), name=name)
         value = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape), const_value=lazy)
-        self.initializers.append(value)
+        if register:
+            self.initializers.append(value)
         return value
+
+    def add_initializer(self, value: Value) -> None:
+        """Append an initializer made with `weight(..., register=False)`."""
+        self.initializers.append(value)
 
     def const(self, array: np.ndarray | float | int | Sequence[int], dtype: Any = None) -> Value:
         """A small constant initializer; identical constants are shared."""

@@ -10,8 +10,10 @@ import platform
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -98,6 +100,7 @@ def export(source: str | os.PathLike[str], output: str | os.PathLike[str], optio
     cfg = load_config(resolved.path)
     builder_cls = builder_for(cfg.architecture)
     checkpoint = Checkpoint(resolved.path)
+    weights_hash = _Background(checkpoint.sha256)  # reads the whole checkpoint; overlap it with the build
     builder = builder_cls(cfg, checkpoint, options)
     model = builder.build()
 
@@ -110,7 +113,7 @@ def export(source: str | os.PathLike[str], output: str | os.PathLike[str], optio
             json.dumps(genai_config(cfg, options, builder_cls.genai_type), indent=4) + "\n")
         op_counts = dict(sorted(Counter(
             (n.domain + "." if n.domain else "") + n.op_type for n in model.graph).items()))
-        manifest = _manifest(resolved, checkpoint, cfg.architecture, options, staging, op_counts)
+        manifest = _manifest(resolved, weights_hash.result(), cfg.architecture, options, staging, op_counts)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _move_into_place(staging, target)
     except BaseException:
@@ -119,6 +122,29 @@ def export(source: str | os.PathLike[str], output: str | os.PathLike[str], optio
     files = {p.name: p.stat().st_size for p in sorted(target.iterdir())}
     return ExportResult(target, str(source), cfg.architecture, options, time.perf_counter() - started,
                         files, op_counts)
+
+
+class _Background:
+    """Run `func` in a daemon thread (so Ctrl-C is not held up by it) and collect its result."""
+
+    def __init__(self, func: Callable[[], str]) -> None:
+        self._result: str | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(func,), daemon=True)
+        self._thread.start()
+
+    def _run(self, func: Callable[[], str]) -> None:
+        try:
+            self._result = func()
+        except BaseException as error:  # handed to the caller in result()
+            self._error = error
+
+    def result(self) -> str:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
 
 
 def _save(model: ir.Model, folder: Path, *, progress: bool) -> None:
@@ -173,7 +199,7 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _manifest(resolved: ResolvedSource, checkpoint: Checkpoint, architecture: str, options: ExportOptions,
+def _manifest(resolved: ResolvedSource, weights_sha256: str, architecture: str, options: ExportOptions,
               folder: Path, op_counts: dict[str, int]) -> dict[str, Any]:
     return {
         "format": 1,
@@ -184,7 +210,7 @@ def _manifest(resolved: ResolvedSource, checkpoint: Checkpoint, architecture: st
             "hub_id": resolved.hub_id,
             "revision": resolved.revision,
             "architecture": architecture,
-            "weights_sha256": checkpoint.sha256(),
+            "weights_sha256": weights_sha256,
             "config_sha256": _sha256(resolved.path / "config.json"),
         },
         "options": options.to_dict(),

@@ -29,8 +29,11 @@ def quantize_int4(weight: np.ndarray, block_size: int = 32, symmetric: bool = Tr
     """Quantize `weight` [N, K] (float) to int4 blocks along K."""
     n, k = weight.shape
     k_blocks = -(-k // block_size)
-    padded = np.zeros((k_blocks * block_size, n), dtype=np.float32)
-    padded[:k] = weight.T
+    if k % block_size == 0:
+        padded = np.ascontiguousarray(weight.T, dtype=np.float32)
+    else:
+        padded = np.zeros((k_blocks * block_size, n), dtype=np.float32)
+        padded[:k] = weight.T
     packed = np.zeros((n, k_blocks, block_size // 2), dtype=np.uint8)
     scales = np.zeros((n, k_blocks), dtype=np.float32)
     zero_points = np.zeros((n, (k_blocks + 1) // 2), dtype=np.uint8)
