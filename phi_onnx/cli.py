@@ -96,3 +96,9 @@ def models(as_json: bool) -> None:
         name = r["name"] + "".join(f", {a}" for a in r["aliases"])
         status = "yes" if r["supported"] else "not yet"
         click.echo(f"{name:<{width}} {r['hub_id']:<38} {status:<8} {r['note']}")
+
+
+from phi_onnx.runtime.commands import bench, chat, generate  # noqa: E402 - registered after the group exists
+
+for _command in (chat, generate, bench):
+    main.add_command(_command)

@@ -1,0 +1,280 @@
+"""`phi_onnx.load()` and the `Model` facade: generate, stream, chat on either backend."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, overload
+
+import numpy as np
+
+from phi_onnx.errors import OptionsError
+from phi_onnx.runtime.chat import ChatSession, ChatTemplate, Message, load_chat_template, trim_history
+from phi_onnx.runtime.engine import CachedEngine
+from phi_onnx.runtime.errors import ModelFolderError, PromptTooLongError
+from phi_onnx.runtime.folder import ModelFolder, read_folder
+from phi_onnx.runtime.genai_backend import genai_available
+from phi_onnx.runtime.generation import Generation, GenerationResult, TextStream
+from phi_onnx.runtime.providers import DeviceChoice, resolve_device
+from phi_onnx.runtime.sampling import GenerationOptions
+from phi_onnx.runtime.tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "genai", "ort")
+
+Prompt = str | Sequence[int]
+
+
+def load(path: str | os.PathLike[str], device: str = "auto", backend: str = "auto", *,
+         threads: int | None = None, **defaults: Any) -> Model:
+    """Load an exported model folder for generation.
+
+    Args:
+        path: a folder written by `phi-onnx export` (model.onnx, genai_config.json, tokenizer).
+        device: "auto" (CUDA when it really works and the export targets it, else CPU, logging why),
+            "cpu", "cuda" or "cuda:N" (an error, not a fallback, when CUDA cannot run).
+        backend: "auto" (onnxruntime-genai when installed, else "ort"), "genai", or "ort" (our own
+            loop on plain onnxruntime). Both give identical greedy tokens.
+        threads: intra-op threads (default: ONNX Runtime's, one per physical core).
+        **defaults: default generation options (max_new_tokens, temperature, stop, ...).
+
+    Raises:
+        PhiOnnxError: the folder is not a usable export, the device cannot be used, or an option is invalid.
+    """
+    if backend not in BACKENDS:
+        raise OptionsError(f"Unknown backend {backend!r}.", hint=f"Choose one of: {', '.join(BACKENDS)}.")
+    options = GenerationOptions.from_kwargs(None, **defaults)
+    folder = read_folder(path)
+    tokenizer = TextTokenizer(folder.path)
+    choice = resolve_device(device, folder.export_device)
+    if backend == "auto":
+        backend = "genai" if genai_available() else "ort"
+        if backend == "ort":
+            log.info("onnxruntime-genai is not installed; using the ort backend.")
+    if backend == "genai":
+        if not genai_available():
+            raise OptionsError("backend='genai' needs onnxruntime-genai, which is not installed.",
+                               hint="pip install onnxruntime-genai (or onnxruntime-genai-cuda), or use backend='ort'.")
+        from phi_onnx.runtime.genai_backend import GenaiEngine
+
+        engine: CachedEngine = GenaiEngine(folder, choice, threads=threads)
+    else:
+        from phi_onnx.runtime.ort_backend import OrtEngine
+
+        engine = OrtEngine(folder, choice, threads=threads)
+    model = Model(folder, tokenizer, engine, choice, options)
+    log.debug("Loaded %s on %s (%s backend)", folder.path, model.provider, model.backend)
+    return model
+
+
+class Model:
+    """A loaded export. Use `generate`, `stream`, `chat`, `chat_stream` or `start_chat`.
+
+    Generation options are keyword arguments everywhere (see `GenerationOptions`): max_new_tokens,
+    min_new_tokens, temperature (0 = greedy, the default), top_k, top_p, repetition_penalty, seed, stop.
+    """
+
+    def __init__(self, folder: ModelFolder, tokenizer: TextTokenizer, engine: CachedEngine, device: DeviceChoice,
+                 defaults: GenerationOptions | None = None) -> None:
+        self.folder = folder
+        self.tokenizer = tokenizer
+        self.engine = engine
+        self.device = device
+        self.defaults = defaults or GenerationOptions()
+        self._template: ChatTemplate | None = None
+
+    # -- facts ---------------------------------------------------------------------------------
+    @property
+    def provider(self) -> str:
+        """The execution provider actually running the model (e.g. "CPUExecutionProvider")."""
+        return self.engine.provider
+
+    @property
+    def backend(self) -> str:
+        """"genai" or "ort"."""
+        return self.engine.backend
+
+    @property
+    def device_reason(self) -> str:
+        """Why this device was chosen (e.g. why CUDA was not used)."""
+        return self.device.reason
+
+    @property
+    def context_length(self) -> int:
+        """The most tokens (prompt plus reply) the model can attend to."""
+        return self.folder.context_length
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every id that ends a reply."""
+        return self.folder.eos_token_ids
+
+    @property
+    def default_max_new_tokens(self) -> int:
+        """max_new_tokens when a call does not give one."""
+        return self.defaults.max_new_tokens
+
+    @property
+    def path(self) -> Path:
+        """The export folder."""
+        return self.folder.path
+
+    # -- text ----------------------------------------------------------------------------------
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`."""
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids` (special tokens dropped)."""
+        return self.tokenizer.decode(ids)
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        """The model's chat template (ModelFolderError when the export has none)."""
+        if self._template is None:
+            source = load_chat_template(self.folder.path, self.tokenizer.config)
+            if source is None:
+                raise ModelFolderError(
+                    f"{self.folder.path} has no chat template (neither chat_template.jinja nor a "
+                    "chat_template in tokenizer_config.json).",
+                    hint="Use `generate` for plain completion, or add the template from the source checkpoint.")
+            self._template = ChatTemplate(source, self.tokenizer.special_tokens)
+        return self._template
+
+    def render_chat(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
+        """The prompt text the chat template makes of `messages`."""
+        return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+
+    def chat_prompt_ids(self, messages: Sequence[Message]) -> list[int]:
+        """Token ids of the rendered chat prompt (no special tokens added, as transformers does)."""
+        return self.encode(self.render_chat(messages), add_special_tokens=False)
+
+    # -- generation ----------------------------------------------------------------------------
+    def options(self, **kwargs: Any) -> GenerationOptions:
+        """The load-time defaults with `kwargs` applied (validated)."""
+        return GenerationOptions.from_kwargs(self.defaults, **kwargs)
+
+    @overload
+    def generate(self, prompt: Prompt, **options: Any) -> GenerationResult: ...
+    @overload
+    def generate(self, prompt: Sequence[Prompt], **options: Any) -> list[GenerationResult]: ...
+
+    def generate(self, prompt: Prompt | Sequence[Prompt], **options: Any) -> GenerationResult | list[GenerationResult]:
+        """Complete a prompt: text, or token ids; a list of prompts gives a list of results.
+
+        Batched prompts run together (right-padded) on the ort backend and one after another on genai.
+        """
+        opts = self.options(**options)
+        prompts, batched = self._prompts(prompt)
+        if not batched:
+            return self._run(prompts, opts)[0]
+        if self.engine.max_batch == 1 or not self._batchable(prompts, opts):
+            return [self._run([p], opts)[0] for p in prompts]
+        return self._run(prompts, opts)
+
+    def stream(self, prompt: Prompt, **options: Any) -> TextStream:
+        """Like `generate` for one prompt, but iterate to get text pieces as they are produced."""
+        prompts, batched = self._prompts(prompt)
+        if batched:
+            raise OptionsError("stream() takes one prompt.", hint="Call generate() with a list of prompts.")
+        return TextStream(self._generation(prompts, self.options(**options)))
+
+    def chat(self, messages: Sequence[Message], **options: Any) -> GenerationResult:
+        """The assistant's reply to `messages` ([{"role", "content"}], optional system message first)."""
+        return self.chat_stream(messages, **options).finish()
+
+    def chat_stream(self, messages: Sequence[Message], **options: Any) -> TextStream:
+        """Stream the assistant's reply to `messages` (oldest turns dropped if they outgrow the context)."""
+        opts = self.options(**options)
+        kept, dropped = self.fit_chat(messages, opts.max_new_tokens)
+        stream = TextStream(self._generation([self.chat_prompt_ids(kept)], opts))
+        stream.dropped_messages = dropped
+        return stream
+
+    def fit_chat(self, messages: Sequence[Message], max_new_tokens: int | None = None) -> tuple[list[Message], int]:
+        """Drop the oldest turns until the prompt leaves room for a reply of max_new_tokens (at most half
+        the context); returns (kept messages, number dropped) and logs a warning when it drops any.
+
+        Raises PromptTooLongError when even the last message (with the system prompt) does not fit.
+        """
+        context = self.context_length
+        reserve = min(max_new_tokens or self.default_max_new_tokens, context // 2)
+        kept, dropped = trim_history(messages, lambda m: len(self.chat_prompt_ids(m)), context - reserve)
+        prompt = len(self.chat_prompt_ids(kept))
+        if prompt >= context:
+            raise PromptTooLongError(
+                f"The last message makes a {prompt}-token prompt; the model's context is {context} tokens.",
+                hint="Send a shorter message (or use a shorter system prompt).")
+        if dropped:
+            log.warning("Dropped the %d oldest message(s) of the conversation to fit the %d-token context.",
+                        dropped, context)
+        return kept, dropped
+
+    def start_chat(self, system: str | None = None, **options: Any) -> ChatSession:
+        """A conversation that keeps its history (and drops the oldest turns when it outgrows the context)."""
+        self.options(**options)  # validate now rather than at the first turn
+        return ChatSession(self, system=system, options=options)
+
+    def close(self) -> None:
+        """Free the session and the KV cache."""
+        self.engine.close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Model({str(self.path)!r}, provider={self.provider!r}, backend={self.backend!r})"
+
+    # -- internals -----------------------------------------------------------------------------
+    def _prompts(self, prompt: Prompt | Sequence[Prompt]) -> tuple[list[list[int]], bool]:
+        """Normalise a prompt or a list of them to token id lists; (prompts, was a list of prompts)."""
+        if isinstance(prompt, str):
+            return [self.encode(prompt)], False
+        items = list(prompt)
+        if items and all(isinstance(p, (int, np.integer)) for p in items):
+            return [[int(t) for t in items]], False
+        out = []
+        for p in items:
+            if isinstance(p, str):
+                out.append(self.encode(p))
+            elif isinstance(p, Sequence) or hasattr(p, "tolist"):
+                out.append([int(t) for t in (p.tolist() if hasattr(p, "tolist") else p)])
+            else:
+                raise OptionsError(f"Cannot use {type(p).__name__} as a prompt.",
+                                   hint="Pass a string, a list of token ids, or a list of those.")
+        if not out:
+            raise OptionsError("No prompt was given.", hint="Pass a string or a list of strings.")
+        return out, True
+
+    def _generation(self, prompts: list[list[int]], opts: GenerationOptions) -> Generation:
+        return Generation(self.engine, self.tokenizer, prompts, opts, self.eos_token_ids, self.context_length,
+                          self.folder.vocab_size)
+
+    def _run(self, prompts: list[list[int]], opts: GenerationOptions) -> list[GenerationResult]:
+        generation = self._generation(prompts, opts)
+        for _ in generation.pieces():
+            pass
+        return generation.results()
+
+    def _batchable(self, prompts: list[list[int]], opts: GenerationOptions) -> bool:
+        """Rows batch only when each row's LongRoPE regime would be the same alone as in the batch.
+
+        The graph picks the rotary factors from the batch's mask width (its longest row), so a
+        LongRoPE batch runs together only if every row stays within the original context, or every
+        row's prompt alone is already past it.
+        """
+        threshold = self.folder.long_context_threshold
+        if threshold is None:
+            return True
+        longest = max(len(p) for p in prompts) + opts.max_new_tokens
+        if longest <= threshold or all(len(p) > threshold for p in prompts):
+            return True
+        log.info("Running the %d prompts one at a time: they would cross the LongRoPE switch at different "
+                 "steps (original context %d).", len(prompts), threshold)
+        return False
