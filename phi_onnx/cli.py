@@ -37,8 +37,10 @@ def user_errors(func: F) -> F:
 def main(verbose: int) -> None:
     """Export Microsoft Phi checkpoints to optimized ONNX and run them with ONNX Runtime."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("phi_onnx").setLevel(max(level, logging.INFO) if verbose else logging.INFO)
+    # Plain messages for users (e.g. why CUDA was not used); logger names only when asked for detail.
+    fmt = "%(message)s" if verbose == 0 else "%(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt)
+    logging.getLogger("phi_onnx").setLevel(min(level, logging.INFO))
 
 
 @main.command()
