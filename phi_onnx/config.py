@@ -27,6 +27,9 @@ class RopeConfig:
     long_factor: tuple[float, ...] = ()
     original_max_position_embeddings: int | None = None
     attention_factor: float = 1.0
+    #: LongRoPE's cos/sin factor past the original context when it differs from `attention_factor`
+    #: (Phi-3.5-MoE's `long_mscale`); None: the same factor on both sides.
+    long_attention_factor: float | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,11 @@ class ModelConfig:
     pad_token_id: int | None
     source_dtype: str
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
+    #: Mixture of experts (Phi-3.5-MoE): experts per layer, experts per token, the sparse mixer's
+    #: jitter epsilon (its routing threshold in eval mode). 0 for dense models.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    router_jitter_noise: float = 0.0
 
 
 def load_config(folder: Path) -> ModelConfig:
@@ -123,6 +131,9 @@ def parse_config(raw: dict[str, Any], generation: dict[str, Any] | None = None) 
         pad_token_id=_first(generation.get("pad_token_id"), raw.get("pad_token_id")),
         source_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
         raw=raw,
+        num_experts=int(raw.get("num_local_experts") or 0),
+        experts_per_token=int(raw.get("num_experts_per_tok") or 0),
+        router_jitter_noise=float(raw.get("router_jitter_noise") or 0.0),
     )
 
 
@@ -184,6 +195,13 @@ def _rope(raw: dict[str, Any], head_dim: int, max_pos: int) -> RopeConfig:
     if attention_factor is None:
         factor = params.get("factor") or max_pos / original
         attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    long_attention_factor = None
+    if raw.get("model_type") == "phimoe" and params.get("short_mscale") is not None:
+        # Phi-3.5-MoE scales cos/sin by short_mscale up to the original context and long_mscale past
+        # it, in place of the attention factor above (transformers' PhimoeRotaryEmbedding; the hub's
+        # 1.2432 differs from the sqrt(1 + ln 32 / ln 4096) = 1.1902 the formula gives).
+        attention_factor = params["short_mscale"]
+        long_attention_factor = float(params.get("long_mscale") or attention_factor)
     return RopeConfig(theta=theta, rotary_dim=rotary_dim, kind="longrope", short_factor=short,
                       long_factor=long, original_max_position_embeddings=original,
-                      attention_factor=float(attention_factor))
+                      attention_factor=float(attention_factor), long_attention_factor=long_attention_factor)

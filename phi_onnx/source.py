@@ -28,6 +28,7 @@ HUB_ALLOW_PATTERNS = [
     "chat_template.json",
     "vocab.json",
     "merges.txt",
+    "cl100k_base.tiktoken",  # Phi-3-small's tokenizer ranks, converted to tokenizer.json on export
 ]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -7,6 +7,7 @@ names, and writes `layer()` (and `check()` for settings it cannot build).
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -44,6 +45,9 @@ class DecoderBuilder:
               past: tuple[Value, Value]) -> tuple[Value, Value, tuple[Value, Value]]:
         """One decoder layer: returns (layer output, residual stream, (present key, present value))."""
         raise NotImplementedError
+
+    def write_assets(self, source: Path, folder: Path) -> None:
+        """Write family-specific files into the export folder (after the tokenizer files are copied)."""
 
     def final_norm(self, hidden: Value, residual: Value) -> Value:
         """The norm before the LM head."""

@@ -43,6 +43,9 @@ TOKENIZER_FILES = (
     "chat_template.json",
     "generation_config.json",
 )
+#: Copied too so other runtimes can read the model's shapes: Hugging Face Optimum's ORTModelForCausalLM
+#: refuses a folder without config.json (see the README's "Optimum" section).
+INTEROP_FILES = ("config.json",)
 
 
 @dataclass
@@ -109,6 +112,7 @@ def export(source: str | os.PathLike[str], output: str | os.PathLike[str], optio
     try:
         _save(model, staging, progress=progress)
         _copy_tokenizer(resolved.path, staging)
+        builder.write_assets(resolved.path, staging)
         (staging / "genai_config.json").write_text(
             json.dumps(genai_config(cfg, options, builder_cls.genai_type), indent=4) + "\n")
         op_counts = dict(sorted(Counter(
@@ -171,7 +175,7 @@ def _save(model: ir.Model, folder: Path, *, progress: bool) -> None:
 
 
 def _copy_tokenizer(source: Path, folder: Path) -> None:
-    for name in TOKENIZER_FILES:
+    for name in TOKENIZER_FILES + INTEROP_FILES:
         if (source / name).is_file():
             shutil.copy2(source / name, folder / name)
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer.model").is_file():

@@ -14,14 +14,14 @@ if TYPE_CHECKING:
 #: Which module builds each architecture. Adding a family is adding a module and a line here.
 ARCHITECTURE_MODULES: dict[str, str] = {
     "Phi3ForCausalLM": "phi_onnx.export.phi3",
+    "PhiForCausalLM": "phi_onnx.export.phi2",
+    "PhimoeForCausalLM": "phi_onnx.export.phimoe",
+    "PhiMoEForCausalLM": "phi_onnx.export.phimoe",
+    "Phi3SmallForCausalLM": "phi_onnx.export.phi3small",
 }
 
 #: Architectures we know of but do not build yet, with the reason shown to users.
 PLANNED: dict[str, str] = {
-    "PhiForCausalLM": "Phi-2 support is planned (LayerNorm, parallel attention/MLP, gelu).",
-    "PhimoeForCausalLM": "Phi-3.5-MoE support is planned.",
-    "PhiMoEForCausalLM": "Phi-3.5-MoE support is planned.",
-    "Phi3SmallForCausalLM": "Phi-3-small support is planned (block-sparse attention, gegelu).",
 }
 
 _BUILDERS: dict[str, type[DecoderBuilder]] = {}

@@ -68,8 +68,14 @@ def test_unsupported_architecture(tmp_path, make_checkpoint):
     assert_clean_failure(result, "'LlamaForCausalLM' is not supported", "Phi3ForCausalLM")
 
 
-def test_planned_family_refused_before_download(tmp_path):
-    with pytest.raises(UnsupportedModelError, match=r"Phi-3\.5-MoE"):
+def test_planned_family_refused_before_download(tmp_path, monkeypatch):
+    """A short name whose architecture has no builder is refused before any download is tried."""
+    from phi_onnx.export import registry
+
+    monkeypatch.delitem(registry.ARCHITECTURE_MODULES, "PhimoeForCausalLM")
+    monkeypatch.setitem(registry.PLANNED, "PhimoeForCausalLM", "Phi-3.5-MoE support is planned.")
+    monkeypatch.setattr("phi_onnx.source._from_hub", lambda *a, **k: pytest.fail("tried to download"))
+    with pytest.raises(UnsupportedModelError, match=r"Phi-3\.5-MoE support is planned"):
         export("phi-3.5-moe", tmp_path / "out")
 
 

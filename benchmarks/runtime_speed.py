@@ -1,0 +1,120 @@
+"""Decode and prompt speed of an exported folder: phi-onnx's backends beside raw onnxruntime-genai.
+
+Each runner runs in its own subprocess, runners alternating round by round (the machine is noisy),
+with a 128-token prompt and 128 greedy new tokens (EOS suppressed) as in onnxruntime-genai's
+benchmark_e2e. Raw onnxruntime-genai runs on copies of the folder whose genai_config differs only
+in `intra_op_num_threads` (absent = onnxruntime-genai's own default), so the thread knob is measured.
+
+    python benchmarks/runtime_speed.py out/phi3-mid-cpu-int4 --rounds 3 --json speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+RAW_GENAI = r'''
+import json, sys, time
+import numpy as np
+import onnxruntime_genai as og
+folder, prompt_len, new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+model = og.Model(folder)
+prompt = np.arange(100, 100 + prompt_len, dtype=np.int32)[None]
+params = og.GeneratorParams(model)
+params.set_search_options(do_sample=False, max_length=prompt_len + new, min_length=prompt_len + new)
+gen = og.Generator(model, params)
+t0 = time.perf_counter()
+gen.append_tokens(prompt)
+gen.generate_next_token()
+t1 = time.perf_counter()
+while not gen.is_done():
+    gen.generate_next_token()
+t2 = time.perf_counter()
+print(json.dumps({"first_token_seconds": t1 - t0, "decode_tokens_per_second": (new - 1) / (t2 - t1),
+                  "prompt_tokens_per_second": prompt_len / (t1 - t0)}))
+'''
+
+PHI_ONNX = r'''
+import json, sys, time
+import phi_onnx
+folder, backend, prompt_len, new = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+model = phi_onnx.load(folder, backend=backend, device="cpu")
+prompt = list(range(100, 100 + prompt_len))
+result = model.generate(prompt, max_new_tokens=new, min_new_tokens=new)
+first = result.first_token_seconds
+print(json.dumps({"first_token_seconds": first, "prompt_tokens_per_second": prompt_len / first,
+                  "decode_tokens_per_second": (new - 1) / (result.seconds - first)}))
+'''
+
+
+def genai_copy(folder: Path, threads: int | None, work: Path) -> Path:
+    """A folder of links to `folder`'s files whose genai_config sets only `intra_op_num_threads`."""
+    copy = work / f"threads-{threads if threads is not None else 'default'}"
+    copy.mkdir()
+    for item in folder.iterdir():
+        if item.name != "genai_config.json":
+            (copy / item.name).symlink_to(item.resolve())
+    config = json.loads((folder / "genai_config.json").read_text())
+    options = config["model"]["decoder"]["session_options"]
+    options.pop("intra_op_num_threads", None)
+    if threads is not None:
+        options["intra_op_num_threads"] = threads
+    (copy / "genai_config.json").write_text(json.dumps(config))
+    return copy
+
+
+def run(cmd: list[str]) -> dict[str, Any]:
+    """One measurement in a fresh process (warm-up inside is not needed: each run loads, then times)."""
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    """Measure every runner `--rounds` times, alternating, and print medians."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    folder = args.folder.resolve()
+    weights = (folder / "model.onnx.data").stat().st_size
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        p, n = str(args.prompt_tokens), str(args.new_tokens)
+        runners: dict[str, list[str]] = {
+            "phi-onnx ort backend": [sys.executable, "-c", PHI_ONNX, str(folder), "ort", p, n],
+            "phi-onnx genai backend (genai_config as exported)": [sys.executable, "-c", PHI_ONNX, str(folder),
+                                                                  "genai", p, n],
+        }
+        for threads in (None, 1, 2):
+            label = f"onnxruntime-genai raw, intra_op_num_threads={threads if threads is not None else 'unset'}"
+            runners[label] = [sys.executable, "-c", RAW_GENAI, str(genai_copy(folder, threads, work)), p, n]
+        results: dict[str, list[dict[str, Any]]] = {name: [] for name in runners}
+        for round_ in range(args.rounds):
+            for name, cmd in runners.items():
+                results[name].append(run(cmd))
+                print(f"round {round_}: {name}: {results[name][-1]}", file=sys.stderr)
+    summary = {}
+    for name, runs in results.items():
+        summary[name] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    report = {"folder": str(folder), "weights_bytes": weights, "rounds": args.rounds,
+              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "median": summary,
+              "runs": results}
+    print(f"{'runner':<62} {'prompt tok/s':>12} {'TTFT ms':>8} {'decode tok/s':>12}")
+    for name, row in summary.items():
+        print(f"{name:<62} {row['prompt_tokens_per_second']:>12.1f} {row['first_token_seconds'] * 1000:>8.0f} "
+              f"{row['decode_tokens_per_second']:>12.1f}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
