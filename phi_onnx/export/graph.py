@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 MS_DOMAIN = "com.microsoft"
 OPSETS = {"": 21, MS_DOMAIN: 1}
@@ -126,6 +127,8 @@ class GraphBuilder:
         graph = ir.Graph(self.inputs, self.outputs, nodes=self.nodes, initializers=self.initializers,
                          opset_imports=OPSETS, name="main_graph")
         model = ir.Model(graph, ir_version=10, producer_name="phi-onnx", producer_version=producer_version)
+        # Shared helpers may compute values a family does not read (e.g. positions with fused rotary).
+        RemoveUnusedNodesPass()(model)
         if metadata:
             model.metadata_props.update(metadata)
         return model

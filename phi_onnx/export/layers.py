@@ -26,7 +26,7 @@ class AttentionInputs:
     total_length: Value  # int32 scalar: attention_mask width
     cos: Value  # [total_length, rotary_dim / 2] in the activation dtype
     sin: Value
-    positions: Value | None  # int64 [batch, seq]: only when rotary runs outside GroupQueryAttention
+    positions: Value  # int64 [batch, seq]: each new token's position
 
 
 def rms_norm(g: GraphBuilder, x: Value, gamma: Value, eps: float) -> Value:
@@ -90,21 +90,22 @@ def attention_inputs(g: GraphBuilder, cfg: ModelConfig, input_ids: Value, attent
             cos, sin = g.op("Mul", cos, factor), g.op("Mul", sin, factor)
         if dtype != ir.DataType.FLOAT:
             cos, sin = g.op("Cast", cos, to=dtype), g.op("Cast", sin, to=dtype)
-        positions = None
-        if not gqa_fuses_rotary(rope):
-            # Token s of row b sits at (valid_b - seq_len + s), the position GroupQueryAttention uses.
-            seq_len = g.op("Gather", g.op("Shape", input_ids), g.const(1, np.int64), axis=0)
-            start = g.op("Unsqueeze", g.op("Sub", valid, seq_len), g.const([1], np.int64))
-            offsets = g.op("Unsqueeze", g.op("Range", g.const(0, np.int64), seq_len, g.const(1, np.int64)),
-                           g.const([0], np.int64))
-            positions = g.op("Max", g.op("Add", start, offsets), g.const(0, np.int64))
+    with g.scope("model", "positions"):
+        # Where GroupQueryAttention puts token s of row b: a first prompt (no past: total length ==
+        # sequence length) is right-padded, so at s; later chunks follow each row's cached tokens, at
+        # valid_b - seq_len + s. Used by rotary-as-ops and by masks built from positions; ORT prunes
+        # it when nothing reads it.
+        seq_len = g.op("Gather", g.op("Shape", input_ids), g.const(1, np.int64), axis=0)
+        past = g.op("Where", g.op("Equal", total64, seq_len), g.const([0], np.int64), g.op("Sub", valid, seq_len))
+        offsets = g.op("Unsqueeze", g.op("Range", g.const(0, np.int64), seq_len, g.const(1, np.int64)),
+                       g.const([0], np.int64))
+        positions = g.op("Add", g.op("Unsqueeze", past, g.const([1], np.int64)), offsets)
     return AttentionInputs(seqlens_k, total_length, cos, sin, positions)
 
 
 def apply_rotary(g: GraphBuilder, x: Value, heads: int, head_dim: int, rotary_dim: int,
                  inputs: AttentionInputs) -> Value:
     """Rotate the first `rotary_dim` channels of each head (non-interleaved, like `rotate_half`)."""
-    assert inputs.positions is not None
     x4 = g.op("Reshape", x, g.const([0, 0, heads, head_dim], np.int64))
     cos = g.op("Unsqueeze", g.op("Gather", inputs.cos, inputs.positions), g.const([2], np.int64))
     sin = g.op("Unsqueeze", g.op("Gather", inputs.sin, inputs.positions), g.const([2], np.int64))

@@ -302,7 +302,6 @@ class Phi3SmallBuilder(DecoderBuilder):
         self._sparse_bias: Value | None = None
         self._inputs: AttentionInputs | None = None
         self._total64: Value | None = None
-        self._positions: Value | None = None
 
     def write_assets(self, source: Path, folder: Path) -> None:
         """Convert the hub's tiktoken ranks to a tokenizer.json (the hub tokenizer is remote code)."""
@@ -349,39 +348,15 @@ class Phi3SmallBuilder(DecoderBuilder):
                 cos, sin = g.op("Cos", freqs), g.op("Sin", freqs)
                 if self.w.io_dtype != ir.DataType.FLOAT:
                     cos, sin = g.op("Cast", cos, to=self.w.io_dtype), g.op("Cast", sin, to=self.w.io_dtype)
-        # layers.py's positions (rotary as ops) take valid - seq_len + s also for a right-padded first
-        # prompt; the corrected ones are used instead (its nodes are then left unused).
-        positions = self.positions() if attn.positions is not None else None
-        self._inputs = AttentionInputs(attn.seqlens_k, attn.total_length, cos, sin, positions)
+        self._inputs = AttentionInputs(attn.seqlens_k, attn.total_length, cos, sin, attn.positions)
         return self._inputs
-
-    def positions(self) -> Value:
-        """int64 [batch, seq]: the position GroupQueryAttention gives token s of row b.
-
-        A first prompt (no past: total length == sequence length) is right-padded, so token s sits at
-        s; later chunks follow each row's cached tokens, at valid_b - seq_len + s.
-        """
-        if self._positions is None:
-            g = self.g
-            input_ids, attention_mask = g.inputs[0], g.inputs[1]
-            assert (input_ids.name, attention_mask.name) == ("input_ids", "attention_mask")
-            total64 = self.total_length64()
-            with g.scope("positions"):
-                valid = g.op("ReduceSum", attention_mask, g.const([1], np.int64), keepdims=0)
-                seq_len = g.op("Gather", g.op("Shape", input_ids), g.const(1, np.int64), axis=0)
-                past = g.op("Where", g.op("Equal", total64, seq_len), g.const([0], np.int64),
-                            g.op("Sub", valid, seq_len))
-                offsets = g.op("Unsqueeze", g.op("Range", g.const(0, np.int64), seq_len, g.const(1, np.int64)),
-                               g.const([0], np.int64))
-                self._positions = g.op("Add", g.op("Unsqueeze", past, g.const([1], np.int64)), offsets)
-        return self._positions
 
     def sparse_bias(self, attn: AttentionInputs) -> Value:
         """[batch, heads or 1, seq, total] 0 / -inf: the block-sparse pattern, built once per forward."""
         if self._sparse_bias is not None:
             return self._sparse_bias
         g, cfg, s = self.g, self.cfg, self.settings
-        positions, total64 = self.positions(), self.total_length64()
+        positions, total64 = attn.positions, self.total_length64()
         with g.scope("block_sparse"):
             block = g.const(s.block_size, np.int64)
             key_blocks = g.op("Div", g.op("Range", g.const(0, np.int64), total64, g.const(1, np.int64)), block)

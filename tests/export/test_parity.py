@@ -70,3 +70,25 @@ def test_sliding_window_past_the_window(make_checkpoint, make_export, reference_
     # The window matters: the same weights without it give different logits.
     full = OnnxLM(make_export("phi3-mha"))(ids)
     assert np.abs(full - expected).max() > 1e-2
+
+
+@pytest.mark.parametrize("name", ["phi3-mha", "phi3-rot24"])
+def test_right_padded_batch_matches_single_rows(name, make_checkpoint, make_export, reference_model):
+    """Two prompts of different lengths in one right-padded batch, fused and op-based rotary alike."""
+    import onnxruntime as ort
+
+    folder = make_export(name)
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    short, long = random_ids(9, seed=21), random_ids(14, seed=22)
+    ids = np.zeros((2, 14), np.int64)
+    mask = np.zeros((2, 14), np.int64)
+    ids[0, :9], mask[0, :9] = short[0], 1
+    ids[1], mask[1] = long[0], 1
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    for spec in session.get_inputs():
+        if spec.name.startswith("past_key_values"):
+            feeds[spec.name] = np.zeros((2, spec.shape[1], 0, spec.shape[3]), np.float32)
+    logits = session.run(["logits"], feeds)[0]
+    model = reference_model(make_checkpoint(name))
+    assert np.abs(logits[0, :9] - reference_logits(model, short)[0]).max() <= TOL
+    assert np.abs(logits[1] - reference_logits(model, long)[0]).max() <= TOL
