@@ -83,6 +83,9 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--compare", type=Path, action="append", default=[],
+                        help="another export of the same weights (e.g. onnxruntime-genai's builder) to run "
+                             "with raw onnxruntime-genai, 2 intra-op threads")
     args = parser.parse_args()
     folder = args.folder.resolve()
     weights = (folder / "model.onnx.data").stat().st_size
@@ -94,9 +97,14 @@ def main() -> None:
             "phi-onnx genai backend (genai_config as exported)": [sys.executable, "-c", PHI_ONNX, str(folder),
                                                                   "genai", p, n],
         }
-        for threads in (None, 1, 2):
+        for threads in (None, 2):
             label = f"onnxruntime-genai raw, intra_op_num_threads={threads if threads is not None else 'unset'}"
             runners[label] = [sys.executable, "-c", RAW_GENAI, str(genai_copy(folder, threads, work)), p, n]
+        for i, other in enumerate(args.compare):
+            copy = work / f"compare-{i}"
+            copy.mkdir()
+            runners[f"onnxruntime-genai raw on {other.name}, intra_op_num_threads=2"] = [
+                sys.executable, "-c", RAW_GENAI, str(genai_copy(other.resolve(), 2, copy)), p, n]
         results: dict[str, list[dict[str, Any]]] = {name: [] for name in runners}
         for round_ in range(args.rounds):
             for name, cmd in runners.items():

@@ -58,25 +58,154 @@ def main(verbose: int) -> None:
               help="Default max_length in genai_config (default: min(context, 4096)).")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--verify", "run_verify", is_flag=True,
+              help="Verify the export against its source afterwards (needs the reference extra); exit 1 if it "
+                   "fails (the export stays, with the failing record in its manifest).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @user_errors
 def export(source: str, output: str, precision: str, device: str, block_size: int, symmetric: bool,
            accuracy_level: int | None, max_length: int | None, revision: str | None, overwrite: bool,
-           as_json: bool) -> None:
+           run_verify: bool, as_json: bool) -> None:
     """Export SOURCE (short name, hub id or local folder) to an ONNX model folder."""
     from phi_onnx.export import ExportOptions
     from phi_onnx.export import export as run_export
 
     options = ExportOptions(precision=precision, device=device, block_size=block_size,  # type: ignore[arg-type]
                             symmetric=symmetric, accuracy_level=accuracy_level, max_length=max_length)
+    if run_verify:
+        from phi_onnx.verify import require_reference_extra
+
+        require_reference_extra()  # refuse before a long export when the reference extra is missing
     result = run_export(source, output, options, overwrite=overwrite, revision=revision,
                         progress=not as_json and sys.stderr.isatty())
+    verification = None
+    if run_verify:
+        from phi_onnx.verify import verify as run_verification
+
+        verification = run_verification(result.output, revision=revision)
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
-        return
-    size = sum(result.files.values()) / 1e6
-    click.echo(f"Exported {source} ({result.architecture}) as {options.variant()} to {result.output} "
-               f"in {result.seconds:.1f} s, {size:.1f} MB.")
+        data = result.to_dict()
+        if verification is not None:
+            data["verification"] = verification.to_dict()
+        click.echo(json.dumps(data, indent=2))
+    else:
+        size = sum(result.files.values()) / 1e6
+        click.echo(f"Exported {source} ({result.architecture}) as {options.variant()} to {result.output} "
+                   f"in {result.seconds:.1f} s, {size:.1f} MB.")
+        if verification is not None:
+            click.echo(verification.summary())
+    if verification is not None and not verification.passed:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--reference", default=None,
+              help="Reference checkpoint (short name, hub id or folder); default: the source in the manifest.")
+@click.option("--revision", default=None, help="Hub revision of the reference.")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), default=None,
+              help="More prompts: one per line, or a .json list of strings.")
+@click.option("--no-builtin-prompts", is_flag=True, help="Use only the prompts from --prompts.")
+@click.option("--text", "text_file", type=click.Path(dir_okay=False), default=None,
+              help="Text for perplexity (default: a built-in documentation-style sample).")
+@click.option("--new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Greedy tokens generated per prompt.")
+@click.option("--text-tokens", type=click.IntRange(min=2), default=1024, show_default=True,
+              help="At most this many tokens of the text, in --window-token windows.")
+@click.option("--window", type=click.IntRange(min=2), default=256, show_default=True,
+              help="Tokens per perplexity window (each runs without cache, on both sides).")
+@click.option("--device", default="cpu", show_default=True, help="Where ONNX Runtime runs the export: cpu, auto, "
+              "cuda or cuda:N.")
+@click.option("--max-abs-logit-diff", type=float, default=None, help="Override the limit (upper bound).")
+@click.option("--min-top1", type=float, default=None, help="Override the top-1 agreement limit (lower bound).")
+@click.option("--max-kl", type=float, default=None, help="Override the mean KL divergence limit (upper bound).")
+@click.option("--min-greedy", type=float, default=None, help="Override the greedy agreement limit (lower bound).")
+@click.option("--max-ppl-change", type=float, default=None,
+              help="Override the relative perplexity change limit (upper bound, e.g. 0.02 for 2 %).")
+@click.option("--no-record", is_flag=True, help="Do not write the result into the folder's manifest.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full record as JSON.")
+@user_errors
+def verify(folder: str, reference: str | None, revision: str | None, prompts_file: str | None,
+           no_builtin_prompts: bool, text_file: str | None, new_tokens: int, text_tokens: int, window: int,
+           device: str, max_abs_logit_diff: float | None, min_top1: float | None, max_kl: float | None,
+           min_greedy: float | None, max_ppl_change: float | None, no_record: bool, as_json: bool) -> None:
+    """Compare the export in FOLDER with its transformers reference on the same inputs.
+
+    Reports max abs logit difference, top-1 agreement, KL divergence, greedy-token agreement and perplexity
+    (both models, relative change), checks them against the precision's default limits (or the ones given),
+    and records the result in FOLDER/phi_onnx.json. Exit code 0 when every limit holds, 1 when one does not,
+    2 when verification cannot run.
+    """
+    from phi_onnx.verify import SAMPLE_TEXT, VerifySettings, read_prompts, read_text
+    from phi_onnx.verify import verify as run_verification
+
+    prompts = tuple(read_prompts(prompts_file)) if prompts_file else ()
+    settings = VerifySettings(
+        prompts=prompts, prompts_source=prompts_file or "builtin", use_builtin_prompts=not no_builtin_prompts,
+        text=read_text(text_file) if text_file else SAMPLE_TEXT, text_source=text_file or "builtin",
+        new_tokens=new_tokens, text_tokens=text_tokens, window=window)
+    overrides = {"max_abs_logit_diff": max_abs_logit_diff, "top1_agreement": min_top1, "kl_divergence": max_kl,
+                 "greedy_agreement": min_greedy, "perplexity_change": max_ppl_change}
+    result = run_verification(folder, reference=reference, revision=revision, settings=settings,
+                              threshold_overrides=overrides, device=device, record=not no_record)
+    if as_json:
+        click.echo(json.dumps({"folder": str(result.folder), "recorded": result.recorded, **result.to_dict()},
+                              indent=2))
+    else:
+        click.echo(result.summary())
+    sys.exit(0 if result.passed else 1)
+
+
+@main.command()
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
+@user_errors
+def inspect(folder: str, as_json: bool) -> None:
+    """Show what an export FOLDER holds: precision, ops, size, inputs/outputs, provenance, verification."""
+    from phi_onnx.inspection import format_report, inspect_folder
+
+    info = inspect_folder(folder)
+    click.echo(json.dumps(info, indent=2) if as_json else format_report(info))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
+@user_errors
+def doctor(as_json: bool) -> None:
+    """Explain why CUDA does or does not work here, and spell out install mistakes with their fix.
+
+    Exit code 1 when a problem marked ERROR was found, else 0 (CPU only is not an error).
+    """
+    from phi_onnx.doctor import format_report, run_doctor
+
+    report = run_doctor()
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_report(report))
+    sys.exit(1 if any(problem.severity == "error" for problem in report.problems) else 0)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default: the recipe's `output`).")
+@click.option("--force", is_flag=True, help="Rebuild every variant, even those whose manifest is up to date.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@user_errors
+def build(recipe: str, output: str | None, force: bool, as_json: bool) -> None:
+    """Export and verify every model x variant of a YAML RECIPE, laid out like the published ONNX repos.
+
+    Writes OUTPUT/summary.md and OUTPUT/summary.json. Up-to-date variants are skipped. Exit code 0 when every
+    variant passed, 1 when one failed, 2 for a bad recipe.
+    """
+    from phi_onnx.build import build as run_build
+    from phi_onnx.build import load_recipe, summary_markdown
+
+    result = run_build(load_recipe(recipe, output), force=force)
+    if as_json:
+        click.echo(json.dumps({"output": str(result.output), "passed": result.passed,
+                               "variants": [row.to_dict() for row in result.rows]}, indent=2))
+    else:
+        click.echo(summary_markdown(result), nl=False)
+    sys.exit(0 if result.passed else 1)
 
 
 @main.command()

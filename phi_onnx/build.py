@@ -1,0 +1,453 @@
+"""`phi-onnx build RECIPE`: many models x variants, exported, verified, laid out like the published ONNX repos.
+
+A recipe is YAML:
+
+```yaml
+output: out/phi                 # where the model folders go (relative to the working directory)
+verify: true                    # verify every variant against its source (default true)
+verification:                   # optional: inputs and limits (see `phi-onnx verify`)
+  new_tokens: 32
+  text_tokens: 1024
+  prompts: prompts.txt          # relative to the recipe file
+  text: heldout.txt
+  thresholds:
+    int4: {top1_agreement: 0.85}
+variants: [cpu-int4-rtn-block-32, cuda-fp16]      # default for models that list none
+models:
+  - name: phi-3-mini-4k-instruct                   # the folder name
+    source: phi-3-mini                             # short name, hub id or local folder
+    revision: main                                 # optional hub revision
+    verify: true                                   # optional, per model (the reference runs in fp32 on CPU)
+    variants:
+      - cpu-int4-rtn-block-32
+      - {variant: cuda-int4-rtn-block-32, max_length: 2048}
+```
+
+Each variant lands in `OUTPUT/NAME/cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4/`, `OUTPUT/NAME/cuda/cuda-fp16/`
+and so on. A variant whose folder's manifest already records the same source (weights and config sha256),
+the same options and the same phi-onnx version is not exported again, and its verification is reused when it
+was made with the same inputs and limits; `force=True` rebuilds everything. One failing variant does not stop
+the others. `OUTPUT/summary.md` and `OUTPUT/summary.json` list every variant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+import traceback
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from phi_onnx.errors import OptionsError, PhiOnnxError
+from phi_onnx.export.options import ExportOptions
+from phi_onnx.verify import (
+    DEFAULT_THRESHOLDS,
+    SAMPLE_TEXT,
+    OnnxRunError,
+    Thresholds,
+    VerifySettings,
+    default_thresholds,
+    read_manifest,
+    read_prompts,
+    read_text,
+    verify,
+)
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "phi_onnx.json"
+GROUPS = {"cpu": "cpu_and_mobile", "cuda": "cuda"}
+VARIANT_NAME = re.compile(
+    r"^(?P<device>cpu|cuda)-(?P<precision>fp32|fp16|int4)"
+    r"(?:-(?P<kind>rtn|rtn-asym)-block-(?P<block>\d+))?(?:-acc-level-(?P<acc>\d))?$")
+OPTION_KEYS = ("precision", "device", "block_size", "symmetric", "accuracy_level", "max_length")
+RECIPE_HINT = "See the recipe format in the README (`phi-onnx build`), or recipes/phi.yaml."
+
+
+class RecipeError(PhiOnnxError):
+    """The recipe file is missing, not YAML, or describes something invalid."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model x options to build."""
+
+    model: str
+    source: str
+    revision: str | None
+    options: ExportOptions
+    verify: bool = True
+
+    @property
+    def name(self) -> str:
+        """The published repos' folder name: accuracy level spelled out for CPU int4 (and non-default CUDA)."""
+        name = self.options.variant()
+        level = self.options.effective_accuracy_level
+        if self.options.precision == "int4" and (self.options.device == "cpu" or level != 0):
+            name += f"-acc-level-{level}"
+        return name
+
+    @property
+    def relative_dir(self) -> Path:
+        """Where it goes under the output folder: MODEL/GROUP/NAME."""
+        return Path(self.model) / GROUPS[self.options.device] / self.name
+
+
+@dataclass
+class Recipe:
+    """A parsed recipe."""
+
+    path: Path
+    output: Path
+    variants: list[Variant]
+    verify: bool = True
+    settings: VerifySettings = field(default_factory=VerifySettings)
+    thresholds: dict[str, dict[str, float]] = field(default_factory=dict)
+    verify_device: str = "cpu"
+
+
+def parse_variant(spec: str | dict[str, Any]) -> ExportOptions:
+    """ExportOptions from a variant name (`cpu-int4-rtn-block-32`, `cuda-fp16`, ...) or a mapping
+    `{variant: NAME, OPTION: VALUE, ...}` whose options override the name's."""
+    overrides: dict[str, Any] = {}
+    if isinstance(spec, dict):
+        overrides = dict(spec)
+        text = overrides.pop("variant", None)
+        unknown = sorted(set(overrides) - set(OPTION_KEYS))
+        if unknown:
+            raise RecipeError(f"Unknown variant option(s): {', '.join(unknown)}.",
+                              hint=f"Variant options are: variant, {', '.join(OPTION_KEYS)}.")
+        if text is None:
+            text = f"{overrides.get('device', 'cpu')}-{overrides.get('precision', 'int4')}"
+    else:
+        text = spec
+    if not isinstance(text, str):
+        raise RecipeError(f"A variant must be a name or a mapping, not {spec!r}.", hint=RECIPE_HINT)
+    match = VARIANT_NAME.match(text.strip())
+    if not match:
+        raise RecipeError(f"Unknown variant {text!r}.",
+                          hint="Use DEVICE-PRECISION[-rtn|-rtn-asym-block-N][-acc-level-L], e.g. "
+                               "cpu-int4-rtn-block-32, cpu-fp32, cuda-fp16, cuda-int4-rtn-block-32.")
+    values: dict[str, Any] = {"device": match["device"], "precision": match["precision"]}
+    if match["block"]:
+        if match["precision"] != "int4":
+            raise RecipeError(f"Variant {text!r}: block sizes apply to int4 only.", hint=RECIPE_HINT)
+        values["block_size"] = int(match["block"])
+        values["symmetric"] = match["kind"] == "rtn"
+    if match["acc"]:
+        values["accuracy_level"] = int(match["acc"])
+    values.update(overrides)
+    try:
+        return ExportOptions(**values)
+    except TypeError as error:
+        raise RecipeError(f"Variant {text!r}: {error}.", hint=RECIPE_HINT) from error
+    except OptionsError as error:
+        raise RecipeError(f"Variant {text!r}: {error.message}", hint=error.hint) from error
+
+
+def load_recipe(path: str | os.PathLike[str], output: str | os.PathLike[str] | None = None) -> Recipe:
+    """Read and validate a recipe; `output` overrides its `output`."""
+    import yaml
+
+
+    file = Path(path).expanduser()
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise RecipeError(f"Cannot read the recipe {file}: {error.strerror or error}.", hint=RECIPE_HINT) from error
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{file} is not valid YAML: {error}", hint=RECIPE_HINT) from error
+    if not isinstance(data, dict) or not isinstance(data.get("models"), list) or not data["models"]:
+        raise RecipeError(f"{file} must be a mapping with a non-empty `models` list.", hint=RECIPE_HINT)
+    unknown = sorted(set(data) - {"output", "verify", "verification", "variants", "models"})
+    if unknown:
+        raise RecipeError(f"{file}: unknown key(s) {', '.join(unknown)}.", hint=RECIPE_HINT)
+    base = file.parent
+    out = Path(output or data.get("output") or "out").expanduser()
+    default_variants = data.get("variants") or []
+    variants: list[Variant] = []
+    seen: dict[Path, str] = {}
+    for entry in data["models"]:
+        if not isinstance(entry, dict) or not entry.get("source"):
+            raise RecipeError(f"Each model needs a `source` (short name, hub id or folder); got {entry!r}.",
+                              hint=RECIPE_HINT)
+        unknown = sorted(set(entry) - {"name", "source", "revision", "variants", "verify"})
+        if unknown:
+            raise RecipeError(f"Model {entry['source']!r}: unknown key(s) {', '.join(unknown)}.",
+                              hint="A model has: name, source, revision, variants, verify.")
+        source = str(entry["source"])
+        if (base / source).is_dir():  # folders are relative to the recipe, like every other path in it
+            source = str((base / source).resolve())
+        name = str(entry.get("name") or Path(source).name or source).replace("/", "--")
+        specs = entry.get("variants") or default_variants
+        if not specs:
+            raise RecipeError(f"Model {name!r} lists no variants and the recipe has no default `variants`.",
+                              hint=RECIPE_HINT)
+        for spec in specs:
+            variant = Variant(name, source, entry.get("revision"), parse_variant(spec),
+                              verify=bool(entry.get("verify", True)))
+            if variant.relative_dir in seen:
+                raise RecipeError(f"Two variants of {name!r} would share the folder {variant.relative_dir}.",
+                                  hint="Make them differ in precision, device, block size or accuracy level.")
+            seen[variant.relative_dir] = name
+            variants.append(variant)
+    verification = data.get("verification") or {}
+    if not isinstance(verification, dict):
+        raise RecipeError("`verification` must be a mapping.", hint=RECIPE_HINT)
+    allowed = {"prompts", "text", "new_tokens", "text_tokens", "window", "builtin_prompts", "thresholds", "device"}
+    unknown = sorted(set(verification) - allowed)
+    if unknown:
+        raise RecipeError(f"Unknown `verification` key(s): {', '.join(unknown)}.",
+                          hint=f"Allowed: {', '.join(sorted(allowed))}.")
+    prompts: tuple[str, ...] = ()
+    if verification.get("prompts"):
+        prompts = tuple(read_prompts(base / str(verification["prompts"])))
+    text = read_text(base / str(verification["text"])) if verification.get("text") else SAMPLE_TEXT
+    settings = VerifySettings(
+        prompts=prompts, prompts_source=str(verification.get("prompts") or "builtin"),
+        use_builtin_prompts=bool(verification.get("builtin_prompts", True)) or not prompts,
+        text=text, text_source=str(verification.get("text") or "builtin"),
+        new_tokens=int(verification.get("new_tokens", 32)), text_tokens=int(verification.get("text_tokens", 1024)),
+        window=int(verification.get("window", 256)))
+    thresholds = verification.get("thresholds") or {}
+    if not isinstance(thresholds, dict) or not all(isinstance(v, dict) for v in thresholds.values()):
+        raise RecipeError("`verification.thresholds` maps a precision to {figure: limit}.",
+                          hint="For example: thresholds: {int4: {top1_agreement: 0.85}}.")
+    figures = {f.name for f in fields(Thresholds)}
+    for precision, limits in thresholds.items():
+        bad = sorted(set(limits) - figures)
+        if precision not in DEFAULT_THRESHOLDS or bad:
+            raise RecipeError(f"`verification.thresholds.{precision}`: unknown "
+                              + (f"figure(s) {', '.join(bad)}." if bad else "precision."),
+                              hint=f"Precisions: {', '.join(DEFAULT_THRESHOLDS)}; "
+                                   f"figures: {', '.join(sorted(figures))}.")
+        if not all(isinstance(v, (int, float)) for v in limits.values()):
+            raise RecipeError(f"`verification.thresholds.{precision}`: limits must be numbers.", hint=RECIPE_HINT)
+    return Recipe(file, out, variants, verify=bool(data.get("verify", True)), settings=settings,
+                  thresholds={str(k): dict(v) for k, v in thresholds.items()},
+                  verify_device=str(verification.get("device", "cpu")))
+
+
+# --------------------------------------------------------------------------- building
+
+
+@dataclass
+class Row:
+    """One variant's outcome, a row of the summary."""
+
+    model: str
+    variant: str
+    folder: str
+    status: str = "pending"  # built | skipped | failed
+    verification: str = "not run"  # passed | failed | skipped | reused-passed | reused-failed | disabled | not run
+    reason: str = ""
+    size_bytes: int = 0
+    seconds: float = 0.0
+    figures: dict[str, float] = field(default_factory=dict)
+    failed_figures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """The export exists and its verification did not fail."""
+        return self.status != "failed" and self.verification not in ("failed", "reused-failed", "not run")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["passed"] = self.passed
+        return data
+
+
+@dataclass
+class BuildResult:
+    """Every variant's row, and where the summaries were written."""
+
+    output: Path
+    rows: list[Row]
+
+    @property
+    def passed(self) -> bool:
+        """True when every variant was built (or skipped as up to date) and none failed verification."""
+        return all(row.passed for row in self.rows)
+
+
+def _source_fingerprint(source: str, revision: str | None, cache: dict[tuple[str, str | None], dict[str, str]]
+                        ) -> dict[str, str]:
+    """The checkpoint's folder, weights and config sha256 (what the manifest records), once per source."""
+    key = (source, revision)
+    if key not in cache:
+        from phi_onnx.checkpoint import Checkpoint
+        from phi_onnx.source import resolve_source
+
+        resolved = resolve_source(source, revision=revision)
+        config = resolved.path / "config.json"
+        cache[key] = {
+            "path": str(resolved.path),
+            "weights_sha256": Checkpoint(resolved.path).sha256(),
+            "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else "",
+        }
+    return cache[key]
+
+
+def _up_to_date(folder: Path, variant: Variant, fingerprint: dict[str, str]) -> tuple[bool, str]:
+    """Whether `folder` already holds this variant built from the same inputs, and if not, why."""
+    from phi_onnx import __version__
+
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        return False, "not built yet"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False, "its manifest is unreadable"
+    source = manifest.get("source") or {}
+    if source.get("weights_sha256") != fingerprint["weights_sha256"]:
+        return False, "the source weights changed"
+    if source.get("config_sha256") != fingerprint["config_sha256"]:
+        return False, "the source config.json changed"
+    if manifest.get("options") != variant.options.to_dict():
+        return False, "the options changed"
+    if (manifest.get("tools") or {}).get("phi-onnx") != __version__:
+        return False, "another phi-onnx version built it"
+    missing = [name for name in manifest.get("files") or {} if not (folder / name).is_file()]
+    if missing:
+        return False, f"files are missing ({', '.join(missing)})"
+    return True, "same source, options and phi-onnx version"
+
+
+def _thresholds_for(recipe: Recipe, precision: str) -> Thresholds:
+    overrides = recipe.thresholds.get(precision, {})  # checked by load_recipe
+    return default_thresholds(precision).with_overrides(**{k: float(v) for k, v in overrides.items()})
+
+
+def _record_current(manifest: dict[str, Any], recipe: Recipe, thresholds: Thresholds) -> bool:
+    """Whether the manifest's verification was made with these inputs and limits."""
+    record = manifest.get("verification")
+    if not isinstance(record, dict):
+        return False
+    key = recipe.settings.key()
+    inputs = record.get("inputs") or {}
+    return all(inputs.get(k) == v for k, v in key.items()) and record.get("thresholds") == thresholds.to_dict()
+
+
+def build(recipe: Recipe, *, force: bool = False) -> BuildResult:
+    """Export and verify every variant of `recipe`, then write OUTPUT/summary.md and summary.json.
+
+    A variant that fails (export error, verification below its limits, anything raised) is recorded as
+    failed and the build goes on with the next one.
+    """
+    from phi_onnx.export import export
+
+    recipe.output.mkdir(parents=True, exist_ok=True)
+    fingerprints: dict[tuple[str, str | None], dict[str, str]] = {}
+    references: dict[Path, Any] = {}
+    rows: list[Row] = []
+    for index, variant in enumerate(recipe.variants, 1):
+        folder = recipe.output / variant.relative_dir
+        row = Row(variant.model, variant.name, str(variant.relative_dir))
+        rows.append(row)
+        started = time.perf_counter()
+        log.info("[%d/%d] %s %s", index, len(recipe.variants), variant.model, variant.name)
+        try:
+            fingerprint = _source_fingerprint(variant.source, variant.revision, fingerprints)
+            fresh, why = _up_to_date(folder, variant, fingerprint)
+            if fresh and not force:
+                row.status, row.reason = "skipped", f"up to date: {why}"
+                log.info("  skipped: %s", why)
+            else:
+                log.info("  exporting (%s)", "--force" if force and fresh else why)
+                export(fingerprint["path"], folder, variant.options, overwrite=True)
+                row.status = "built"
+            if recipe.verify and variant.verify:
+                _verify_variant(recipe, variant, folder, row, references)
+            else:
+                row.verification = "disabled"
+        except Exception as error:  # one variant's failure must not stop the others
+            row.status = "failed" if row.status == "pending" else row.status
+            if row.status != "failed":
+                row.verification = "failed"
+            row.reason = str(error).replace("\n", " ")
+            log.error("  %s %s failed: %s", variant.model, variant.name, row.reason)
+            if not isinstance(error, PhiOnnxError):
+                log.debug("%s", traceback.format_exc())
+        row.seconds = round(time.perf_counter() - started, 2)
+        if folder.is_dir():
+            row.size_bytes = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    result = BuildResult(recipe.output, rows)
+    write_summary(result)
+    return result
+
+
+def _verify_variant(recipe: Recipe, variant: Variant, folder: Path, row: Row, references: dict[Path, Any]) -> None:
+
+    thresholds = _thresholds_for(recipe, variant.options.precision)
+    manifest = read_manifest(folder) or {}
+    if row.status == "skipped" and _record_current(manifest, recipe, thresholds):
+        record = manifest["verification"]
+        row.verification = "reused-passed" if record.get("passed") else "reused-failed"
+        row.figures = dict(record.get("figures") or {})
+        row.failed_figures = list(record.get("failed") or [])
+        return
+    try:
+        result = verify(folder, settings=recipe.settings, thresholds=thresholds,
+                        device=recipe.verify_device, reference_cache=references)
+    except OnnxRunError as error:
+        if variant.options.device != "cuda":
+            raise
+        # CUDA exports are built on CPU machines; where CPU ONNX Runtime lacks a kernel, say so instead of failing.
+        row.verification = "skipped"
+        row.reason = f"verification skipped: {error.message}"
+        log.warning("  %s", row.reason)
+        return
+    row.figures = dict(result.figures)
+    row.failed_figures = result.failed
+    row.verification = "passed" if result.passed else "failed"
+    if not result.passed:
+        row.reason = "below limits: " + ", ".join(result.failed)
+    log.info("  verification %s", row.verification)
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def _size(num: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if num < 1000 or unit == "GB":
+            return f"{num:.0f} {unit}" if unit == "B" else f"{num:.1f} {unit}"
+        num /= 1000
+    return f"{num:.1f} GB"
+
+
+def summary_markdown(result: BuildResult) -> str:
+    """The summary table in Markdown."""
+    def figure(row: Row, name: str, fmt: str) -> str:
+        value = row.figures.get(name)
+        return "" if value is None else format(value, fmt)
+
+    lines = ["| model | variant | folder | build | size | max abs logit diff | top-1 | KL | greedy | ppl change "
+             "| verification | pass |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for row in result.rows:
+        verdict = "yes" if row.passed else "**no**"
+        note = row.verification + (f": {row.reason}" if row.reason and not row.passed else "")
+        lines.append(
+            f"| {row.model} | {row.variant} | `{row.folder}` | {row.status} | {_size(row.size_bytes)} "
+            f"| {figure(row, 'max_abs_logit_diff', '.3g')} | {figure(row, 'top1_agreement', '.4f')} "
+            f"| {figure(row, 'kl_divergence', '.2e')} | {figure(row, 'greedy_agreement', '.3f')} "
+            f"| {figure(row, 'perplexity_change', '.2%')} | {note.replace('|', '/')} | {verdict} |")
+    passed = sum(row.passed for row in result.rows)
+    lines.append("")
+    lines.append(f"{passed} of {len(result.rows)} variants passed.")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(result: BuildResult) -> None:
+    """OUTPUT/summary.md and OUTPUT/summary.json."""
+    (result.output / "summary.md").write_text(summary_markdown(result), encoding="utf-8")
+    data = {"passed": result.passed, "variants": [row.to_dict() for row in result.rows]}
+    (result.output / "summary.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

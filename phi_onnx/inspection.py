@@ -1,0 +1,197 @@
+"""`phi-onnx inspect`: what an export folder holds and where it came from, read without loading weights."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from phi_onnx.runtime.errors import ModelFolderError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "phi_onnx.json"
+
+#: The fused ONNX Runtime ops a phi-onnx graph uses; `inspect` says which are present (an export from
+#: another tool, or a build without them, shows up as missing).
+#: Matched by op type alone: ONNX Runtime registers SimplifiedLayerNormalization in the default domain.
+FUSED_OPS: tuple[str, ...] = (
+    "GroupQueryAttention",
+    "SkipSimplifiedLayerNormalization",
+    "SimplifiedLayerNormalization",
+    "MatMulNBits",
+    "RotaryEmbedding",
+)
+
+
+def _load_graph(folder: Path) -> Any:
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    path = folder / "model.onnx"
+    if not path.is_file():
+        raise ModelFolderError(f"{folder} has no model.onnx.",
+                               hint="Pass a folder written by `phi-onnx export SOURCE -o FOLDER`.")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except (DecodeError, OSError, ValueError, RuntimeError) as error:
+        raise ModelFolderError(f"{path} is not a valid ONNX model ({error}).",
+                               hint="Export again with --overwrite.") from error
+
+
+def op_histogram(model: Any) -> dict[str, int]:
+    """Count of each op, as `domain.op` for non-default domains (main graph only)."""
+    return dict(sorted(Counter((n.domain + "." if n.domain and n.domain != "ai.onnx" else "") + n.op_type
+                               for n in model.graph.node).items()))
+
+
+def _precision_of(model: Any) -> str:
+    """Weight precision read from the graph: int4 when MatMulNBits packs the weights, else the float type
+    of the largest initializer."""
+    import onnx
+
+    if any(n.op_type == "MatMulNBits" for n in model.graph.node):
+        return "int4"
+    sizes: Counter[int] = Counter()
+    for init in model.graph.initializer:
+        count = 1
+        for dim in init.dims:
+            count *= dim
+        sizes[init.data_type] += count
+    names = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
+    for dtype, _ in sizes.most_common():
+        if dtype in names:
+            return names[dtype]
+    return "unknown"
+
+
+def graph_precision(folder: str | os.PathLike[str]) -> str:
+    """fp32, fp16, bf16 or int4, read from model.onnx (for folders without a manifest)."""
+    return _precision_of(_load_graph(Path(folder)))
+
+
+def _value_info(values: Any) -> list[dict[str, Any]]:
+    import onnx
+
+    out = []
+    for value in values:
+        tensor = value.type.tensor_type
+        shape = [d.dim_param if d.dim_param else (d.dim_value if d.HasField("dim_value") else "?")
+                 for d in tensor.shape.dim]
+        out.append({"name": value.name, "dtype": onnx.TensorProto.DataType.Name(tensor.elem_type).lower(),
+                    "shape": shape})
+    return out
+
+
+def inspect_folder(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """Everything `phi-onnx inspect` shows, as a JSON-friendly dict.
+
+    Keys: folder, precision, variant, files (name → bytes), size_bytes, op_counts, fused_ops (op → present),
+    inputs, outputs, opsets, source, options, tools, created, verification (None when never verified).
+    """
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise ModelFolderError(f"{path} is not a folder.",
+                               hint="Pass a folder written by `phi-onnx export SOURCE -o FOLDER`.")
+    model = _load_graph(path)
+    manifest: dict[str, Any] = {}
+    if (path / MANIFEST).is_file():
+        try:
+            manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            log.warning("%s is not valid JSON (%s); showing the graph only", path / MANIFEST, error)
+    ops = op_histogram(model)
+    files = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
+    options = manifest.get("options") or {}
+    return {
+        "folder": str(path.resolve()),
+        "precision": options.get("precision") or _precision_of(model),
+        "variant": manifest.get("variant"),
+        "files": files,
+        "size_bytes": sum(files.values()),
+        "op_counts": ops,
+        "nodes": sum(ops.values()),
+        "fused_ops": {op: any(name.split(".")[-1] == op for name in ops) for op in FUSED_OPS},
+        "rotary_in_attention": any(n.op_type == "GroupQueryAttention" and any(
+            a.name == "do_rotary" and a.i == 1 for a in n.attribute) for n in model.graph.node),
+        "inputs": _value_info(model.graph.input),
+        "outputs": _value_info(model.graph.output),
+        "opsets": {(o.domain or "ai.onnx"): o.version for o in model.opset_import},
+        "source": manifest.get("source"),
+        "options": options or None,
+        "tools": manifest.get("tools"),
+        "created": manifest.get("created"),
+        "has_manifest": bool(manifest),
+        "verification": manifest.get("verification"),
+    }
+
+
+def _size(num: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if num < 1000 or unit == "GB":
+            return f"{num:.0f} {unit}" if unit == "B" else f"{num:.1f} {unit}"
+        num /= 1000
+    return f"{num:.1f} GB"
+
+
+def _shape(shape: list[Any]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def format_report(info: dict[str, Any]) -> str:
+    """The human-readable form of `inspect_folder`'s result."""
+    lines = [f"{info['folder']}",
+             f"  precision   {info['precision']}" + (f"  (variant {info['variant']})" if info["variant"] else ""),
+             f"  size        {_size(info['size_bytes'])} in {len(info['files'])} files"]
+    for name, size in info["files"].items():
+        lines.append(f"              {name:<28} {_size(size):>10}")
+    fused = ", ".join(f"{op} {'yes' if present else 'no'}" for op, present in info["fused_ops"].items())
+    lines.append(f"  fused ops   {fused}" + ("; rotary inside GroupQueryAttention" if info["rotary_in_attention"]
+                                               else ""))
+    lines.append(f"  ops ({info['nodes']} nodes)")
+    for op, count in sorted(info["op_counts"].items(), key=lambda item: (-item[1], item[0])):
+        lines.append(f"              {count:>6}  {op}")
+    layers = [i for i in info["inputs"] if i["name"].startswith("past_key_values.")]
+    lines.append("  inputs")
+    for value in info["inputs"]:
+        if value["name"].startswith("past_key_values.") and value is not layers[0]:
+            continue
+        suffix = f"  (x{len(layers)}: past_key_values.N.key/value)" if value is (layers[0] if layers else None) else ""
+        lines.append(f"              {value['name']:<28} {value['dtype']:<8} {_shape(value['shape'])}{suffix}")
+    presents = [o for o in info["outputs"] if o["name"].startswith("present.")]
+    lines.append("  outputs")
+    for value in info["outputs"]:
+        if value["name"].startswith("present.") and value is not presents[0]:
+            continue
+        suffix = f"  (x{len(presents)}: present.N.key/value)" if presents and value is presents[0] else ""
+        lines.append(f"              {value['name']:<28} {value['dtype']:<8} {_shape(value['shape'])}{suffix}")
+    if not info["has_manifest"]:
+        lines.append("  provenance  none (no phi_onnx.json: not written by phi-onnx, or written before it)")
+    else:
+        source = info["source"] or {}
+        lines.append(f"  source      {source.get('spec')} ({source.get('architecture')})"
+                     + (f", hub {source.get('hub_id')}" + (f"@{source['revision']}" if source.get("revision") else "")
+                        if source.get("hub_id") else ""))
+        lines.append(f"              path {source.get('path')}")
+        lines.append(f"              weights sha256 {source.get('weights_sha256')}")
+        options = info["options"] or {}
+        lines.append("  options     " + ", ".join(f"{k}={v}" for k, v in options.items()))
+        tools = info["tools"] or {}
+        lines.append(f"  created     {info['created']} with " + ", ".join(f"{k} {v}" for k, v in tools.items()))
+        lines.append("  verified    " + _verification_line(info["verification"]))
+    return "\n".join(lines)
+
+
+def _verification_line(record: dict[str, Any] | None) -> str:
+    if not record:
+        return "never (run `phi-onnx verify FOLDER`)"
+    figures = record.get("figures") or {}
+    verdict = "PASSED" if record.get("passed") else "FAILED (" + ", ".join(record.get("failed") or []) + ")"
+    shown = ", ".join(f"{name} {value:.4g}" for name, value in figures.items()
+                      if name in ("max_abs_logit_diff", "top1_agreement", "kl_divergence", "greedy_agreement",
+                                  "perplexity_change"))
+    reference = (record.get("reference") or {}).get("spec")
+    return f"{verdict} on {record.get('created')} against {reference}: {shown}"
