@@ -12,6 +12,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -90,10 +91,21 @@ class Checkpoint:
         digest = hashlib.sha256()
         for file in self.files:
             digest.update(file.name.encode())
-            with file.open("rb") as handle:
-                while chunk := handle.read(16 * 1024 * 1024):
-                    digest.update(chunk)
+            _feed(digest, file)
         return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of one file, read in chunks."""
+    digest = hashlib.sha256()
+    _feed(digest, path)
+    return digest.hexdigest()
+
+
+def _feed(digest: Any, path: Path) -> None:
+    with path.open("rb") as handle:
+        while chunk := handle.read(16 * 1024 * 1024):
+            digest.update(chunk)
 
 
 def _weight_files(folder: Path) -> list[Path]:

@@ -5,30 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable
-from functools import wraps
-from typing import Any, TypeVar
 
 import click
 
-from phi_onnx.errors import PhiOnnxError
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def user_errors(func: F) -> F:
-    """Print PhiOnnxError as one paragraph (no traceback), exit 2; Ctrl-C exits 130."""
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except PhiOnnxError as error:
-            click.echo(f"Error: {error}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("Interrupted; nothing was written.", err=True)
-            sys.exit(130)
-    return wrapper  # type: ignore[return-value]
+from phi_onnx.cli_errors import user_errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

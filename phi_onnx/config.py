@@ -109,7 +109,7 @@ def parse_config(raw: dict[str, Any], generation: dict[str, Any] | None = None) 
     generation = generation or {}
     # generation_config.json lists every stop id (Phi-3: <|endoftext|>, <|assistant|>, <|end|>) and is
     # what transformers' generate uses; config.json usually names just one.
-    eos = _ids(generation.get("eos_token_id")) or _ids(raw.get("eos_token_id"))
+    eos = token_ids(generation.get("eos_token_id")) or token_ids(raw.get("eos_token_id"))
     return ModelConfig(
         architecture=str(architectures[0]),
         model_type=str(raw.get("model_type", "")),
@@ -137,7 +137,8 @@ def parse_config(raw: dict[str, Any], generation: dict[str, Any] | None = None) 
     )
 
 
-def _ids(value: Any) -> list[int]:
+def token_ids(value: Any) -> list[int]:
+    """A token id field (absent, one int, or a list) as a list."""
     if value is None:
         return []
     if isinstance(value, list):
@@ -147,7 +148,7 @@ def _ids(value: Any) -> list[int]:
 
 def _first(*values: Any) -> int | None:
     for value in values:
-        ids = _ids(value)
+        ids = token_ids(value)
         if ids:
             return ids[0]
     return None

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from phi_onnx.checkpoint import file_sha256
 from phi_onnx.errors import PhiOnnxError
 
 log = logging.getLogger(__name__)
@@ -661,7 +662,7 @@ def _reference_info(spec: str, path: Path, manifest: dict[str, Any] | None) -> d
     from phi_onnx.checkpoint import Checkpoint
 
     source = (manifest or {}).get("source") or {}
-    config_sha = _sha256(path / "config.json") if (path / "config.json").is_file() else None
+    config_sha = file_sha256(path / "config.json") if (path / "config.json").is_file() else None
     try:
         checkpoint = Checkpoint(path)
         stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in checkpoint.files)
@@ -688,14 +689,6 @@ def _weights_sha256(path: str, stamp: tuple[tuple[str, int, int], ...]) -> str:
 
 
 # --------------------------------------------------------------------------- the manifest
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(16 * 1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -734,7 +727,7 @@ def record_verification(folder: Path, result: VerifyResult) -> None:
     if manifest is None:
         return
     recorded = manifest.get("files") or {}
-    current = {p.name: _sha256(p) for p in sorted(folder.iterdir())
+    current = {p.name: file_sha256(p) for p in sorted(folder.iterdir())
                if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
     # The export's own hashes are kept aside the first time they stop matching, so a later verification
     # still names what changed since the export rather than since the previous verification.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -21,7 +20,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from phi_onnx.checkpoint import Checkpoint
+from phi_onnx.checkpoint import Checkpoint, file_sha256
 from phi_onnx.config import load_config
 from phi_onnx.errors import OutputExistsError, PhiOnnxError
 from phi_onnx.export.genai_config import genai_config
@@ -182,14 +181,6 @@ def _copy_tokenizer(source: Path, folder: Path) -> None:
         log.warning("%s has no tokenizer files; the export will need one to generate text", source)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(16 * 1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -215,13 +206,13 @@ def _manifest(resolved: ResolvedSource, weights_sha256: str, architecture: str, 
             "revision": resolved.revision,
             "architecture": architecture,
             "weights_sha256": weights_sha256,
-            "config_sha256": _sha256(resolved.path / "config.json"),
+            "config_sha256": file_sha256(resolved.path / "config.json"),
         },
         "options": options.to_dict(),
         "variant": options.variant(),
         "tools": _versions(),
         "graph": {"op_counts": op_counts},
-        "files": {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file()},
+        "files": {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file()},
         "verification": None,
     }
 

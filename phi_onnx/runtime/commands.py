@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 from collections.abc import Callable
-from functools import wraps
 from typing import Any, TypeVar
 
 import click
 
+from phi_onnx.cli_errors import user_errors
 from phi_onnx.errors import PhiOnnxError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -18,19 +17,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 CHAT_HELP = "Commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit."
 
 
-def _user_errors(func: F) -> F:
-    """PhiOnnxError → one paragraph on stderr, exit 2; Ctrl-C outside a reply → exit 130."""
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except PhiOnnxError as error:
-            click.echo(f"Error: {error}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("", err=True)
-            sys.exit(130)
-    return wrapper  # type: ignore[return-value]
+_user_errors = user_errors(interrupted="")  # Ctrl-C during a reply is handled inside chat
 
 
 def _model_options(func: F) -> F:

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from phi_onnx.config import token_ids
 from phi_onnx.runtime.errors import ModelFolderError
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def read_folder(path: str | Path) -> ModelFolder:
         model = genai["model"]
         decoder = model["decoder"]
         context = int(model["context_length"])
-        eos = _ids(model.get("eos_token_id")) + _ids(generation.get("eos_token_id"))
+        eos = token_ids(model.get("eos_token_id")) + token_ids(generation.get("eos_token_id"))
         facts = {
             "context_length": context,
             "default_max_length": int(genai.get("search", {}).get("max_length") or context),
@@ -100,8 +101,8 @@ def read_folder(path: str | Path) -> ModelFolder:
     export_device = "cuda" if graph["kv_dtype"] == np.float16 else "cpu"
     if manifest and isinstance(manifest.get("options"), dict):
         export_device = str(manifest["options"].get("device", export_device))
-    bos = _ids(model.get("bos_token_id"))
-    pad = _ids(model.get("pad_token_id")) or eos[:1]
+    bos = token_ids(model.get("bos_token_id"))
+    pad = token_ids(model.get("pad_token_id")) or eos[:1]
     return ModelFolder(
         path=folder, genai_config=genai, eos_token_ids=tuple(dict.fromkeys(eos)),
         bos_token_id=bos[0] if bos else None, pad_token_id=pad[0],
@@ -119,14 +120,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ModelFolderError(f"{path} does not hold a JSON object.", hint=REEXPORT_HINT)
     return data
-
-
-def _ids(value: Any) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, list):
-        return [int(v) for v in value]
-    return [int(value)]
 
 
 def _graph_facts(folder: Path) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m phi_onnx.tiny.train --out DIR [--minutes M] [--seed S]
+    python -m phi_onnx.tiny.train --out DIR [--minutes M] [--seed S] [--arch phi3|phi2|phimoe]
 
 Everything is offline: the tokenizer and the training text both come from the
 Python standard library's sources (parsed with :mod:`ast`, never imported).  The
@@ -14,6 +14,11 @@ independent of ``--seed``) is held out and written to ``DIR/heldout.txt``.
 The model is a miniature Phi-3-mini (MHA, head_dim 32, sliding window 2047, RoPE
 theta 10000, untied embeddings) trained for ``--minutes`` of wall time and saved
 in bfloat16 like real Phi checkpoints.  The weights are *not* a real Phi.
+
+``--arch phi2`` trains a miniature Phi-2 (``PhiForCausalLM``: LayerNorm, parallel attention/MLP,
+partial rotary 0.5, biases) and ``--arch phimoe`` a miniature Phi-3.5-MoE (``PhimoeForCausalLM``:
+4 experts, top-2 sparse mixer) on the same tokenizer and corpus; the tests train those with
+``--max-steps`` so they are judged on a trained model.
 """
 
 from __future__ import annotations
@@ -32,7 +37,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    GenerationConfig,
+    Phi3Config,
+    Phi3ForCausalLM,
+    PhiConfig,
+    PhiForCausalLM,
+    PhimoeConfig,
+    PhimoeForCausalLM,
+    PreTrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 from phi_onnx.tiny.tokenizer import build_tokenizer
 
@@ -231,6 +247,41 @@ def make_config(tokenizer: PreTrainedTokenizerFast, shape: ModelShape) -> Phi3Co
     )
 
 
+ARCHS = ("phi3", "phi2", "phimoe")
+
+
+def make_arch_config(arch: str, tokenizer: PreTrainedTokenizerFast, shape: ModelShape) -> PreTrainedConfig:
+    """The miniature config of ``arch`` (``phi3`` is :func:`make_config`); vocab differs from every linear width."""
+    if arch == "phi3":
+        return make_config(tokenizer, shape)
+    head_dim = shape.hidden_size // shape.num_heads
+    widths = {3 * shape.hidden_size, shape.hidden_size, shape.intermediate_size, 2 * shape.intermediate_size,
+              head_dim}
+    common = {
+        "vocab_size": padded_vocab_size(len(tokenizer), widths), "hidden_size": shape.hidden_size,
+        "intermediate_size": shape.intermediate_size, "num_hidden_layers": shape.num_layers,
+        "num_attention_heads": shape.num_heads, "num_key_value_heads": shape.num_heads,
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id, "tie_word_embeddings": False,
+    }
+    if arch == "phi2":
+        # Phi-2: partial rotary (here 0.5 of head_dim, Phi-2 uses 0.4 of 80), LayerNorm, biases.
+        return PhiConfig(**common, partial_rotary_factor=0.5, max_position_embeddings=2048, layer_norm_eps=1e-5,
+                         rope_theta=10000.0)
+    if arch == "phimoe":
+        # Phi-3.5-MoE: 4 experts (Phi-3.5-MoE has 16), 2 per token, attention and LM head biases.
+        return PhimoeConfig(**common, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=4096,
+                            rms_norm_eps=1e-5, attention_bias=True, lm_head_bias=True,
+                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+
+
+def make_model(arch: str, config: PreTrainedConfig) -> PreTrainedModel:
+    """The randomly initialised causal LM of ``arch``."""
+    cls = {"phi3": Phi3ForCausalLM, "phi2": PhiForCausalLM, "phimoe": PhimoeForCausalLM}[arch]
+    return cls(config)
+
+
 def lr_at(progress: float, base_lr: float, warmup: float = 0.03, floor: float = 0.1) -> float:
     """Linear warmup then cosine decay to ``floor * base_lr``; ``progress`` in [0, 1]."""
     if progress < warmup:
@@ -240,7 +291,7 @@ def lr_at(progress: float, base_lr: float, warmup: float = 0.03, floor: float = 
 
 
 def train(
-    model: Phi3ForCausalLM,
+    model: PreTrainedModel,
     stream: torch.Tensor,
     *,
     minutes: float,
@@ -287,7 +338,7 @@ def train(
 
 
 @torch.no_grad()
-def evaluate(model: Phi3ForCausalLM, tokenizer: PreTrainedTokenizerFast, text: str, seq_len: int = 256) -> float:
+def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, text: str, seq_len: int = 256) -> float:
     """Mean next-token loss (nats) of ``model`` on ``text`` in non-overlapping ``seq_len`` windows."""
     ids = torch.tensor(tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids)
     model.eval()
@@ -303,7 +354,7 @@ def evaluate(model: Phi3ForCausalLM, tokenizer: PreTrainedTokenizerFast, text: s
 
 
 def sample_chat(
-    model: Phi3ForCausalLM, tokenizer: PreTrainedTokenizerFast, question: str, max_new_tokens: int = 60
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, question: str, max_new_tokens: int = 60
 ) -> str:
     """Greedy answer of ``model`` to ``question`` (special tokens kept)."""
     prompt = tokenizer.apply_chat_template(
@@ -317,7 +368,7 @@ def sample_chat(
 # --------------------------------------------------------------------------- output
 
 
-def save_model(model: Phi3ForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
     """Save bf16 safetensors weights plus a Phi-3-like generation config."""
     model.to(torch.bfloat16)
     model.config.dtype = torch.bfloat16
@@ -329,21 +380,26 @@ def save_model(model: Phi3ForCausalLM, tokenizer: PreTrainedTokenizerFast, out: 
     model.save_pretrained(out, safe_serialization=True)
 
 
+TITLES = {"phi3": "Phi-3-mini", "phi2": "Phi-2", "phimoe": "Phi-3.5-MoE"}
+
+
 def write_readme(
     out: Path,
     args: argparse.Namespace,
     tokenizer: PreTrainedTokenizerFast,
-    config: Phi3Config,
+    config: PreTrainedConfig,
     steps: int,
     val_loss: float,
     n_params: int,
 ) -> None:
     """Describe the checkpoint: what it is, how it was made, and how good it is."""
+    arch_flag = "" if args.arch == "phi3" else f" --arch {args.arch}"
     specials = ", ".join(f"`{t}` {tokenizer.convert_tokens_to_ids(t)}" for t in tokenizer.added_tokens_encoder)
     (out / "README.md").write_text(
-        f"""# tiny-phi3
+        f"""# tiny-{args.arch}
 
-A miniature **Phi-3-mini-shaped** causal LM (`Phi3ForCausalLM`, {n_params / 1e6:.2f} M parameters)
+A miniature **{TITLES[args.arch]}-shaped** causal LM (`{type(config).__name__.replace("Config", "ForCausalLM")}`,
+{n_params / 1e6:.2f} M parameters)
 used by `phi_onnx` to test ONNX export offline. **The weights are not a real Phi**: they were
 trained from scratch for a few minutes on CPU, on docstrings of the Python standard library
 (plain text plus Phi-3 chat-formatted "What does X do?" questions answered by the first
@@ -352,7 +408,8 @@ paragraph of X's docstring). Expect fluent-looking but mostly wrong answers.
 - shape: hidden {config.hidden_size}, {config.num_hidden_layers} layers, {config.num_attention_heads} heads
   ({config.num_key_value_heads} KV heads, head_dim {config.hidden_size // config.num_attention_heads}),
   intermediate {config.intermediate_size}, vocab_size {config.vocab_size} ({len(tokenizer)} tokenizer tokens),
-  sliding_window {config.sliding_window}, max_position_embeddings {config.max_position_embeddings},
+  sliding_window {getattr(config, "sliding_window", None)},
+  max_position_embeddings {config.max_position_embeddings},
   untied embeddings
 - tokenizer: byte-level BPE trained on stdlib sources (`phi_onnx.tiny.build_tokenizer`), Phi-3 chat template;
   special tokens: {specials}
@@ -361,7 +418,7 @@ paragraph of X's docstring). Expect fluent-looking but mostly wrong answers.
 ## How it was trained
 
 ```
-python -m phi_onnx.tiny.train --out {args.out} --minutes {args.minutes:g} --seed {args.seed}
+python -m phi_onnx.tiny.train --out {args.out} --minutes {args.minutes:g} --seed {args.seed}{arch_flag}
 ```
 
 {steps} AdamW steps (batch {args.batch_size} x {args.seq_len} tokens, peak lr {args.lr:g}, cosine decay over
@@ -384,6 +441,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="output folder for the checkpoint")
     p.add_argument("--minutes", type=float, default=6.0, help="training wall-time budget (default 6)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--arch", choices=ARCHS, default="phi3",
+                   help="architecture: phi3 (default, Phi-3-mini), phi2 (Phi-2) or phimoe (Phi-3.5-MoE)")
     hidden = argparse.SUPPRESS
     p.add_argument("--hidden-size", type=int, default=ModelShape.hidden_size, help=hidden)
     p.add_argument("--layers", type=int, default=ModelShape.num_layers, help=hidden)
@@ -399,7 +458,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Build tokenizer and corpus, train, evaluate and save the tiny Phi-3 into ``--out``."""
+    """Build tokenizer and corpus, train, evaluate and save the tiny model (``--arch``) into ``--out``."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.set_num_threads(2)
@@ -415,8 +474,8 @@ def main(argv: list[str] | None = None) -> None:
     log.info("corpus: %d train docs (%d tokens), heldout %d chars", len(train_texts), len(stream), len(heldout))
 
     shape = ModelShape(args.hidden_size, args.layers, args.heads, args.intermediate_size)
-    config = make_config(tokenizer, shape)
-    model = Phi3ForCausalLM(config)
+    config = make_arch_config(args.arch, tokenizer, shape)
+    model = make_model(args.arch, config)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2f M parameters, vocab_size %d", n_params / 1e6, config.vocab_size)
 
