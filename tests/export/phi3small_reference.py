@@ -81,11 +81,12 @@ def is_dense(cfg: dict[str, Any], layer: int) -> bool:
 
 
 def forward(cfg: dict[str, Any], w: dict[str, torch.Tensor], ids: np.ndarray,
-            lm_head: torch.Tensor | None = None) -> np.ndarray:
+            lm_head: torch.Tensor | None = None, *, train: bool = False) -> Any:
     """fp32 logits [batch, seq, vocab] for `ids` (no cache, no padding).
 
     `lm_head` replaces the tied embedding matrix in the LM head only (the int4 test passes the
-    quantization round trip of the embedding there).
+    quantization round trip of the embedding there). With `train`, gradients flow and the logits
+    come back as a tensor (the int4 quality test trains this model).
     """
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     hidden = cfg["hidden_size"]
@@ -94,7 +95,7 @@ def forward(cfg: dict[str, Any], w: dict[str, torch.Tensor], ids: np.ndarray,
     scale = cfg.get("mup_attn_multiplier", 1.0) / d if cfg.get("mup_use_scaling", True) else d ** -0.5
     tokens = torch.from_numpy(ids)
     b, s = tokens.shape
-    with torch.no_grad():
+    with torch.set_grad_enabled(train):
         x = w["model.embed_tokens.weight"][tokens]
         if cfg.get("mup_embedding_multiplier"):
             x = x * cfg["mup_embedding_multiplier"]
@@ -131,7 +132,7 @@ def forward(cfg: dict[str, Any], w: dict[str, torch.Tensor], ids: np.ndarray,
             mask = torch.zeros(cfg["vocab_size"], dtype=torch.bool)
             mask[dummies] = True
             logits = logits.masked_fill(mask, torch.finfo(torch.float32).min)
-    return logits.numpy()
+    return logits if train else logits.numpy()
 
 
 def random_weights(cfg: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
