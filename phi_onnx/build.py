@@ -45,6 +45,7 @@ from typing import Any
 
 from phi_onnx.errors import OptionsError, PhiOnnxError
 from phi_onnx.export.options import ExportOptions
+from phi_onnx.inspection import human_size
 from phi_onnx.verify import (
     DEFAULT_THRESHOLDS,
     SAMPLE_TEXT,
@@ -415,14 +416,6 @@ def _verify_variant(recipe: Recipe, variant: Variant, folder: Path, row: Row, re
 # --------------------------------------------------------------------------- summary
 
 
-def _size(num: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if num < 1000 or unit == "GB":
-            return f"{num:.0f} {unit}" if unit == "B" else f"{num:.1f} {unit}"
-        num /= 1000
-    return f"{num:.1f} GB"
-
-
 def summary_markdown(result: BuildResult) -> str:
     """The summary table in Markdown."""
     def figure(row: Row, name: str, fmt: str) -> str:
@@ -436,7 +429,7 @@ def summary_markdown(result: BuildResult) -> str:
         verdict = "yes" if row.passed else "**no**"
         note = row.verification + (f": {row.reason}" if row.reason and not row.passed else "")
         lines.append(
-            f"| {row.model} | {row.variant} | `{row.folder}` | {row.status} | {_size(row.size_bytes)} "
+            f"| {row.model} | {row.variant} | `{row.folder}` | {row.status} | {human_size(row.size_bytes)} "
             f"| {figure(row, 'max_abs_logit_diff', '.3g')} | {figure(row, 'top1_agreement', '.4f')} "
             f"| {figure(row, 'kl_divergence', '.2e')} | {figure(row, 'greedy_agreement', '.3f')} "
             f"| {figure(row, 'perplexity_change', '.2%')} | {note.replace('|', '/')} | {verdict} |")

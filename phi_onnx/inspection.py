@@ -129,7 +129,8 @@ def inspect_folder(folder: str | os.PathLike[str]) -> dict[str, Any]:
     }
 
 
-def _size(num: float) -> str:
+def human_size(num: float) -> str:
+    """Bytes as B / KB / MB / GB (powers of 1000), as file listings show them."""
     for unit in ("B", "KB", "MB", "GB"):
         if num < 1000 or unit == "GB":
             return f"{num:.0f} {unit}" if unit == "B" else f"{num:.1f} {unit}"
@@ -145,9 +146,9 @@ def format_report(info: dict[str, Any]) -> str:
     """The human-readable form of `inspect_folder`'s result."""
     lines = [f"{info['folder']}",
              f"  precision   {info['precision']}" + (f"  (variant {info['variant']})" if info["variant"] else ""),
-             f"  size        {_size(info['size_bytes'])} in {len(info['files'])} files"]
+             f"  size        {human_size(info['size_bytes'])} in {len(info['files'])} files"]
     for name, size in info["files"].items():
-        lines.append(f"              {name:<28} {_size(size):>10}")
+        lines.append(f"              {name:<28} {human_size(size):>10}")
     fused = ", ".join(f"{op} {'yes' if present else 'no'}" for op, present in info["fused_ops"].items())
     lines.append(f"  fused ops   {fused}" + ("; rotary inside GroupQueryAttention" if info["rotary_in_attention"]
                                                else ""))

@@ -6,15 +6,12 @@ model on the same weights is the reference each export is compared against.
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-from phi_onnx.export import ExportOptions, export
+from helpers import cached_exports, save_tiny_checkpoint
 
 #: The tiny checkpoints the tests share, as Phi3Config overrides. Sizes are kept so that the
 #: vocab size equals no projection width, and each covers one configuration the exporter handles.
@@ -71,16 +68,8 @@ def make_checkpoint(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Pat
             torch.manual_seed(sum(map(ord, name)))
             config = Phi3Config(**{**BASE_CONFIG, **PHI3_CHECKPOINTS[name]})
             model = Phi3ForCausalLM(config).eval()
-            folder = tmp_path_factory.mktemp(name)
-            model.save_pretrained(folder)
-            for item in tokenizer_dir.iterdir():
-                shutil.copy2(item, folder / item.name)
             # Phi-3 stops on <|endoftext|> and <|end|>, both listed in generation_config.json.
-            end = json.loads((tokenizer_dir / "tokenizer.json").read_text())
-            ids = {t["content"]: t["id"] for t in end["added_tokens"]}
-            gen = {"bos_token_id": 1, "eos_token_id": [ids["<|endoftext|>"], ids["<|end|>"]], "pad_token_id": 3}
-            (folder / "generation_config.json").write_text(json.dumps(gen))
-            cache[name] = folder
+            cache[name] = save_tiny_checkpoint(model, tmp_path_factory.mktemp(name), tokenizer_dir)
         return cache[name]
 
     return make
@@ -90,17 +79,7 @@ def make_checkpoint(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Pat
 def make_export(tmp_path_factory: pytest.TempPathFactory,
                 make_checkpoint: Callable[..., Path]) -> Callable[..., Path]:
     """`make_export(name, precision="fp32", **options)` → exported folder (cached)."""
-    cache: dict[tuple[Any, ...], Path] = {}
-
-    def make(name: str, precision: str = "fp32", **options: Any) -> Path:
-        key = (name, precision, tuple(sorted(options.items())))
-        if key not in cache:
-            out = tmp_path_factory.mktemp("export") / f"{name}-{precision}"
-            export(make_checkpoint(name), out, ExportOptions(precision=precision, **options))  # type: ignore[arg-type]
-            cache[key] = out
-        return cache[key]
-
-    return make
+    return cached_exports(tmp_path_factory, make_checkpoint)
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -42,3 +45,34 @@ class OnnxLM:
 def random_ids(n: int, seed: int = 0, low: int = 10, high: int = 990) -> np.ndarray:
     """A [1, n] int64 prompt of random token ids."""
     return np.random.default_rng(seed).integers(low, high, size=(1, n), dtype=np.int64)
+
+
+def save_tiny_checkpoint(model: Any, folder: Path, tokenizer_dir: Path,
+                         eos: tuple[str, ...] = ("<|endoftext|>", "<|end|>")) -> Path:
+    """Save a transformers model with the session tokenizer and a generation_config naming `eos`."""
+    model.save_pretrained(folder)
+    for item in tokenizer_dir.iterdir():
+        shutil.copy2(item, folder / item.name)
+    added = json.loads((tokenizer_dir / "tokenizer.json").read_text())["added_tokens"]
+    ids = {t["content"]: t["id"] for t in added}
+    eos_ids = [ids[name] for name in eos]
+    gen = {"bos_token_id": 1, "eos_token_id": eos_ids if len(eos_ids) > 1 else eos_ids[0], "pad_token_id": 3}
+    (folder / "generation_config.json").write_text(json.dumps(gen))
+    return folder
+
+
+def cached_exports(tmp_path_factory: Any, checkpoint: Callable[[str], Path]) -> Callable[..., Path]:
+    """`make(name, precision="fp32", **options)` → export of `checkpoint(name)`, built once per key."""
+    from phi_onnx.export import ExportOptions, export
+
+    cache: dict[tuple[Any, ...], Path] = {}
+
+    def make(name: str, precision: str = "fp32", **options: Any) -> Path:
+        key = (name, precision, tuple(sorted(options.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp("export") / f"{name}-{precision}"
+            export(checkpoint(name), out, ExportOptions(precision=precision, **options))  # type: ignore[arg-type]
+            cache[key] = out
+        return cache[key]
+
+    return make

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -14,9 +13,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import OnnxLM, random_ids
+from helpers import OnnxLM, cached_exports, random_ids, save_tiny_checkpoint
 
-from phi_onnx.export import ExportOptions, export
 from phi_onnx.quantize import dequantize_int4, quantize_int4
 
 TOL = 1e-4
@@ -55,15 +53,8 @@ def phi2_checkpoint(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Pat
             if name == "phi2-offset":
                 with torch.no_grad():
                     model.model.embed_tokens.weight += 30.0
-            folder = tmp_path_factory.mktemp(name)
-            model.save_pretrained(folder)
-            for item in tokenizer_dir.iterdir():
-                shutil.copy2(item, folder / item.name)
-            added = json.loads((tokenizer_dir / "tokenizer.json").read_text())["added_tokens"]
-            ids = {t["content"]: t["id"] for t in added}
-            gen = {"bos_token_id": 1, "eos_token_id": ids["<|endoftext|>"], "pad_token_id": 3}
-            (folder / "generation_config.json").write_text(json.dumps(gen))
-            cache[name] = folder
+            cache[name] = save_tiny_checkpoint(model, tmp_path_factory.mktemp(name), tokenizer_dir,
+                                               eos=("<|endoftext|>",))
         return cache[name]
 
     return make
@@ -73,17 +64,7 @@ def phi2_checkpoint(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Pat
 def phi2_export(tmp_path_factory: pytest.TempPathFactory,
                 phi2_checkpoint: Callable[[str], Path]) -> Callable[..., Path]:
     """`phi2_export(name, precision="fp32", **options)` → exported folder (cached)."""
-    cache: dict[tuple[Any, ...], Path] = {}
-
-    def make(name: str, precision: str = "fp32", **options: Any) -> Path:
-        key = (name, precision, tuple(sorted(options.items())))
-        if key not in cache:
-            out = tmp_path_factory.mktemp("export") / f"{name}-{precision}"
-            export(phi2_checkpoint(name), out, ExportOptions(precision=precision, **options))  # type: ignore[arg-type]
-            cache[key] = out
-        return cache[key]
-
-    return make
+    return cached_exports(tmp_path_factory, phi2_checkpoint)
 
 
 def reference_logits(folder: Path, ids: np.ndarray) -> np.ndarray:

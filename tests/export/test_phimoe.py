@@ -17,7 +17,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import OnnxLM, random_ids
+from helpers import OnnxLM, cached_exports, random_ids, save_tiny_checkpoint
 
 from phi_onnx.config import parse_config
 from phi_onnx.export import ExportOptions, export
@@ -62,15 +62,8 @@ def moe_checkpoint(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path
 
             torch.manual_seed(sum(map(ord, name)))
             model = PhimoeForCausalLM(PhimoeConfig(**{**BASE_CONFIG, **MOE_CHECKPOINTS[name]})).eval()
-            folder = tmp_path_factory.mktemp(name)
-            model.save_pretrained(folder)  # writes the hub layout: block_sparse_moe.experts.N.w1/w2/w3
-            for item in tokenizer_dir.iterdir():
-                shutil.copy2(item, folder / item.name)
-            added = json.loads((tokenizer_dir / "tokenizer.json").read_text())["added_tokens"]
-            ids = {t["content"]: t["id"] for t in added}
-            gen = {"bos_token_id": 1, "eos_token_id": [ids["<|endoftext|>"], ids["<|end|>"]], "pad_token_id": 3}
-            (folder / "generation_config.json").write_text(json.dumps(gen))
-            cache[name] = folder
+            # save_pretrained writes the hub layout: block_sparse_moe.experts.N.w1/w2/w3
+            cache[name] = save_tiny_checkpoint(model, tmp_path_factory.mktemp(name), tokenizer_dir)
         return cache[name]
 
     return make
@@ -80,17 +73,7 @@ def moe_checkpoint(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path
 def moe_export(tmp_path_factory: pytest.TempPathFactory,
                moe_checkpoint: Callable[[str], Path]) -> Callable[..., Path]:
     """`moe_export(name, precision="fp32", **options)` → exported folder (cached)."""
-    cache: dict[tuple[Any, ...], Path] = {}
-
-    def make(name: str, precision: str = "fp32", **options: Any) -> Path:
-        key = (name, precision, tuple(sorted(options.items())))
-        if key not in cache:
-            out = tmp_path_factory.mktemp("export") / f"{name}-{precision}"
-            export(moe_checkpoint(name), out, ExportOptions(precision=precision, **options))  # type: ignore[arg-type]
-            cache[key] = out
-        return cache[key]
-
-    return make
+    return cached_exports(tmp_path_factory, moe_checkpoint)
 
 
 def switch_longrope_factors(model):
