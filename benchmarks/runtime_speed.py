@@ -1,11 +1,12 @@
 """Decode and prompt speed of an exported folder: phi-onnx's backends beside raw onnxruntime-genai.
 
-Each runner runs in its own subprocess, runners alternating round by round (the machine is noisy),
-with a 128-token prompt and 128 greedy new tokens (EOS suppressed) as in onnxruntime-genai's
-benchmark_e2e. Raw onnxruntime-genai runs on copies of the folder whose genai_config differs only
-in `intra_op_num_threads` (absent = onnxruntime-genai's own default), so the thread knob is measured.
+Each runner runs in its own subprocess, runners alternating round by round (the machine is noisy):
+one warm-up run, then `--runs` timed runs of a 128-token prompt and 128 greedy new tokens (EOS
+suppressed), as in onnxruntime-genai's benchmark_e2e; medians are over every timed run. Raw
+onnxruntime-genai runs on copies of the folder whose genai_config differs only in
+`intra_op_num_threads` (absent = onnxruntime-genai's own default), so the thread knob is measured.
 
-    python benchmarks/runtime_speed.py out/phi3-mid-cpu-int4 --rounds 3 --json speed.json
+    python benchmarks/runtime_speed.py out/phi3-mid-cpu-int4 --rounds 4 --runs 3 --knobs --json speed.json
 """
 
 from __future__ import annotations
@@ -19,37 +20,51 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from phi_onnx.runtime.bench import measure_bandwidth_gbps
+from phi_onnx.runtime.folder import read_folder
+
 RAW_GENAI = r'''
 import json, sys, time
 import numpy as np
 import onnxruntime_genai as og
-folder, prompt_len, new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+folder, prompt_len, new, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 model = og.Model(folder)
 prompt = np.arange(100, 100 + prompt_len, dtype=np.int32)[None]
-params = og.GeneratorParams(model)
-params.set_search_options(do_sample=False, max_length=prompt_len + new, min_length=prompt_len + new)
-gen = og.Generator(model, params)
-t0 = time.perf_counter()
-gen.append_tokens(prompt)
-gen.generate_next_token()
-t1 = time.perf_counter()
-while not gen.is_done():
+out = []
+for i in range(runs + 1):  # the first run warms up
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=prompt_len + new, min_length=prompt_len + new)
+    gen = og.Generator(model, params)
+    t0 = time.perf_counter()
+    gen.append_tokens(prompt)
     gen.generate_next_token()
-t2 = time.perf_counter()
-print(json.dumps({"first_token_seconds": t1 - t0, "decode_tokens_per_second": (new - 1) / (t2 - t1),
-                  "prompt_tokens_per_second": prompt_len / (t1 - t0)}))
+    t1 = time.perf_counter()
+    while not gen.is_done():
+        gen.generate_next_token()
+    t2 = time.perf_counter()
+    del gen
+    out.append({"first_token_seconds": t1 - t0, "decode_tokens_per_second": (new - 1) / (t2 - t1),
+                "prompt_tokens_per_second": prompt_len / (t1 - t0)})
+print(json.dumps(out[1:]))
 '''
 
 PHI_ONNX = r'''
 import json, sys, time
 import phi_onnx
-folder, backend, prompt_len, new = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+folder, backend, prompt_len, new, runs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+if len(sys.argv) > 6 and sys.argv[6] == "all-logits":  # the knob off: the LM head on every prompt position
+    import phi_onnx.runtime.ort_backend as ort_backend
+    ort_backend.add_logits_to_keep = lambda path: None
 model = phi_onnx.load(folder, backend=backend, device="cpu")
 prompt = list(range(100, 100 + prompt_len))
-result = model.generate(prompt, max_new_tokens=new, min_new_tokens=new)
-first = result.first_token_seconds
-print(json.dumps({"first_token_seconds": first, "prompt_tokens_per_second": prompt_len / first,
-                  "decode_tokens_per_second": (new - 1) / (result.seconds - first)}))
+out = []
+for i in range(runs + 1):  # the first run warms up
+    model.engine.forget()
+    result = model.generate(prompt, max_new_tokens=new, min_new_tokens=new)
+    first = result.first_token_seconds
+    out.append({"first_token_seconds": first, "prompt_tokens_per_second": prompt_len / first,
+                "decode_tokens_per_second": (new - 1) / (result.seconds - first)})
+print(json.dumps(out[1:]))
 '''
 
 
@@ -69,17 +84,20 @@ def genai_copy(folder: Path, threads: int | None, work: Path) -> Path:
     return copy
 
 
-def run(cmd: list[str]) -> dict[str, Any]:
-    """One measurement in a fresh process (warm-up inside is not needed: each run loads, then times)."""
+def run(cmd: list[str]) -> list[dict[str, Any]]:
+    """Timed runs in a fresh process, after one untimed warm-up run there (as the anchors were taken)."""
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return list(json.loads(out.strip().splitlines()[-1]))
 
 
 def main() -> None:
     """Measure every runner `--rounds` times, alternating, and print medians."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="processes per runner, alternating runners")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per process, after one warm-up run")
+    parser.add_argument("--knobs", action="store_true",
+                        help="also run the ort backend with the LM head on every prompt position")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--json", type=Path)
@@ -91,35 +109,47 @@ def main() -> None:
     weights = (folder / "model.onnx.data").stat().st_size
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        p, n = str(args.prompt_tokens), str(args.new_tokens)
+        p, n, r = str(args.prompt_tokens), str(args.new_tokens), str(args.runs)
         runners: dict[str, list[str]] = {
-            "phi-onnx ort backend": [sys.executable, "-c", PHI_ONNX, str(folder), "ort", p, n],
+            "phi-onnx ort backend": [sys.executable, "-c", PHI_ONNX, str(folder), "ort", p, n, r],
             "phi-onnx genai backend (genai_config as exported)": [sys.executable, "-c", PHI_ONNX, str(folder),
-                                                                  "genai", p, n],
+                                                                  "genai", p, n, r],
         }
+        if args.knobs:
+            runners["phi-onnx ort backend, LM head on every position"] = [
+                sys.executable, "-c", PHI_ONNX, str(folder), "ort", p, n, r, "all-logits"]
         for threads in (None, 2):
             label = f"onnxruntime-genai raw, intra_op_num_threads={threads if threads is not None else 'unset'}"
-            runners[label] = [sys.executable, "-c", RAW_GENAI, str(genai_copy(folder, threads, work)), p, n]
+            runners[label] = [sys.executable, "-c", RAW_GENAI, str(genai_copy(folder, threads, work)), p, n, r]
         for i, other in enumerate(args.compare):
             copy = work / f"compare-{i}"
             copy.mkdir()
             runners[f"onnxruntime-genai raw on {other.name}, intra_op_num_threads=2"] = [
-                sys.executable, "-c", RAW_GENAI, str(genai_copy(other.resolve(), 2, copy)), p, n]
+                sys.executable, "-c", RAW_GENAI, str(genai_copy(other.resolve(), 2, copy)), p, n, r]
         results: dict[str, list[dict[str, Any]]] = {name: [] for name in runners}
         for round_ in range(args.rounds):
             for name, cmd in runners.items():
-                results[name].append(run(cmd))
-                print(f"round {round_}: {name}: {results[name][-1]}", file=sys.stderr)
+                runs = run(cmd)
+                results[name].extend(runs)
+                print(f"round {round_}: {name}: {runs}", file=sys.stderr)
+    # Decode reads every weight once per token (the embedding table aside: one row is gathered).
+    per_token = read_folder(folder).weight_bytes - read_folder(folder).embedding_bytes
+    bandwidth = measure_bandwidth_gbps()
+    ceiling = bandwidth * 1e9 / per_token
     summary = {}
     for name, runs in results.items():
         summary[name] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-    report = {"folder": str(folder), "weights_bytes": weights, "rounds": args.rounds,
-              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "median": summary,
-              "runs": results}
-    print(f"{'runner':<62} {'prompt tok/s':>12} {'TTFT ms':>8} {'decode tok/s':>12}")
+        summary[name]["decode_fraction_of_ceiling"] = summary[name]["decode_tokens_per_second"] / ceiling
+    report = {"folder": str(folder), "weights_bytes": weights, "rounds": args.rounds, "runs_per_round": args.runs,
+              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "bytes_read_per_token": per_token,
+              "memory_bandwidth_gbps": bandwidth, "decode_ceiling_tokens_per_second": ceiling,
+              "median": summary, "runs": results}
+    print(f"bandwidth ceiling: {per_token / 1e6:.0f} MB per token at {bandwidth:.1f} GB/s (numpy copy probe) "
+          f"= {ceiling:.1f} tok/s")
+    print(f"{'runner':<62} {'prompt tok/s':>12} {'TTFT ms':>8} {'decode tok/s':>12} {'of ceiling':>10}")
     for name, row in summary.items():
         print(f"{name:<62} {row['prompt_tokens_per_second']:>12.1f} {row['first_token_seconds'] * 1000:>8.0f} "
-              f"{row['decode_tokens_per_second']:>12.1f}")
+              f"{row['decode_tokens_per_second']:>12.1f} {row['decode_fraction_of_ceiling']:>10.0%}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

@@ -6,6 +6,9 @@ sees the same memory on both sides and writes each step's keys in place (`seqlen
 attention mask says how much is valid), so nothing is copied between steps, and on CUDA the cache
 never leaves the device. Rows of a batch are right-padded: GroupQueryAttention places row b's new
 tokens right after its own valid length.
+
+The session runs a copy of the graph whose LM head computes only the positions asked for
+(`logits_to_keep`): the last one in prefill, one per row's last token in a batch.
 """
 
 from __future__ import annotations
@@ -19,12 +22,16 @@ import numpy as np
 from phi_onnx.runtime.engine import CachedEngine, round_capacity
 from phi_onnx.runtime.errors import DeviceError, ModelFolderError
 from phi_onnx.runtime.folder import REEXPORT_HINT, ModelFolder
+from phi_onnx.runtime.logits_to_keep import INPUT as LOGITS_TO_KEEP
+from phi_onnx.runtime.logits_to_keep import add_logits_to_keep
 from phi_onnx.runtime.providers import CUDA, INSTALL_CUDA_HINT, DeviceChoice
 
 log = logging.getLogger(__name__)
 
-#: Prompts are run in chunks whose logits stay under this size (the graph returns every position's).
+#: Prompts are run in chunks whose logits stay under this size, for graphs that return every position's.
 LOGITS_BUDGET_BYTES = 256 * 1024 * 1024
+#: Longest prompt chunk: GroupQueryAttention on CPU holds [heads, chunk, total] attention scores.
+MAX_CHUNK = 2048
 
 
 class OrtEngine(CachedEngine):
@@ -42,7 +49,14 @@ class OrtEngine(CachedEngine):
         if threads:
             options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(str(folder.model_path), options, providers=device.ort_providers())
+            graph = add_logits_to_keep(folder.model_path)
+            if graph is None:
+                model: bytes | str = str(folder.model_path)
+            else:
+                model = graph
+                options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                                 str(folder.path))
+            self.session = ort.InferenceSession(model, options, providers=device.ort_providers())
         except Exception as error:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
             raise ModelFolderError(f"ONNX Runtime could not load {folder.model_path}: {error}",
                                    hint=REEXPORT_HINT) from error
@@ -58,7 +72,9 @@ class OrtEngine(CachedEngine):
             raise ModelFolderError(f"model.onnx lacks {missing[0]} although genai_config.json lists "
                                    f"{folder.num_layers} layers.", hint=REEXPORT_HINT)
         self.vocab = folder.vocab_size
-        self.chunk = int(np.clip(LOGITS_BUDGET_BYTES // (4 * self.vocab), 64, 2048))
+        self.keeps_logits = LOGITS_TO_KEEP in {i.name for i in self.session.get_inputs()}
+        self.chunk = MAX_CHUNK if self.keeps_logits else int(
+            np.clip(LOGITS_BUDGET_BYTES // (4 * self.vocab), 64, MAX_CHUNK))
         self.binding: Any = None
         self.buffers: list[Any] = []
         self._host: list[np.ndarray] = []
@@ -92,16 +108,20 @@ class OrtEngine(CachedEngine):
         self.forget()
         log.debug("KV cache: %d x %s %s on %s", len(self.buffers), shape, folder.kv_dtype, location)
 
-    def _run(self, input_ids: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """One session run; row b holds `valid[b]` tokens afterwards. Returns logits [batch, seq, vocab]."""
+    def _run(self, input_ids: np.ndarray, valid: np.ndarray, keep: int) -> np.ndarray:
+        """One session run; row b holds `valid[b]` tokens afterwards. Returns the logits of the last
+        `keep` positions [batch, keep, vocab] (of every position when the graph cannot choose)."""
         batch, seq = input_ids.shape
         width = int(valid.max())
         if width > self.capacity:
             raise RuntimeError(f"KV cache of {self.capacity} tokens cannot hold {width}")  # a bug, not user error
         mask = (np.arange(width)[None, :] < valid[:, None]).astype(np.int64)
-        logits = np.empty((batch, seq, self.vocab), dtype=np.float32)
+        keep = min(keep, seq) if self.keeps_logits else seq
+        logits = np.empty((batch, keep, self.vocab), dtype=np.float32)
         self.binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         self.binding.bind_cpu_input("attention_mask", mask)
+        if self.keeps_logits:
+            self.binding.bind_cpu_input(LOGITS_TO_KEEP, np.array(keep, dtype=np.int64))
         self.binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         self.session.run_with_iobinding(self.binding)
         return logits
@@ -113,7 +133,7 @@ class OrtEngine(CachedEngine):
         ids = np.asarray(tokens, dtype=np.int64)
         logits = None
         for start, end in self._chunks(past, past + len(ids)):
-            logits = self._run(ids[None, start - past:end - past], np.array([end]))
+            logits = self._run(ids[None, start - past:end - past], np.array([end]), keep=1)
         assert logits is not None
         return logits[0, -1]
 
@@ -141,11 +161,12 @@ class OrtEngine(CachedEngine):
         for b, row in enumerate(rows):
             ids[b, : len(row)] = row
         valid = np.asarray(pasts) + lengths
+        keep = seq - int(lengths.min()) + 1  # from the shortest row's last token to the end
         try:
-            logits = self._run(ids, valid)
+            logits = self._run(ids, valid, keep)
         finally:
             self.forget()  # the batch-1 prefix bookkeeping does not describe batched buffers
-        return logits[np.arange(len(rows)), lengths - 1]
+        return logits[np.arange(len(rows)), lengths - 1 - (seq - logits.shape[1])]
 
     def close(self) -> None:
         """Free the KV buffers and the session."""
