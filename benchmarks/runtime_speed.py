@@ -144,7 +144,7 @@ def main() -> None:
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "bytes_read_per_token": per_token,
               "memory_bandwidth_gbps": bandwidth, "decode_ceiling_tokens_per_second": ceiling,
               "median": summary, "runs": results}
-    print(f"bandwidth ceiling: {per_token / 1e6:.0f} MB per token at {bandwidth:.1f} GB/s (numpy copy probe) "
+    print(f"bandwidth ceiling: {per_token / 1e6:.0f} MB per token at {bandwidth:.1f} GB/s (numpy copy/read probe) "
           f"= {ceiling:.1f} tok/s")
     print(f"{'runner':<62} {'prompt tok/s':>12} {'TTFT ms':>8} {'decode tok/s':>12} {'of ceiling':>10}")
     for name, row in summary.items():
