@@ -19,8 +19,10 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 INPUT = "logits_to_keep"
-#: Ops that may sit between the LM head's projection and the `logits` output (bias, fp16 → fp32).
-_PASS_THROUGH = {"Cast", "Add"}
+#: Element-wise ops that may sit between the LM head's projection and the `logits` output (bias,
+#: fp16 → fp32, Phi-3-small's muP division and its mask of unused ids). With constant other inputs
+#: they act on each position alone, so they commute with dropping positions before the head.
+_PASS_THROUGH = {"Cast", "Add", "Sub", "Mul", "Div", "Where"}
 _PROJECTIONS = {"MatMul", "MatMulNBits"}
 
 
@@ -35,10 +37,13 @@ def add_logits_to_keep(path: Path) -> bytes | None:
     graph = model.graph
     if any(i.name == INPUT for i in graph.input):
         return None
-    producer = {out: node for node in graph.node for out in node.output}
+    producer = {out: node for node in graph.node for out in node.output if node.op_type != "Constant"}
+    constant = {init.name for init in graph.initializer} | {""} | {
+        out for node in graph.node if node.op_type == "Constant" for out in node.output}
     head = producer.get("logits")
     while head is not None and head.op_type in _PASS_THROUGH:
-        head = producer.get(head.input[0])
+        computed = [name for name in head.input if name not in constant]
+        head = producer.get(computed[0]) if len(computed) == 1 else None
     if head is None or head.op_type not in _PROJECTIONS:
         log.debug("logits are not produced by a MatMul LM head; the ort backend computes every position")
         return None

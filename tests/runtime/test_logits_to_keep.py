@@ -64,10 +64,19 @@ def test_ort_backend_uses_it_and_the_export_is_untouched(make_export):
 
 
 def test_graph_without_a_matmul_head_is_left_alone(tmp_path):
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
-    node = helper.make_node("Identity", ["x"], ["logits"])
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 2, 3])])
-    onnx.save(helper.make_model(graph), tmp_path / "model.onnx")
-    assert add_logits_to_keep(tmp_path / "model.onnx") is None
+    def head_graph(*nodes) -> bytes | None:
+        value = helper.make_tensor_value_info
+        graph = helper.make_graph(
+            list(nodes), "g", [value("x", TensorProto.FLOAT, [1, 2, 3]), value("m", TensorProto.FLOAT, [1, 2, 4])],
+            [value("logits", TensorProto.FLOAT, [1, 2, 4])],
+            [numpy_helper.from_array(np.ones((3, 4), np.float32), "w")])
+        onnx.save(helper.make_model(graph), tmp_path / "model.onnx")
+        return add_logits_to_keep(tmp_path / "model.onnx")
+
+    assert head_graph(helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Cast", ["y"], ["logits"], to=1))
+    # Not a projection, or a per-position graph input mixed into the logits: every position is kept.
+    assert head_graph(helper.make_node("Identity", ["m"], ["logits"])) is None
+    assert head_graph(helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Mul", ["y", "m"], ["logits"])) \
+        is None
