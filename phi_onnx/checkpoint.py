@@ -103,9 +103,11 @@ def file_sha256(path: Path) -> str:
 
 
 def _feed(digest: Any, path: Path) -> None:
+    buffer = bytearray(1024 * 1024)  # one small reused buffer: hashing runs beside the export's writers
+    view = memoryview(buffer)
     with path.open("rb") as handle:
-        while chunk := handle.read(16 * 1024 * 1024):
-            digest.update(chunk)
+        while read := handle.readinto(buffer):
+            digest.update(view[:read])
 
 
 def _weight_files(folder: Path) -> list[Path]:

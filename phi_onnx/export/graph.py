@@ -20,6 +20,36 @@ OPSETS = {"": 21, MS_DOMAIN: 1}
 Value = ir.Value
 
 
+class StackedTensor(ir.LazyTensor):
+    """A lazy tensor of equal-shaped parts stacked along axis 0, whose `tofile` writes one part at a time.
+
+    onnx-ir writes external data through `tofile` when a tensor has it; anything that asks for the
+    whole array (`numpy()`, `tobytes()`) still gets it, stacked.
+    """
+
+    def __init__(self, parts: Sequence[Callable[[], np.ndarray]], dtype: ir.DataType, shape: Sequence[int],
+                 np_dtype: Any, *, name: str) -> None:
+        self.parts = list(parts)
+        self.np_dtype = np.dtype(np_dtype)
+        self.part_shape = tuple(shape[1:])
+        if len(self.parts) != shape[0]:
+            raise ValueError(f"{name}: {len(self.parts)} parts for a first dimension of {shape[0]}")
+        super().__init__(lambda: ir.Tensor(np.stack([self.part(i) for i in range(len(self.parts))]), name=name),
+                         dtype=dtype, shape=ir.Shape(shape), name=name)
+
+    def part(self, index: int) -> np.ndarray:
+        """Part `index`, loaded, cast and shape-checked."""
+        array = np.ascontiguousarray(self.parts[index](), dtype=self.np_dtype)
+        if array.shape != self.part_shape:
+            raise ValueError(f"{self.name}[{index}]: expected shape {self.part_shape}, loaded {array.shape}")
+        return array
+
+    def tofile(self, file: Any) -> None:
+        """Write the parts one after another (the layout of the stacked array)."""
+        for index in range(len(self.parts)):
+            self.part(index).tofile(file)
+
+
 class GraphBuilder:
     """Collects nodes, initializers, inputs and outputs under hierarchical names.
 
@@ -104,6 +134,15 @@ class GraphBuilder:
         value = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape), const_value=lazy)
         if register:
             self.initializers.append(value)
+        return value
+
+    def stacked_weight(self, name: str, dtype: ir.DataType, shape: Sequence[int],
+                       parts: Sequence[Callable[[], np.ndarray]], np_dtype: Any) -> Value:
+        """An initializer made of `parts` stacked along a new first axis (e.g. one per expert),
+        written part by part, so saving never holds more than one part in memory."""
+        value = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape),
+                         const_value=StackedTensor(parts, dtype, shape, np_dtype, name=name))
+        self.initializers.append(value)
         return value
 
     def add_initializer(self, value: Value) -> None:
