@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,22 @@ class OnnxLM:
                      for name, value in results.items() if name.startswith("present")}
         self.length += ids.shape[1]
         return results["logits"]
+
+
+def prompt_then_decode(folder: Path, ids: np.ndarray, prompt_len: int) -> np.ndarray:
+    """Logits for every position: one prefill of `prompt_len` tokens, then one token at a time."""
+    lm = OnnxLM(folder)
+    chunks = [lm(ids[:, :prompt_len])]
+    chunks += [lm(ids[:, t:t + 1]) for t in range(prompt_len, ids.shape[1])]
+    return np.concatenate(chunks, axis=1)
+
+
+def op_counts(folder: Path) -> Counter:
+    """How many nodes of each op type model.onnx has."""
+    import onnx
+
+    model = onnx.load(folder / "model.onnx", load_external_data=False)
+    return Counter(n.op_type for n in model.graph.node)
 
 
 def random_ids(n: int, seed: int = 0, low: int = 10, high: int = 990) -> np.ndarray:

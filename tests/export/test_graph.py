@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import OnnxLM, random_ids
-
-
-def op_counts(folder) -> Counter:
-    model = onnx.load(folder / "model.onnx", load_external_data=False)
-    return Counter(n.op_type for n in model.graph.node)
+from helpers import OnnxLM, op_counts, random_ids
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int4"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import OnnxLM, random_ids
+from helpers import OnnxLM, prompt_then_decode, random_ids
 
 TOL = 1e-4
 
@@ -14,13 +14,6 @@ def reference_logits(model, ids: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(torch.from_numpy(ids)).logits.numpy()
 
-
-def prompt_then_decode(folder, ids: np.ndarray, prompt_len: int) -> np.ndarray:
-    """Logits for every position: one prefill of `prompt_len` tokens, then one token at a time."""
-    lm = OnnxLM(folder)
-    chunks = [lm(ids[:, :prompt_len])]
-    chunks += [lm(ids[:, t:t + 1]) for t in range(prompt_len, ids.shape[1])]
-    return np.concatenate(chunks, axis=1)
 
 
 @pytest.mark.parametrize("name", ["phi3-mha", "phi3-gqa", "phi4mini", "phi3-rot24"])

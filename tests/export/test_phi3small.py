@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import OnnxLM, random_ids
+from helpers import OnnxLM, prompt_then_decode, random_ids
 from phi3small_reference import block_sparse_mask, forward, random_weights
 
 from phi_onnx.config import parse_config
@@ -137,12 +137,6 @@ def exported(tmp_path_factory: pytest.TempPathFactory, checkpoint):
 
     return make
 
-
-def prompt_then_decode(folder: Path, ids: np.ndarray, prompt_len: int) -> np.ndarray:
-    lm = OnnxLM(folder)
-    chunks = [lm(ids[:, :prompt_len])]
-    chunks += [lm(ids[:, t:t + 1]) for t in range(prompt_len, ids.shape[1])]
-    return np.concatenate(chunks, axis=1)
 
 
 def real(cfg: dict[str, Any]) -> np.ndarray:

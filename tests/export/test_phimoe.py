@@ -17,7 +17,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import OnnxLM, cached_exports, random_ids, save_tiny_checkpoint
+from helpers import OnnxLM, cached_exports, op_counts, prompt_then_decode, random_ids, save_tiny_checkpoint
 
 from phi_onnx.config import parse_config
 from phi_onnx.export import ExportOptions, export
@@ -113,15 +113,6 @@ def logits_of(model, ids: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(ids)).logits.numpy()
 
 
-def prompt_then_decode(folder: Path, ids: np.ndarray, prompt_len: int) -> np.ndarray:
-    lm = OnnxLM(folder)
-    chunks = [lm(ids[:, :prompt_len])] + [lm(ids[:, t:t + 1]) for t in range(prompt_len, ids.shape[1])]
-    return np.concatenate(chunks, axis=1)
-
-
-def op_counts(folder: Path) -> Counter:
-    model = onnx.load(folder / "model.onnx", load_external_data=False)
-    return Counter(n.op_type for n in model.graph.node)
 
 
 # -- the sparse mixer --------------------------------------------------------------------------
