@@ -13,12 +13,8 @@ from phi_onnx.models import find_known_model, known_names
 
 log = logging.getLogger(__name__)
 
-# Only data files: weights as safetensors, configs, tokenizer. Never pickles, never Python code.
-HUB_ALLOW_PATTERNS = [
-    "*.safetensors",
-    "*.safetensors.index.json",
-    "config.json",
-    "generation_config.json",
+#: Tokenizer, chat template and generation settings: what an export copies next to its model.
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "tokenizer.model",
@@ -26,6 +22,14 @@ HUB_ALLOW_PATTERNS = [
     "added_tokens.json",
     "chat_template.jinja",
     "chat_template.json",
+    "generation_config.json",
+)
+# Only data files: weights as safetensors, configs, tokenizer. Never pickles, never Python code.
+HUB_ALLOW_PATTERNS = [
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "config.json",
+    *TOKENIZER_FILES,
     "vocab.json",
     "merges.txt",
     "cl100k_base.tiktoken",  # Phi-3-small's tokenizer ranks, converted to tokenizer.json on export

@@ -27,21 +27,11 @@ from phi_onnx.export.genai_config import genai_config
 from phi_onnx.export.options import ExportOptions
 from phi_onnx.export.registry import builder_for
 from phi_onnx.models import find_known_model
-from phi_onnx.source import ResolvedSource, resolve_source
+from phi_onnx.source import TOKENIZER_FILES, ResolvedSource, resolve_source
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "phi_onnx.json"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
 #: Copied too so other runtimes can read the model's shapes: Hugging Face Optimum's ORTModelForCausalLM
 #: refuses a folder without config.json (see the README's "Optimum" section).
 INTEROP_FILES = ("config.json",)
