@@ -45,18 +45,27 @@ class OrtEngine(CachedEngine):
         super().__init__(folder.long_context_threshold)
         self.folder = folder
         self.device = device
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
+        def options() -> Any:
+            made = ort.SessionOptions()
+            if threads:
+                made.intra_op_num_threads = threads
+            return made
+
+        self.session: Any = None
         try:
             graph = add_logits_to_keep(folder.model_path)
-            if graph is None:
-                model: bytes | str = str(folder.model_path)
-            else:
-                model = graph
-                options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                                 str(folder.path))
-            self.session = ort.InferenceSession(model, options, providers=device.ort_providers())
+            if graph is not None:
+                rewritten = options()
+                # The copy is loaded from memory; its weights stay in the folder's external data.
+                rewritten.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                                   str(folder.path))
+                try:
+                    self.session = ort.InferenceSession(graph, rewritten, providers=device.ort_providers())
+                except Exception as error:  # e.g. an onnxruntime without that config entry
+                    log.debug("the graph with logits_to_keep did not load (%s); using model.onnx as written", error)
+            if self.session is None:
+                self.session = ort.InferenceSession(str(folder.model_path), options(),
+                                                    providers=device.ort_providers())
         except Exception as error:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
             raise ModelFolderError(f"ONNX Runtime could not load {folder.model_path}: {error}",
                                    hint=REEXPORT_HINT) from error

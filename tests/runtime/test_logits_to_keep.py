@@ -63,6 +63,19 @@ def test_ort_backend_uses_it_and_the_export_is_untouched(make_export):
     assert INPUT not in {i.name for i in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.input}
 
 
+def test_falls_back_to_the_file_when_the_copy_cannot_load(make_export, monkeypatch):
+    import phi_onnx.runtime.ort_backend as ort_backend
+
+    monkeypatch.setattr(ort_backend, "add_logits_to_keep", lambda path: b"not an onnx model")
+    folder = make_export("phi3-mha")
+    model = phi_onnx.load(folder, backend="ort", device="cpu")
+    try:
+        assert not model.engine.keeps_logits
+        assert model.generate(random_ids(10, seed=6)[0].tolist(), max_new_tokens=3).new_tokens >= 1
+    finally:
+        model.close()
+
+
 def test_graph_without_a_matmul_head_is_left_alone(tmp_path):
     from onnx import TensorProto, helper, numpy_helper
 
