@@ -194,39 +194,42 @@ class PhimoeBuilder(DecoderBuilder):
     def _int4_experts(self, prefix: str, fc: str) -> tuple[Value, Value, Value | None]:
         """QMoE's (weights, scales, zero points) for fc1 or fc2, in MatMulNBits' blocks per expert row.
 
-        Experts are quantized one at a time (a real fc1 in fp32 is 3.4 GB for all 16 at once) and
-        the result is kept only until each part has been written.
+        Each part is written expert by expert (a real fc1 in fp32 is 3.4 GB for all 16 at once). An
+        expert is quantized once, when the first part needs it, and dropped when every part has
+        written it.
         """
         g, opts, io = self.g, self.options, self.w.io_dtype
         experts, n, k = self._fc_shape(fc)
         blocks = k // opts.block_size
         loads = self._expert_loaders(prefix, fc)
         parts = 2 if opts.symmetric else 3
-        lock = threading.Lock()
-        cache: list[Int4Weight] = []
-        left = 0
+        lock = threading.Lock()  # the parts are written by two threads
+        cache: dict[int, Int4Weight] = {}
+        reads: dict[int, int] = {}
 
-        def quantized() -> list[Int4Weight]:
-            nonlocal left
-            with lock:  # the weights are written by two threads
-                if left == 0:
-                    cache[:] = [quantize_int4(load(), opts.block_size, opts.symmetric) for load in loads]
-                    left = parts
-                left -= 1
-                result = list(cache)
-                if left == 0:
-                    cache.clear()  # a later save quantizes again
-                return result
+        def expert(e: int) -> Int4Weight:
+            with lock:
+                if e not in cache:
+                    cache[e] = quantize_int4(loads[e](), opts.block_size, opts.symmetric)
+                    reads[e] = 0
+                quantized = cache[e]
+                reads[e] += 1
+                if reads[e] == parts:
+                    del cache[e]  # a later save quantizes again
+                return quantized
+
+        def per_expert(select: Callable[[Int4Weight], np.ndarray]) -> list[Callable[[], np.ndarray]]:
+            return [lambda e=e: select(expert(e)) for e in range(experts)]
 
         key = f"{prefix}experts.{fc}"
-        packed = g.weight(f"{key}.weight_q4", ir.DataType.UINT8, (experts, n, k // 2),
-                          lambda: np.stack([q.packed.reshape(n, k // 2) for q in quantized()]))
-        scales = g.weight(f"{key}.weight_scales", io, (experts, n, blocks),
-                          lambda: np.stack([q.scales.reshape(n, blocks) for q in quantized()]).astype(self.w.np_dtype))
+        packed = g.stacked_weight(f"{key}.weight_q4", ir.DataType.UINT8, (experts, n, k // 2),
+                                  per_expert(lambda q: q.packed.reshape(n, k // 2)), np.uint8)
+        scales = g.stacked_weight(f"{key}.weight_scales", io, (experts, n, blocks),
+                                  per_expert(lambda q: q.scales.reshape(n, blocks)), self.w.np_dtype)
         zero_points = None
         if not opts.symmetric:
             zp_width = (blocks + 1) // 2
-            zero_points = g.weight(f"{key}.weight_zp", ir.DataType.UINT8, (experts, n, zp_width),
-                                   lambda: np.stack([q.zero_points.reshape(n, zp_width)  # type: ignore[union-attr]
-                                                     for q in quantized()]))
+            zero_points = g.stacked_weight(f"{key}.weight_zp", ir.DataType.UINT8, (experts, n, zp_width),
+                                           per_expert(lambda q: q.zero_points.reshape(n, zp_width)),  # type: ignore[union-attr]
+                                           np.uint8)
         return packed, scales, zero_points
