@@ -215,15 +215,7 @@ def read_settings(cfg: ModelConfig) -> Phi3SmallSettings:
     emb = raw.get("mup_embedding_multiplier", 10.0)
     width = raw.get("mup_width_multiplier", 8.0)
     limit = raw.get("gegelu_limit", 20.0)
-    scaling = raw.get("rope_scaling") if isinstance(raw.get("rope_scaling"), dict) else {}
-    short_mscale = float(scaling.get("short_mscale") or -1)
-    long_mscale = float(scaling.get("long_mscale") or -1)
-    if scaling:
-        original = _original_context(raw)
-        ratio = cfg.max_position_embeddings / original
-        default_long = 1.0 if ratio <= 1.0 else math.sqrt(1 + math.log(ratio) / math.log(original))
-        short_mscale = short_mscale if short_mscale > 0 else 1.0
-        long_mscale = long_mscale if long_mscale > 0 else default_long
+    short_mscale, long_mscale = _mscales(cfg)
     dummies = raw.get("dummy_token_indices")
     if dummies is None:
         dummies = DUMMY_TOKEN_IDS if cfg.vocab_size == VOCAB_SIZE else ()
@@ -239,8 +231,22 @@ def read_settings(cfg: ModelConfig) -> Phi3SmallSettings:
         width_multiplier=float(width) if width else None,
         gegelu_limit=float(limit) if limit is not None else None,
         position_scale=float(_number(raw, "rope_position_scale", 1.0)),
-        short_mscale=short_mscale if scaling else 1.0, long_mscale=long_mscale if scaling else 1.0,
+        short_mscale=short_mscale, long_mscale=long_mscale,
         dummy_token_ids=dummies)
+
+
+def _mscales(cfg: ModelConfig) -> tuple[float, float]:
+    """LongRoPE's cos/sin factors (short, long) by the hub's rule; (1, 1) without rope_scaling."""
+    raw = cfg.raw
+    scaling = raw.get("rope_scaling") if isinstance(raw.get("rope_scaling"), dict) else {}
+    if not scaling:
+        return 1.0, 1.0
+    short_mscale = float(scaling.get("short_mscale") or -1)
+    long_mscale = float(scaling.get("long_mscale") or -1)
+    original = _original_context(raw)
+    ratio = cfg.max_position_embeddings / original
+    default_long = 1.0 if ratio <= 1.0 else math.sqrt(1 + math.log(ratio) / math.log(original))
+    return (short_mscale if short_mscale > 0 else 1.0), (long_mscale if long_mscale > 0 else default_long)
 
 
 def _original_context(raw: dict[str, Any]) -> int:
@@ -270,8 +276,11 @@ def model_config(cfg: ModelConfig) -> ModelConfig:
             raise CheckpointError(
                 f"LongRoPE factor lists have lengths {len(short)} (short) and {len(long)} (long); "
                 f"head_dim {head_dim} needs {head_dim // 2} each.", hint="The config's rope_scaling is inconsistent.")
+        # The hub scales cos/sin by short_mscale or long_mscale: the shared rotary's two attention factors.
+        short_mscale, long_mscale = _mscales(cfg)
         rope = RopeConfig(theta=theta, rotary_dim=head_dim, kind="longrope", short_factor=short, long_factor=long,
-                          original_max_position_embeddings=_original_context(raw))
+                          original_max_position_embeddings=_original_context(raw), attention_factor=short_mscale,
+                          long_attention_factor=long_mscale)
     return dataclasses.replace(
         cfg, head_dim=head_dim, rope=rope, sliding_window=None, intermediate_size=intermediate_size(raw),
         norm_eps=float(_number(raw, "layer_norm_epsilon", 1e-5)), hidden_act="gegelu",
@@ -323,8 +332,8 @@ class Phi3SmallBuilder(DecoderBuilder):
         """The shared attention inputs with the hub's rotary semantics.
 
         `attention_inputs` (layers.py) already picks LongRoPE's factors per forward the way the hub
-        does; the hub then scales cos/sin by short_mscale or long_mscale (its own rule, not
-        transformers' single attention factor), and without LongRoPE multiplies positions by
+        does, and scales cos/sin by short_mscale or long_mscale (`model_config` sets them as the
+        rope's two attention factors). Without LongRoPE the hub multiplies positions by
         rope_position_scale (no released config does; the layers.py tables are then left unused).
         """
         if self._inputs is not None:
@@ -332,14 +341,7 @@ class Phi3SmallBuilder(DecoderBuilder):
         g, cfg, s = self.g, self.cfg, self.settings
         cos, sin = attn.cos, attn.sin
         with g.scope("rotary_emb"):
-            if cfg.rope.kind == "longrope" and (s.long_mscale != 1.0 or s.short_mscale != 1.0):
-                is_long = g.op("Greater", self.total_length64(),
-                               g.const(cfg.rope.original_max_position_embeddings, np.int64))
-                mscale = g.op("Where", is_long, g.const(s.long_mscale, np.float32), g.const(s.short_mscale, np.float32))
-                if self.w.io_dtype != ir.DataType.FLOAT:
-                    mscale = g.op("Cast", mscale, to=self.w.io_dtype)
-                cos, sin = g.op("Mul", cos, mscale), g.op("Mul", sin, mscale)
-            elif cfg.rope.kind != "longrope" and s.position_scale != 1.0:
+            if cfg.rope.kind != "longrope" and s.position_scale != 1.0:
                 steps = g.op("Cast", g.op("Range", g.const(0, np.int64), self.total_length64(), g.const(1, np.int64)),
                              to=ir.DataType.FLOAT)
                 steps = g.op("Mul", steps, g.const(s.position_scale, np.float32))
