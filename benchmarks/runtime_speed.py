@@ -96,6 +96,8 @@ def main() -> None:
     parser.add_argument("folder", type=Path)
     parser.add_argument("--rounds", type=int, default=3, help="processes per runner, alternating runners")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per process, after one warm-up run")
+    parser.add_argument("--only", action="append", default=[], metavar="TEXT",
+                        help="run only the runners whose name contains TEXT (repeatable)")
     parser.add_argument("--knobs", action="store_true",
                         help="also run the ort backend with the LM head on every prompt position")
     parser.add_argument("--prompt-tokens", type=int, default=128)
@@ -126,6 +128,10 @@ def main() -> None:
             copy.mkdir()
             runners[f"onnxruntime-genai raw on {other.name}, intra_op_num_threads=2"] = [
                 sys.executable, "-c", RAW_GENAI, str(genai_copy(other.resolve(), 2, copy)), p, n, r]
+        if args.only:
+            runners = {name: cmd for name, cmd in runners.items() if any(text in name for text in args.only)}
+            if not runners:
+                parser.error(f"no runner name contains any of {args.only}")
         results: dict[str, list[dict[str, Any]]] = {name: [] for name in runners}
         for round_ in range(args.rounds):
             for name, cmd in runners.items():
