@@ -59,6 +59,33 @@ def op_counts(folder: Path) -> Counter:
     return Counter(n.op_type for n in model.graph.node)
 
 
+def genai_greedy(folder: Path, prompt: np.ndarray, new_tokens: int) -> list[int]:
+    """onnxruntime-genai's greedy continuation of `prompt` [1, n], exactly `new_tokens` long."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    total = prompt.shape[1] + new_tokens
+    params.set_search_options(do_sample=False, max_length=total, min_length=total)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    out: list[int] = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        out.append(int(generator.get_next_tokens()[0]))
+    return out
+
+
+def transformers_greedy(model: Any, prompt: np.ndarray, new_tokens: int, **kwargs: Any) -> list[int]:
+    """transformers' greedy continuation, EOS suppressed so every run has `new_tokens` tokens."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.from_numpy(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, **kwargs)
+    return out[0, prompt.shape[1]:].tolist()
+
+
 def random_ids(n: int, seed: int = 0, low: int = 10, high: int = 990) -> np.ndarray:
     """A [1, n] int64 prompt of random token ids."""
     return np.random.default_rng(seed).integers(low, high, size=(1, n), dtype=np.int64)

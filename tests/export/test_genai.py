@@ -4,35 +4,12 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-import torch
-from helpers import random_ids
+from helpers import genai_greedy, random_ids, transformers_greedy
 
 og = pytest.importorskip("onnxruntime_genai")
 
 NEW_TOKENS = 32
-
-
-def genai_greedy(folder, prompt: np.ndarray, new_tokens: int) -> list[int]:
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    total = prompt.shape[1] + new_tokens
-    params.set_search_options(do_sample=False, max_length=total, min_length=total)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
-    out: list[int] = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        out.append(int(generator.get_next_tokens()[0]))
-    return out
-
-
-def transformers_greedy(model, prompt: np.ndarray, new_tokens: int) -> list[int]:
-    with torch.no_grad():
-        ids = model.generate(torch.from_numpy(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False)
-    return ids[0, prompt.shape[1]:].tolist()
 
 
 @pytest.mark.parametrize("name", ["phi3-mha", "phi3-gqa", "phi4mini", "phi3-rot24", "phi3-window"])

@@ -13,7 +13,16 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import OnnxLM, cached_exports, op_counts, prompt_then_decode, random_ids, save_tiny_checkpoint
+from helpers import (
+    OnnxLM,
+    cached_exports,
+    genai_greedy,
+    op_counts,
+    prompt_then_decode,
+    random_ids,
+    save_tiny_checkpoint,
+    transformers_greedy,
+)
 
 from phi_onnx.quantize import dequantize_int4, quantize_int4
 
@@ -138,26 +147,13 @@ def test_genai_config(phi2_export):
 
 
 def test_genai_greedy_equals_transformers(phi2_checkpoint, phi2_export):
-    og = pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("onnxruntime_genai")
     from transformers import AutoModelForCausalLM
 
     prompt, new_tokens = random_ids(16, seed=7), 32
     model = AutoModelForCausalLM.from_pretrained(phi2_checkpoint("phi2-rot-ops"), dtype=torch.float32).eval()
-    with torch.no_grad():
-        ids = model.generate(torch.from_numpy(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False)
-    expected = ids[0, prompt.shape[1]:].tolist()
-    genai = og.Model(str(phi2_export("phi2-rot-ops")))
-    params = og.GeneratorParams(genai)
-    total = prompt.shape[1] + new_tokens
-    params.set_search_options(do_sample=False, max_length=total, min_length=total)
-    generator = og.Generator(genai, params)
-    generator.append_tokens(prompt)
-    got: list[int] = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        got.append(int(generator.get_next_tokens()[0]))
-    assert got == expected
+    expected = transformers_greedy(model, prompt, new_tokens)
+    assert genai_greedy(phi2_export("phi2-rot-ops"), prompt, new_tokens) == expected
 
 
 def fake_quantized(model, block_size: int, symmetric: bool):

@@ -17,7 +17,16 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import OnnxLM, cached_exports, op_counts, prompt_then_decode, random_ids, save_tiny_checkpoint
+from helpers import (
+    OnnxLM,
+    cached_exports,
+    genai_greedy,
+    op_counts,
+    prompt_then_decode,
+    random_ids,
+    save_tiny_checkpoint,
+    transformers_greedy,
+)
 
 from phi_onnx.config import parse_config
 from phi_onnx.export import ExportOptions, export
@@ -272,24 +281,10 @@ def test_genai_config(moe_export):
 
 @pytest.mark.parametrize("name", ["moe", "moe-plain"])
 def test_genai_greedy_equals_transformers(name, moe_checkpoint, moe_export):
-    og = pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("onnxruntime_genai")
     prompt, new_tokens = random_ids(16, seed=7), 32  # 48 tokens stay inside the original context (64)
-    model = load_reference(moe_checkpoint(name))
-    with torch.no_grad():
-        ids = model.generate(torch.from_numpy(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False)
-    expected = ids[0, prompt.shape[1]:].tolist()
-    genai = og.Model(str(moe_export(name)))
-    params = og.GeneratorParams(genai)
-    total = prompt.shape[1] + new_tokens
-    params.set_search_options(do_sample=False, max_length=total, min_length=total)
-    generator = og.Generator(genai, params)
-    generator.append_tokens(prompt)
-    got: list[int] = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        got.append(int(generator.get_next_tokens()[0]))
-    assert got == expected
+    expected = transformers_greedy(load_reference(moe_checkpoint(name)), prompt, new_tokens)
+    assert genai_greedy(moe_export(name), prompt, new_tokens) == expected
 
 
 # -- int4 ----------------------------------------------------------------------------------------

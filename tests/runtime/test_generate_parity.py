@@ -8,21 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from helpers import OnnxLM, random_ids
+from helpers import OnnxLM, random_ids, transformers_greedy
 
 import phi_onnx
 from phi_onnx.runtime.sampling import GenerationOptions, Sampler
 
 BACKENDS = ["ort", "genai"]
-
-
-def hf_greedy(model, prompt: np.ndarray, new_tokens: int, **kwargs) -> list[int]:
-    """transformers' greedy continuation, EOS suppressed so every run has `new_tokens` tokens."""
-    with torch.no_grad():
-        out = model.generate(torch.from_numpy(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, **kwargs)
-    return out[0, prompt.shape[1]:].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +35,7 @@ def loaded(make_export):
 @pytest.mark.parametrize("name", ["phi3-mha", "phi3-gqa", "phi3-rot24", "phi3-window"])
 def test_greedy_equals_transformers(name, backend, loaded, make_checkpoint, reference_model):
     prompt = random_ids(16, seed=11)  # longer than phi3-window's 8-token window
-    expected = hf_greedy(reference_model(make_checkpoint(name)), prompt, 24)
+    expected = transformers_greedy(reference_model(make_checkpoint(name)), prompt, 24)
     result = loaded(name, backend).generate(prompt[0].tolist(), max_new_tokens=24, min_new_tokens=24)
     assert result.token_ids == expected
     assert result.backend == backend and result.provider == "CPUExecutionProvider"
@@ -71,7 +62,7 @@ def test_longrope_crossing_during_decode_equals_transformers(backend, loaded, ma
     # repetition penalty (same semantics as transformers') makes each step's choice depend on the
     # rotary factors, so a stale short-factor cache shows up as different tokens.
     prompt, penalty = random_ids(50, seed=3), 10.0
-    expected = hf_greedy(reference_model(make_checkpoint("phi4mini")), prompt, 32, repetition_penalty=penalty)
+    expected = transformers_greedy(reference_model(make_checkpoint("phi4mini")), prompt, 32, repetition_penalty=penalty)
     assert naive_cached_greedy(make_export("phi4mini"), prompt, 32, penalty) != expected  # the test can fail
     model = loaded("phi4mini", backend)
     assert model.folder.long_context_threshold == 64
@@ -83,7 +74,7 @@ def test_longrope_crossing_during_decode_equals_transformers(backend, loaded, ma
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_longrope_prompt_past_original_context(backend, loaded, make_checkpoint, reference_model):
     prompt = random_ids(70, seed=5)
-    expected = hf_greedy(reference_model(make_checkpoint("phi4mini")), prompt, 8, repetition_penalty=10.0)
+    expected = transformers_greedy(reference_model(make_checkpoint("phi4mini")), prompt, 8, repetition_penalty=10.0)
     result = loaded("phi4mini", backend).generate(prompt[0].tolist(), max_new_tokens=8, min_new_tokens=8,
                                                   repetition_penalty=10.0)
     assert result.token_ids == expected
@@ -108,7 +99,7 @@ def test_batched_prompts_with_padding_equal_single_runs(loaded, make_checkpoint,
     batched = model.generate(prompts, max_new_tokens=12, min_new_tokens=12)
     reference = reference_model(make_checkpoint("phi3-gqa"))
     for prompt, result in zip(prompts, batched, strict=True):
-        assert result.token_ids == hf_greedy(reference, np.array([prompt]), 12)
+        assert result.token_ids == transformers_greedy(reference, np.array([prompt]), 12)
         assert result.prompt_tokens == len(prompt)
     assert model.engine.batch == 3  # ran as one padded batch
 
@@ -135,7 +126,7 @@ def test_batched_longrope_crossing_runs_rows_alone(loaded, make_checkpoint, refe
     results = model.generate(prompts, max_new_tokens=20, min_new_tokens=20, repetition_penalty=10.0)
     reference = reference_model(make_checkpoint("phi4mini"))
     for prompt, result in zip(prompts, results, strict=True):
-        assert result.token_ids == hf_greedy(reference, np.array([prompt]), 20, repetition_penalty=10.0)
+        assert result.token_ids == transformers_greedy(reference, np.array([prompt]), 20, repetition_penalty=10.0)
 
 
 def test_genai_backend_runs_batches_one_by_one(loaded):
@@ -154,7 +145,8 @@ def test_chunked_prefill_keeps_longrope_factors_consistent(prompt_len, new_token
     assert model.engine._chunks(0, 70) == [(0, 65), (65, 70)]
     assert model.engine._chunks(0, 40) == [(0, 16), (16, 32), (32, 40)]
     prompt = random_ids(prompt_len, seed=prompt_len)
-    expected = hf_greedy(reference_model(make_checkpoint("phi4mini")), prompt, new_tokens, repetition_penalty=10.0)
+    expected = transformers_greedy(reference_model(make_checkpoint("phi4mini")), prompt, new_tokens,
+                                   repetition_penalty=10.0)
     result = model.generate(prompt[0].tolist(), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                             repetition_penalty=10.0)
     assert result.token_ids == expected
