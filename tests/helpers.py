@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,25 @@ def op_counts(folder: Path) -> Counter:
 
     model = onnx.load(folder / "model.onnx", load_external_data=False)
     return Counter(n.op_type for n in model.graph.node)
+
+
+@contextmanager
+def loaded_models(folder_of: Callable[[str], Path]) -> Iterator[Callable[[str, str], Any]]:
+    """`get(name, backend)` → a phi_onnx Model on CPU of `folder_of(name)`, loaded once; closed on exit."""
+    import phi_onnx
+
+    cache: dict[tuple[str, str], Any] = {}
+
+    def get(name: str, backend: str) -> Any:
+        if (name, backend) not in cache:
+            cache[name, backend] = phi_onnx.load(folder_of(name), device="cpu", backend=backend)
+        return cache[name, backend]
+
+    try:
+        yield get
+    finally:
+        for model in cache.values():
+            model.close()
 
 
 def genai_greedy(folder: Path, prompt: np.ndarray, new_tokens: int) -> list[int]:

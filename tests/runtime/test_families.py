@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import loaded_models
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-import phi_onnx
 from phi_onnx.export import ExportOptions, export
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "export"))
@@ -55,16 +55,8 @@ def exported(tmp_path_factory, trained):
 
 @pytest.fixture(scope="module")
 def loaded(exported):
-    cache: dict[tuple[str, str], phi_onnx.runtime.Model] = {}
-
-    def get(name: str, backend: str):
-        if (name, backend) not in cache:
-            cache[name, backend] = phi_onnx.load(exported(name), device="cpu", backend=backend)
-        return cache[name, backend]
-
-    yield get
-    for model in cache.values():
-        model.close()
+    with loaded_models(exported) as get:
+        yield get
 
 
 def prompt_ids(folder: Path) -> list[int]:

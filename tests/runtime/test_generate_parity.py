@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import OnnxLM, random_ids, transformers_greedy
+from helpers import OnnxLM, loaded_models, random_ids, transformers_greedy
 
 import phi_onnx
 from phi_onnx.runtime.sampling import GenerationOptions, Sampler
@@ -19,16 +19,8 @@ BACKENDS = ["ort", "genai"]
 @pytest.fixture(scope="module")
 def loaded(make_export):
     """`loaded(name, backend)` → a cached phi_onnx Model."""
-    cache = {}
-
-    def get(name: str, backend: str):
-        if (name, backend) not in cache:
-            cache[name, backend] = phi_onnx.load(make_export(name), device="cpu", backend=backend)
-        return cache[name, backend]
-
-    yield get
-    for model in cache.values():
-        model.close()
+    with loaded_models(make_export) as get:
+        yield get
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
