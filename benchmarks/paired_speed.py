@@ -16,49 +16,10 @@ import json
 import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-import phi_onnx
-
-
-def genai_runner(folder: Path, prompt: list[int], new: int) -> Callable[[], tuple[float, float]]:
-    """One greedy generation with raw onnxruntime-genai: (prompt tok/s, decode tok/s)."""
-    import onnxruntime_genai as og
-
-    model = og.Model(str(folder))
-
-    def run() -> tuple[float, float]:
-        params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=len(prompt) + new, min_length=len(prompt) + new)
-        generator = og.Generator(model, params)
-        started = time.perf_counter()
-        generator.append_tokens(np.asarray([prompt], dtype=np.int32))
-        generator.generate_next_token()
-        first = time.perf_counter()
-        while not generator.is_done():
-            generator.generate_next_token()
-        end = time.perf_counter()
-        return len(prompt) / (first - started), (new - 1) / (end - first)
-
-    return run
-
-
-def ort_runner(folder: Path, prompt: list[int], new: int) -> Callable[[], tuple[float, float]]:
-    """One greedy generation with phi-onnx's ort backend: (prompt tok/s, decode tok/s)."""
-    model = phi_onnx.load(folder, backend="ort", device="cpu")
-
-    def run() -> tuple[float, float]:
-        model.engine.forget()  # the same prompt again must not be served from the cache
-        result = model.generate(prompt, max_new_tokens=new, min_new_tokens=new)
-        first = result.first_token_seconds
-        return len(prompt) / first, (new - 1) / (result.seconds - first)
-
-    return run
 
 
 def main() -> None:
@@ -72,32 +33,34 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
     from runtime_speed import genai_copy
+    from speed_runners import genai_runner, phi_onnx_runner
 
     folder = args.folder.resolve()
-    prompt = list(range(100, 100 + args.prompt_tokens))
     with tempfile.TemporaryDirectory() as tmp:
         runners = {
-            "onnxruntime-genai, intra_op_num_threads=2": genai_runner(genai_copy(folder, 2, Path(tmp)), prompt,
-                                                                       args.new_tokens),
-            "phi-onnx ort backend": ort_runner(folder, prompt, args.new_tokens),
+            "onnxruntime-genai, intra_op_num_threads=2": genai_runner(genai_copy(folder, 2, Path(tmp)),
+                                                                       args.prompt_tokens, args.new_tokens),
+            "phi-onnx ort backend": phi_onnx_runner(folder, "ort", args.prompt_tokens, args.new_tokens),
         }
-        results: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
+        results: dict[str, list[dict[str, float]]] = {name: [] for name in runners}
         for pair in range(args.pairs + 1):
             for name, run in runners.items():
                 figures = run()
                 if pair:  # the first pair warms up
                     results[name].append(figures)
             if pair:
-                print(f"pair {pair}: " + ", ".join(f"{n}: {r[-1][0]:.1f} / {r[-1][1]:.2f}" for n, r in results.items()),
-                      file=sys.stderr)
+                print(f"pair {pair}: " + ", ".join(
+                    f"{n}: {r[-1]['prompt_tokens_per_second']:.1f} / {r[-1]['decode_tokens_per_second']:.2f}"
+                    for n, r in results.items()), file=sys.stderr)
     genai, ours = results.values()
     report: dict[str, Any] = {"folder": str(folder), "pairs": args.pairs, "prompt_tokens": args.prompt_tokens,
                               "new_tokens": args.new_tokens, "median": {}, "runs": results}
     for name, runs in results.items():
-        report["median"][name] = {"prompt_tokens_per_second": statistics.median(r[0] for r in runs),
-                                  "decode_tokens_per_second": statistics.median(r[1] for r in runs)}
-    for index, key in ((0, "prompt"), (1, "decode")):
-        ratios = sorted(b[index] / a[index] for a, b in zip(genai, ours, strict=True))
+        report["median"][name] = {key: statistics.median(r[key] for r in runs)
+                                  for key in ("prompt_tokens_per_second", "decode_tokens_per_second")}
+    for key in ("prompt", "decode"):
+        rate = f"{key}_tokens_per_second"
+        ratios = sorted(b[rate] / a[rate] for a, b in zip(genai, ours, strict=True))
         report[f"{key}_ratio_ort_over_genai"] = {"median": statistics.median(ratios),
                                                  "quartiles": [float(np.percentile(ratios, 25)),
                                                                float(np.percentile(ratios, 75))]}

@@ -23,49 +23,8 @@ from typing import Any
 from phi_onnx.runtime.bench import measure_bandwidth_gbps
 from phi_onnx.runtime.folder import read_folder
 
-RAW_GENAI = r'''
-import json, sys, time
-import numpy as np
-import onnxruntime_genai as og
-folder, prompt_len, new, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-model = og.Model(folder)
-prompt = np.arange(100, 100 + prompt_len, dtype=np.int32)[None]
-out = []
-for i in range(runs + 1):  # the first run warms up
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=prompt_len + new, min_length=prompt_len + new)
-    gen = og.Generator(model, params)
-    t0 = time.perf_counter()
-    gen.append_tokens(prompt)
-    gen.generate_next_token()
-    t1 = time.perf_counter()
-    while not gen.is_done():
-        gen.generate_next_token()
-    t2 = time.perf_counter()
-    del gen
-    out.append({"first_token_seconds": t1 - t0, "decode_tokens_per_second": (new - 1) / (t2 - t1),
-                "prompt_tokens_per_second": prompt_len / (t1 - t0)})
-print(json.dumps(out[1:]))
-'''
-
-PHI_ONNX = r'''
-import json, sys, time
-import phi_onnx
-folder, backend, prompt_len, new, runs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-if len(sys.argv) > 6 and sys.argv[6] == "all-logits":  # the knob off: the LM head on every prompt position
-    import phi_onnx.runtime.ort_backend as ort_backend
-    ort_backend.add_logits_to_keep = lambda path: None
-model = phi_onnx.load(folder, backend=backend, device="cpu")
-prompt = list(range(100, 100 + prompt_len))
-out = []
-for i in range(runs + 1):  # the first run warms up
-    model.engine.forget()
-    result = model.generate(prompt, max_new_tokens=new, min_new_tokens=new)
-    first = result.first_token_seconds
-    out.append({"first_token_seconds": first, "prompt_tokens_per_second": prompt_len / first,
-                "decode_tokens_per_second": (new - 1) / (result.seconds - first)})
-print(json.dumps(out[1:]))
-'''
+#: Times one runner in a fresh process (one warm-up run, then the timed ones).
+RUNNERS = str(Path(__file__).with_name("speed_runners.py"))
 
 
 def genai_copy(folder: Path, threads: int | None, work: Path) -> Path:
@@ -113,21 +72,21 @@ def main() -> None:
         work = Path(tmp)
         p, n, r = str(args.prompt_tokens), str(args.new_tokens), str(args.runs)
         runners: dict[str, list[str]] = {
-            "phi-onnx ort backend": [sys.executable, "-c", PHI_ONNX, str(folder), "ort", p, n, r],
-            "phi-onnx genai backend (genai_config as exported)": [sys.executable, "-c", PHI_ONNX, str(folder),
-                                                                  "genai", p, n, r],
+            "phi-onnx ort backend": [sys.executable, RUNNERS, "phi-onnx", str(folder), p, n, r, "ort"],
+            "phi-onnx genai backend (genai_config as exported)": [sys.executable, RUNNERS, "phi-onnx", str(folder),
+                                                                  p, n, r, "genai"],
         }
         if args.knobs:
             runners["phi-onnx ort backend, LM head on every position"] = [
-                sys.executable, "-c", PHI_ONNX, str(folder), "ort", p, n, r, "all-logits"]
+                sys.executable, RUNNERS, "phi-onnx", str(folder), p, n, r, "ort", "all-logits"]
         for threads in (None, 2):
             label = f"onnxruntime-genai raw, intra_op_num_threads={threads if threads is not None else 'unset'}"
-            runners[label] = [sys.executable, "-c", RAW_GENAI, str(genai_copy(folder, threads, work)), p, n, r]
+            runners[label] = [sys.executable, RUNNERS, "genai", str(genai_copy(folder, threads, work)), p, n, r]
         for i, other in enumerate(args.compare):
             copy = work / f"compare-{i}"
             copy.mkdir()
             runners[f"onnxruntime-genai raw on {other.name}, intra_op_num_threads=2"] = [
-                sys.executable, "-c", RAW_GENAI, str(genai_copy(other.resolve(), 2, copy)), p, n, r]
+                sys.executable, RUNNERS, "genai", str(genai_copy(other.resolve(), 2, copy)), p, n, r]
         if args.only:
             runners = {name: cmd for name, cmd in runners.items() if any(text in name for text in args.only)}
             if not runners:
