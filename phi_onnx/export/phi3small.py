@@ -161,8 +161,6 @@ class Phi3SmallSettings:
     width_multiplier: float | None
     gegelu_limit: float | None
     position_scale: float
-    short_mscale: float
-    long_mscale: float
     dummy_token_ids: tuple[int, ...]
 
     def is_dense(self, layer: int) -> bool:
@@ -215,7 +213,6 @@ def read_settings(cfg: ModelConfig) -> Phi3SmallSettings:
     emb = raw.get("mup_embedding_multiplier", 10.0)
     width = raw.get("mup_width_multiplier", 8.0)
     limit = raw.get("gegelu_limit", 20.0)
-    short_mscale, long_mscale = _mscales(cfg)
     dummies = raw.get("dummy_token_indices")
     if dummies is None:
         dummies = DUMMY_TOKEN_IDS if cfg.vocab_size == VOCAB_SIZE else ()
@@ -231,7 +228,6 @@ def read_settings(cfg: ModelConfig) -> Phi3SmallSettings:
         width_multiplier=float(width) if width else None,
         gegelu_limit=float(limit) if limit is not None else None,
         position_scale=float(_number(raw, "rope_position_scale", 1.0)),
-        short_mscale=short_mscale, long_mscale=long_mscale,
         dummy_token_ids=dummies)
 
 

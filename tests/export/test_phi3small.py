@@ -348,10 +348,10 @@ def test_hub_8k_config_reads_as_published():
     assert model.intermediate_size == 14336 and model.norm_eps == 1e-5 and model.tie_word_embeddings
     long = parse_config({**HUB_8K_CONFIG, "max_position_embeddings": 131072, "rope_scaling": {
         "type": "su", "short_factor": [1.0] * 64, "long_factor": [2.0] * 64, "original_max_position_embeddings": 8192}})
-    s = read_settings(long)
-    assert s.short_mscale == 1.0
-    assert s.long_mscale == pytest.approx(math.sqrt(1 + math.log(16) / math.log(8192)))
-    assert model_config(long).rope.original_max_position_embeddings == 8192
+    rope = model_config(long).rope  # the hub's short/long mscale are the rope's two attention factors
+    assert rope.attention_factor == 1.0
+    assert rope.long_attention_factor == pytest.approx(math.sqrt(1 + math.log(16) / math.log(8192)))
+    assert rope.original_max_position_embeddings == 8192
 
 
 # -- tokenizer --------------------------------------------------------------------------------------------
