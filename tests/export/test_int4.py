@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import OnnxLM, random_ids
+from helpers import OnnxLM, prompt_then_decode, random_ids
 
 from phi_onnx.quantize import dequantize_int4, quantize_int4
 
@@ -32,8 +32,7 @@ def test_int4_matches_quantization_aware_reference(name, block_size, symmetric, 
         expected = reference(torch.from_numpy(ids)).logits.numpy()
     # accuracy level 1 keeps activations in fp32, so only the weight rounding differs from fp32.
     folder = make_export(name, "int4", block_size=block_size, symmetric=symmetric, accuracy_level=1)
-    lm = OnnxLM(folder)
-    got = np.concatenate([lm(ids[:, :12])] + [lm(ids[:, t:t + 1]) for t in range(12, 20)], axis=1)
+    got = prompt_then_decode(folder, ids, prompt_len=12)
     assert np.abs(got - expected).max() <= 2e-4
 
 
