@@ -138,6 +138,18 @@ def human_size(num: float) -> str:
     return f"{num:.1f} GB"
 
 
+def _io_lines(title: str, values: list[dict[str, Any]], kv_prefix: str) -> list[str]:
+    """A section listing graph inputs or outputs, the per-layer KV cache ones folded into their first."""
+    cache = [v for v in values if v["name"].startswith(kv_prefix)]
+    lines = [f"  {title}"]
+    for value in values:
+        if cache and value["name"].startswith(kv_prefix) and value is not cache[0]:
+            continue
+        suffix = f"  (x{len(cache)}: {kv_prefix}N.key/value)" if cache and value is cache[0] else ""
+        lines.append(f"              {value['name']:<28} {value['dtype']:<8} {_shape(value['shape'])}{suffix}")
+    return lines
+
+
 def _shape(shape: list[Any]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
@@ -155,20 +167,8 @@ def format_report(info: dict[str, Any]) -> str:
     lines.append(f"  ops ({info['nodes']} nodes)")
     for op, count in sorted(info["op_counts"].items(), key=lambda item: (-item[1], item[0])):
         lines.append(f"              {count:>6}  {op}")
-    layers = [i for i in info["inputs"] if i["name"].startswith("past_key_values.")]
-    lines.append("  inputs")
-    for value in info["inputs"]:
-        if value["name"].startswith("past_key_values.") and value is not layers[0]:
-            continue
-        suffix = f"  (x{len(layers)}: past_key_values.N.key/value)" if value is (layers[0] if layers else None) else ""
-        lines.append(f"              {value['name']:<28} {value['dtype']:<8} {_shape(value['shape'])}{suffix}")
-    presents = [o for o in info["outputs"] if o["name"].startswith("present.")]
-    lines.append("  outputs")
-    for value in info["outputs"]:
-        if value["name"].startswith("present.") and value is not presents[0]:
-            continue
-        suffix = f"  (x{len(presents)}: present.N.key/value)" if presents and value is presents[0] else ""
-        lines.append(f"              {value['name']:<28} {value['dtype']:<8} {_shape(value['shape'])}{suffix}")
+    lines += _io_lines("inputs", info["inputs"], "past_key_values.")
+    lines += _io_lines("outputs", info["outputs"], "present.")
     if not info["has_manifest"]:
         lines.append("  provenance  none (no phi_onnx.json: not written by phi-onnx, or written before it)")
     else:
