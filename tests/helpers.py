@@ -106,6 +106,17 @@ def transformers_greedy(model: Any, prompt: np.ndarray, new_tokens: int, **kwarg
     return out[0, prompt.shape[1]:].tolist()
 
 
+def assert_cuda_io(folder: Path) -> None:
+    """A CUDA export's KV cache is fp16 and its logits fp32."""
+    import onnx
+
+    graph = onnx.load(folder / "model.onnx", load_external_data=False).graph
+    kv = next(i for i in graph.input if i.name == "past_key_values.0.key")
+    assert kv.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    logits = next(o for o in graph.output if o.name == "logits")
+    assert logits.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
 def random_ids(n: int, seed: int = 0, low: int = 10, high: int = 990) -> np.ndarray:
     """A [1, n] int64 prompt of random token ids."""
     return np.random.default_rng(seed).integers(low, high, size=(1, n), dtype=np.int64)

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import OnnxLM, op_counts, random_ids
+from helpers import OnnxLM, assert_cuda_io, op_counts, random_ids
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int4"])
@@ -91,11 +91,7 @@ def test_tokenizer_and_chat_template_copied(make_export):
 def test_cuda_variants_built_and_checked_on_cpu(precision, make_checkpoint, make_export, reference_model):
     """CUDA exports use fp16 activations and KV cache; ORT's CPU kernels can still run them."""
     folder = make_export("phi3-gqa", precision, device="cuda")
-    model = onnx.load(folder / "model.onnx", load_external_data=False)
-    kv = next(i for i in model.graph.input if i.name == "past_key_values.0.key")
-    assert kv.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
-    logits = next(o for o in model.graph.output if o.name == "logits")
-    assert logits.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert_cuda_io(folder)
     genai = json.loads((folder / "genai_config.json").read_text())
     assert genai["model"]["decoder"]["session_options"]["provider_options"] == [
         {"cuda": {"enable_cuda_graph": "0"}}]

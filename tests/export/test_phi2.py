@@ -15,6 +15,7 @@ import pytest
 import torch
 from helpers import (
     OnnxLM,
+    assert_cuda_io,
     cached_exports,
     genai_greedy,
     op_counts,
@@ -186,11 +187,7 @@ def test_int4_matches_quantization_aware_reference(name, block_size, symmetric, 
 def test_cuda_variants_built_and_checked_on_cpu(precision, phi2_checkpoint, phi2_export):
     """fp16 activations and KV cache; every op used has a CPU fp16 kernel, so CPU ORT runs it."""
     folder = phi2_export("phi2", precision, device="cuda")
-    model = onnx.load(folder / "model.onnx", load_external_data=False)
-    kv = next(i for i in model.graph.input if i.name == "past_key_values.0.key")
-    assert kv.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
-    logits = next(o for o in model.graph.output if o.name == "logits")
-    assert logits.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert_cuda_io(folder)
     ids = random_ids(16, seed=9)
     expected = reference_logits(phi2_checkpoint("phi2"), ids)
     got = OnnxLM(folder)(ids)

@@ -19,6 +19,7 @@ import pytest
 import torch
 from helpers import (
     OnnxLM,
+    assert_cuda_io,
     cached_exports,
     genai_greedy,
     op_counts,
@@ -331,9 +332,7 @@ def test_int4_block_size_must_divide_the_expert_widths(moe_checkpoint, tmp_path)
 def test_cuda_variants_built_and_checked_on_cpu(precision, moe_checkpoint, moe_export):
     """fp16 activations, KV cache and experts; ORT has CPU fp16 kernels for MoE and QMoE, so CPU runs it."""
     folder = moe_export("moe", precision, device="cuda")
-    model = onnx.load(folder / "model.onnx", load_external_data=False)
-    kv = next(i for i in model.graph.input if i.name == "past_key_values.0.key")
-    assert kv.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert_cuda_io(folder)
     ids = random_ids(16, seed=9)
     expected = logits_of(load_reference(moe_checkpoint("moe")), ids)
     got = OnnxLM(folder)(ids)
