@@ -81,7 +81,7 @@ class OrtEngine(CachedEngine):
             raise ModelFolderError(f"model.onnx lacks {missing[0]} although genai_config.json lists "
                                    f"{folder.num_layers} layers.", hint=REEXPORT_HINT)
         self.vocab = folder.vocab_size
-        self.keeps_logits = LOGITS_TO_KEEP in {i.name for i in self.session.get_inputs()}
+        self.keeps_logits = LOGITS_TO_KEEP in names
         self.chunk = MAX_CHUNK if self.keeps_logits else int(
             np.clip(LOGITS_BUDGET_BYTES // (4 * self.vocab), 64, MAX_CHUNK))
         self.binding: Any = None
