@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from phi_onnx.checkpoint import Checkpoint
-from phi_onnx.config import ModelConfig
 from phi_onnx.export.graph import GraphBuilder, Value
 from phi_onnx.export.layers import AttentionInputs, attention_inputs
 from phi_onnx.export.options import ExportOptions
 from phi_onnx.export.weights import Weights
+from phi_onnx.source.checkpoint import Checkpoint
+from phi_onnx.source.config import ModelConfig
 
 
 class DecoderBuilder:

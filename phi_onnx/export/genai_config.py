@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from phi_onnx.config import ModelConfig
 from phi_onnx.export.options import ExportOptions
+from phi_onnx.source.config import ModelConfig
 
 DEFAULT_MAX_LENGTH = 4096
 

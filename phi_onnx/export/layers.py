@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from phi_onnx.checkpoint import Checkpoint
-from phi_onnx.config import ModelConfig, RopeConfig
 from phi_onnx.errors import CheckpointError
 from phi_onnx.export.graph import GraphBuilder, Value
+from phi_onnx.source.checkpoint import Checkpoint
+from phi_onnx.source.config import ModelConfig, RopeConfig
 
 
 @dataclass

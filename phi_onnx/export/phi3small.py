@@ -113,8 +113,6 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from phi_onnx.checkpoint import Checkpoint
-from phi_onnx.config import ModelConfig, RopeConfig
 from phi_onnx.errors import CheckpointError, UnsupportedModelError
 from phi_onnx.export.base import DecoderBuilder, raise_shape
 from phi_onnx.export.graph import Value
@@ -128,6 +126,8 @@ from phi_onnx.export.layers import (
 )
 from phi_onnx.export.options import ExportOptions
 from phi_onnx.export.registry import register
+from phi_onnx.source.checkpoint import Checkpoint
+from phi_onnx.source.config import ModelConfig, RopeConfig
 
 #: Vocabulary size of the Phi-3-small tokenizer (cl100k_base padded to a multiple of 64).
 VOCAB_SIZE = 100352

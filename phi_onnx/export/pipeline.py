@@ -20,14 +20,14 @@ from typing import Any
 
 import onnx_ir as ir
 
-from phi_onnx.checkpoint import Checkpoint, file_sha256
-from phi_onnx.config import load_config
 from phi_onnx.errors import OutputExistsError, PhiOnnxError
 from phi_onnx.export.genai_config import genai_config
 from phi_onnx.export.options import ExportOptions
 from phi_onnx.export.registry import builder_for
-from phi_onnx.models import find_known_model
-from phi_onnx.source import TOKENIZER_FILES, ResolvedSource, resolve_source
+from phi_onnx.source.checkpoint import Checkpoint, file_sha256
+from phi_onnx.source.config import load_config
+from phi_onnx.source.hub import TOKENIZER_FILES, ResolvedSource, resolve_source
+from phi_onnx.source.models import find_known_model
 
 log = logging.getLogger(__name__)
 

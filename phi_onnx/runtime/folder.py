@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from phi_onnx.config import token_ids
 from phi_onnx.runtime.errors import ModelFolderError
+from phi_onnx.source.config import token_ids
 
 log = logging.getLogger(__name__)
 

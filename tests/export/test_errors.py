@@ -74,7 +74,7 @@ def test_planned_family_refused_before_download(tmp_path, monkeypatch):
 
     monkeypatch.delitem(registry.ARCHITECTURE_MODULES, "PhimoeForCausalLM")
     monkeypatch.setitem(registry.PLANNED, "PhimoeForCausalLM", "Phi-3.5-MoE support is planned.")
-    monkeypatch.setattr("phi_onnx.source._from_hub", lambda *a, **k: pytest.fail("tried to download"))
+    monkeypatch.setattr("phi_onnx.source.hub._from_hub", lambda *a, **k: pytest.fail("tried to download"))
     with pytest.raises(UnsupportedModelError, match=r"Phi-3\.5-MoE support is planned"):
         export("phi-3.5-moe", tmp_path / "out")
 

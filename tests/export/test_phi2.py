@@ -199,7 +199,7 @@ def test_cuda_variants_built_and_checked_on_cpu(precision, phi2_checkpoint, phi2
 
 def test_hub_phi2_config_values():
     """microsoft/phi-2's config.json (transformers-4 keys): rotary 32 of head 80, LayerNorm eps."""
-    from phi_onnx.config import parse_config
+    from phi_onnx.source.config import parse_config
 
     cfg = parse_config({"architectures": ["PhiForCausalLM"], "model_type": "phi", "hidden_act": "gelu_new",
                         "hidden_size": 2560, "intermediate_size": 10240, "layer_norm_eps": 1e-5,

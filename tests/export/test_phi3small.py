@@ -22,7 +22,6 @@ import torch
 from helpers import OnnxLM, prompt_then_decode, random_ids
 from phi3small_reference import block_sparse_mask, forward, random_weights
 
-from phi_onnx.config import parse_config
 from phi_onnx.export import ExportOptions, export
 from phi_onnx.export.phi3small import (
     CL100K_PATTERN,
@@ -34,6 +33,7 @@ from phi_onnx.export.phi3small import (
 )
 from phi_onnx.export.registry import builder_for
 from phi_onnx.quantize import dequantize_int4, quantize_int4
+from phi_onnx.source.config import parse_config
 
 TOL = 1e-4
 

@@ -29,9 +29,9 @@ from helpers import (
     transformers_greedy,
 )
 
-from phi_onnx.config import parse_config
 from phi_onnx.export import ExportOptions, export
 from phi_onnx.quantize import dequantize_int4, quantize_int4
+from phi_onnx.source.config import parse_config
 
 TOL = 1e-4
 
@@ -132,9 +132,9 @@ def test_sparse_mixer_matches_transformers(jitter, moe_checkpoint):
     corners: near-ties inside and outside the 2*eps threshold, negative and zero maxima, exact ties."""
     from transformers.models.phimoe.modeling_phimoe import sparsemixer
 
-    from phi_onnx.checkpoint import Checkpoint
-    from phi_onnx.config import load_config
     from phi_onnx.export.phimoe import PhimoeBuilder
+    from phi_onnx.source.checkpoint import Checkpoint
+    from phi_onnx.source.config import load_config
 
     folder = moe_checkpoint("moe")
     cfg = load_config(folder)

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from phi_onnx.cli_errors import user_errors
+from phi_onnx.cli.errors import user_errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -142,7 +142,7 @@ def verify(folder: str, reference: str | None, revision: str | None, prompts_fil
 @user_errors
 def inspect(folder: str, as_json: bool) -> None:
     """Show what an export FOLDER holds: precision, ops, size, inputs/outputs, provenance, verification."""
-    from phi_onnx.inspection import format_report, inspect_folder
+    from phi_onnx.verify.inspect import format_report, inspect_folder
 
     info = inspect_folder(folder)
     click.echo(json.dumps(info, indent=2) if as_json else format_report(info))
@@ -156,7 +156,7 @@ def doctor(as_json: bool) -> None:
 
     Exit code 1 when a problem marked ERROR was found, else 0 (CPU only is not an error).
     """
-    from phi_onnx.doctor import format_report, run_doctor
+    from phi_onnx.runtime.doctor import format_report, run_doctor
 
     report = run_doctor()
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_report(report))
@@ -176,8 +176,8 @@ def build(recipe: str, output: str | None, force: bool, as_json: bool) -> None:
     Writes OUTPUT/summary.md and OUTPUT/summary.json. Up-to-date variants are skipped. Exit code 0 when every
     variant passed, 1 when one failed, 2 for a bad recipe.
     """
-    from phi_onnx.build import build as run_build
-    from phi_onnx.build import load_recipe, summary_markdown
+    from phi_onnx.verify.build import build as run_build
+    from phi_onnx.verify.build import load_recipe, summary_markdown
 
     result = run_build(load_recipe(recipe, output), force=force)
     if as_json:
@@ -193,7 +193,7 @@ def build(recipe: str, output: str | None, force: bool, as_json: bool) -> None:
 def models(as_json: bool) -> None:
     """List the short model names, their hub ids, and which are supported today."""
     from phi_onnx.export.registry import PLANNED, is_supported
-    from phi_onnx.models import KNOWN_MODELS
+    from phi_onnx.source.models import KNOWN_MODELS
 
     rows = [{"name": m.name, "aliases": list(m.aliases), "hub_id": m.hub_id, "architecture": m.architecture,
              "supported": is_supported(m.architecture),
@@ -209,7 +209,7 @@ def models(as_json: bool) -> None:
         click.echo(f"{name:<{width}} {r['hub_id']:<38} {status:<8} {r['note']}")
 
 
-from phi_onnx.runtime.commands import bench, chat, generate  # noqa: E402 - registered after the group exists
+from phi_onnx.cli.run import bench, chat, generate  # noqa: E402 - registered after the group exists
 
 for _command in (chat, generate, bench):
     main.add_command(_command)

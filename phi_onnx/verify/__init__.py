@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from phi_onnx.checkpoint import file_sha256
 from phi_onnx.errors import PhiOnnxError
+from phi_onnx.source.checkpoint import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -427,7 +427,7 @@ class Reference:
 def resolve_reference(folder: Path, manifest: dict[str, Any] | None, reference: str | None,
                       revision: str | None = None) -> tuple[str, Path]:
     """(spec, local folder) of the reference checkpoint: `reference` if given, else the manifest's source."""
-    from phi_onnx.source import resolve_source
+    from phi_onnx.source.hub import resolve_source
 
     if reference is None:
         source = (manifest or {}).get("source") or {}
@@ -540,9 +540,9 @@ def verify(folder: str | os.PathLike[str], *, reference: str | None = None, revi
         VerifyError: torch/transformers missing, reference unusable or incompatible, inputs unreadable.
         PhiOnnxError: the folder is not a usable export.
     """
-    from phi_onnx.inspection import graph_precision
     from phi_onnx.runtime.folder import read_folder
     from phi_onnx.runtime.tokenizer import TextTokenizer
+    from phi_onnx.verify.inspect import graph_precision
 
     started = time.perf_counter()
     settings = settings or VerifySettings()
@@ -659,7 +659,7 @@ def _measure(runner: OnnxRunner, ref: Reference, tokenizer: Any, prompts: list[s
 
 def _reference_info(spec: str, path: Path, manifest: dict[str, Any] | None) -> dict[str, Any]:
     """Where the reference came from, and whether it is byte for byte the export's source."""
-    from phi_onnx.checkpoint import Checkpoint
+    from phi_onnx.source.checkpoint import Checkpoint
 
     source = (manifest or {}).get("source") or {}
     config_sha = file_sha256(path / "config.json") if (path / "config.json").is_file() else None
@@ -683,7 +683,7 @@ def _reference_info(spec: str, path: Path, manifest: dict[str, Any] | None) -> d
 @functools.lru_cache(maxsize=16)
 def _weights_sha256(path: str, stamp: tuple[tuple[str, int, int], ...]) -> str:
     """The checkpoint's weights digest, computed once per set of files (`stamp`: names, sizes, mtimes)."""
-    from phi_onnx.checkpoint import Checkpoint
+    from phi_onnx.source.checkpoint import Checkpoint
 
     return Checkpoint(Path(path)).sha256()
 

@@ -9,8 +9,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from phi_onnx.build import RecipeError, Variant, load_recipe, parse_variant
 from phi_onnx.cli import main
+from phi_onnx.verify.build import RecipeError, Variant, load_recipe, parse_variant
 
 FAST_VERIFY = {"new_tokens": 8, "text_tokens": 256, "window": 128}
 

@@ -45,7 +45,6 @@ from typing import Any
 
 from phi_onnx.errors import OptionsError, PhiOnnxError
 from phi_onnx.export.options import ExportOptions
-from phi_onnx.inspection import human_size
 from phi_onnx.verify import (
     DEFAULT_THRESHOLDS,
     SAMPLE_TEXT,
@@ -58,6 +57,7 @@ from phi_onnx.verify import (
     read_text,
     verify,
 )
+from phi_onnx.verify.inspect import human_size
 
 log = logging.getLogger(__name__)
 
@@ -282,8 +282,8 @@ def _source_fingerprint(source: str, revision: str | None, cache: dict[tuple[str
     """The checkpoint's folder, weights and config sha256 (what the manifest records), once per source."""
     key = (source, revision)
     if key not in cache:
-        from phi_onnx.checkpoint import Checkpoint
-        from phi_onnx.source import resolve_source
+        from phi_onnx.source.checkpoint import Checkpoint
+        from phi_onnx.source.hub import resolve_source
 
         resolved = resolve_source(source, revision=revision)
         config = resolved.path / "config.json"

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phi_onnx.errors import SourceError
-from phi_onnx.models import find_known_model, known_names
+from phi_onnx.source.models import find_known_model, known_names
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from phi_onnx.cli import main
-from phi_onnx.doctor import Library, OrtBuild, _elf_needed, diagnose, pip_package, required_cuda
+from phi_onnx.runtime.doctor import Library, OrtBuild, _elf_needed, diagnose, pip_package, required_cuda
 
 CUDA_EPS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 GPU_131 = OrtBuild("onnxruntime-gpu", "1.31.0", CUDA_EPS, cuda_major=13, cudnn_major=9,
@@ -125,7 +125,7 @@ def test_doctor_on_this_machine_reports_cpu_only_and_why():
 
 
 def test_find_libraries_reads_majors_from_file_names(tmp_path):
-    from phi_onnx.doctor import find_libraries
+    from phi_onnx.runtime.doctor import find_libraries
 
     (tmp_path / "libcudart.so.12.4.127").write_bytes(b"")
     (tmp_path / "libcudart.so.12").symlink_to(tmp_path / "libcudart.so.12.4.127")

@@ -1,4 +1,4 @@
-"""The `phi-onnx chat`, `generate` and `bench` commands (added to the CLI group in phi_onnx/cli.py)."""
+"""The `phi-onnx chat`, `generate` and `bench` commands (added to the CLI group in phi_onnx/cli/__init__.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import click
 
-from phi_onnx.cli_errors import user_errors
+from phi_onnx.cli.errors import user_errors
 from phi_onnx.errors import PhiOnnxError
 
 F = TypeVar("F", bound=Callable[..., Any])

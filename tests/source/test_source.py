@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from phi_onnx.errors import SourceError
-from phi_onnx.models import KNOWN_MODELS, find_known_model
-from phi_onnx.source import resolve_source
+from phi_onnx.source.hub import resolve_source
+from phi_onnx.source.models import KNOWN_MODELS, find_known_model
 
 
 def fake_cache(root, repo_id: str, files: dict[str, str]):

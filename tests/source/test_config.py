@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from phi_onnx.config import load_config, parse_config
 from phi_onnx.errors import CheckpointError, UnsupportedModelError
+from phi_onnx.source.config import load_config, parse_config
 
 SHORT = [1.0 + 0.01 * i for i in range(48)]
 LONG = [1.0 + 0.1 * i for i in range(48)]

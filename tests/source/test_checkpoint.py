@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from phi_onnx.checkpoint import Checkpoint
 from phi_onnx.errors import CheckpointError
+from phi_onnx.source.checkpoint import Checkpoint
 
 
 def test_reads_bf16_fp16_fp32_exactly(tmp_path):
