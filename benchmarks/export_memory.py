@@ -7,6 +7,10 @@ sampled from ``/proc`` to tell them apart. A child killed by a signal (the OOM k
 SIGKILL) or stopped at ``--timeout`` is recorded as such, not retried.
 
     python benchmarks/export_memory.py --ckpt /tmp/phi-bench/phi3-mini --json results.json
+    python benchmarks/export_memory.py --ckpt CKPT --runners phi-onnx --precisions int4 --algos rtn,clip,gptq
+
+`--algos` picks phi-onnx's int4 algorithms (onnxruntime-genai's builder has round-to-nearest only, so it
+runs once, as `rtn`); `--block-size` their block size.
 """
 
 from __future__ import annotations
@@ -23,12 +27,14 @@ from pathlib import Path
 
 RUNNERS = ("phi-onnx", "genai")
 PRECISIONS = ("int4", "fp32")
+ALGOS = ("rtn", "clip", "gptq")
 GIB = 1024**3
 
 PHI_ONNX_CHILD = """
 import sys
 from phi_onnx.export import ExportOptions, export
-export(sys.argv[1], sys.argv[2], ExportOptions(precision=sys.argv[3]), overwrite=True)
+int4 = dict(algo=sys.argv[4], block_size=int(sys.argv[5])) if sys.argv[3] == "int4" else {}
+export(sys.argv[1], sys.argv[2], ExportOptions(precision=sys.argv[3], **int4), overwrite=True)
 """
 
 
@@ -38,6 +44,7 @@ class Result:
 
     runner: str
     precision: str
+    algo: str  # int4 algorithm ("-" for fp32)
     repeat: int
     status: str  # "ok", "exit N", "killed by SIGKILL (OOM?)", "timeout"
     wall_s: float
@@ -49,10 +56,11 @@ class Result:
     log: str
 
 
-def command(runner: str, ckpt: Path, out: Path, precision: str, cache: Path) -> list[str]:
+def command(runner: str, ckpt: Path, out: Path, precision: str, cache: Path, algo: str = "rtn",
+            block_size: int = 32) -> list[str]:
     """The child command line for one export."""
     if runner == "phi-onnx":
-        return [sys.executable, "-c", PHI_ONNX_CHILD, str(ckpt), str(out), precision]
+        return [sys.executable, "-c", PHI_ONNX_CHILD, str(ckpt), str(out), precision, algo, str(block_size)]
     return [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt), "-o", str(out),
             "-p", precision, "-e", "cpu", "-c", str(cache)]
 
@@ -137,22 +145,24 @@ def warm_page_cache(ckpt: Path) -> None:
 
 
 def run(ckpt: Path, work: Path, runners: list[str], precisions: list[str], repeats: int,
-        timeout: float, keep: bool) -> list[Result]:
-    """Every (precision, repeat, runner) export in turn; outputs are deleted unless `keep`."""
+        timeout: float, keep: bool, algos: tuple[str, ...] = ("rtn",), block_size: int = 32) -> list[Result]:
+    """Every (precision, algo, repeat, runner) export in turn; outputs are deleted unless `keep`."""
     results = []
     work.mkdir(parents=True, exist_ok=True)
-    for precision in precisions:
+    for precision, algo in [(p, a) for p in precisions for a in (algos if p == "int4" else ("-",))]:
         for repeat in range(repeats):
             order = runners if repeat % 2 == 0 else runners[::-1]
-            for runner in order:
-                out = work / f"{ckpt.name}-{runner}-{precision}"
+            for runner in [r for r in order if runner_has(r, algo)]:
+                tag = precision if algo == "-" else f"{precision}-{algo}"
+                out = work / f"{ckpt.name}-{runner}-{tag}"
                 cache = work / f"cache-{runner}"
-                log = work / f"{ckpt.name}-{runner}-{precision}-{repeat}.log"
+                log = work / f"{ckpt.name}-{runner}-{tag}-{repeat}.log"
                 shutil.rmtree(out, ignore_errors=True)
-                print(f"[{time.strftime('%H:%M:%S')}] {runner} {precision} #{repeat} ...", file=sys.stderr,
+                print(f"[{time.strftime('%H:%M:%S')}] {runner} {tag} #{repeat} ...", file=sys.stderr,
                       flush=True)
-                stats = measure(command(runner, ckpt, out, precision, cache), log, timeout)
-                result = Result(runner, precision, repeat, output_gb=folder_bytes(out) / 1e9, log=str(log),
+                argv = command(runner, ckpt, out, precision, cache, "rtn" if algo == "-" else algo, block_size)
+                stats = measure(argv, log, timeout)
+                result = Result(runner, precision, algo, repeat, output_gb=folder_bytes(out) / 1e9, log=str(log),
                                 **stats)  # type: ignore[arg-type]
                 print(f"    {result.status}: {result.wall_s:.1f} s, peak RSS {result.peak_rss_gib:.2f} GiB",
                       file=sys.stderr, flush=True)
@@ -163,13 +173,18 @@ def run(ckpt: Path, work: Path, runners: list[str], precisions: list[str], repea
     return results
 
 
+def runner_has(runner: str, algo: str) -> bool:
+    """Whether `runner` can export with int4 algorithm `algo` (the builder has round-to-nearest only)."""
+    return runner == "phi-onnx" or algo in ("-", "rtn")
+
+
 def table(results: list[Result]) -> str:
     """A fixed-width text table of the results."""
-    head = (f"{'runner':<9} {'prec':<5} {'#':>2} {'status':<12} {'wall s':>8} {'peak RSS GiB':>13} "
+    head = (f"{'runner':<9} {'prec':<5} {'algo':<5} {'#':>2} {'status':<12} {'wall s':>8} {'peak RSS GiB':>13} "
             f"{'anon GiB':>9} {'file GiB':>9} {'CPU s':>8} {'out GB':>7}")
     rows = [head, "-" * len(head)]
     for r in results:
-        rows.append(f"{r.runner:<9} {r.precision:<5} {r.repeat:>2} {r.status:<12.12} {r.wall_s:>8.1f} "
+        rows.append(f"{r.runner:<9} {r.precision:<5} {r.algo:<5} {r.repeat:>2} {r.status:<12.12} {r.wall_s:>8.1f} "
                     f"{r.peak_rss_gib:>13.2f} {r.peak_anon_gib:>9.2f} {r.peak_file_gib:>9.2f} "
                     f"{r.cpu_s:>8.1f} {r.output_gb:>7.2f}")
     return "\n".join(rows)
@@ -181,6 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ckpt", type=Path, required=True, help="checkpoint folder to export")
     parser.add_argument("--runners", default=",".join(RUNNERS), help=f"comma-separated subset of {RUNNERS}")
     parser.add_argument("--precisions", default=",".join(PRECISIONS), help=f"comma-separated: {PRECISIONS}")
+    parser.add_argument("--algos", default="rtn", help=f"comma-separated int4 algorithms: {ALGOS}")
+    parser.add_argument("--block-size", type=int, default=32, help="int4 block size")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--work", type=Path, default=Path("/tmp/phi-bench/exports"),
                         help="where outputs and logs go")
@@ -191,13 +208,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     runners = [r for r in args.runners.split(",") if r]
     precisions = [p for p in args.precisions.split(",") if p]
-    unknown = set(runners) - set(RUNNERS) | set(precisions) - set(PRECISIONS)
+    algos = tuple(a for a in args.algos.split(",") if a)
+    unknown = set(runners) - set(RUNNERS) | set(precisions) - set(PRECISIONS) | set(algos) - set(ALGOS)
     if unknown:
-        parser.error(f"unknown runner or precision: {', '.join(sorted(unknown))}")
+        parser.error(f"unknown runner, precision or algorithm: {', '.join(sorted(unknown))}")
     ckpt = args.ckpt.resolve()
     if not args.no_warm:
         warm_page_cache(ckpt)
-    results = run(ckpt, args.work, runners, precisions, args.repeats, args.timeout, args.keep)
+    results = run(ckpt, args.work, runners, precisions, args.repeats, args.timeout, args.keep, algos, args.block_size)
     print(table(results))
     if args.json:
         config = json.loads((ckpt / "config.json").read_text())

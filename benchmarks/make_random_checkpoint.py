@@ -40,6 +40,8 @@ class Shape:
     intermediate: int
     vocab: int
     max_positions: int = 4096
+    tied: bool = False  # tie_word_embeddings: no lm_head.weight, the LM head reads the embedding
+    rotary: float = 1.0  # partial_rotary_factor
 
     @property
     def head_dim(self) -> int:
@@ -50,6 +52,9 @@ class Shape:
 PRESETS: dict[str, Shape] = {
     "phi3-mini": Shape(hidden=3072, layers=32, heads=32, kv_heads=32, intermediate=8192, vocab=32064),
     "phi3-mid": Shape(hidden=2048, layers=16, heads=32, kv_heads=32, intermediate=5632, vocab=32064),
+    "phi4-mini": Shape(hidden=3072, layers=32, heads=24, kv_heads=8, intermediate=8192, vocab=200064, tied=True,
+                       rotary=0.75),
+    "phi4": Shape(hidden=5120, layers=40, heads=40, kv_heads=10, intermediate=17920, vocab=100352),
 }
 
 
@@ -66,7 +71,8 @@ def tensor_shapes(s: Shape) -> Iterator[tuple[str, tuple[int, ...]]]:
         yield p + "mlp.gate_up_proj.weight", (2 * s.intermediate, h)
         yield p + "mlp.down_proj.weight", (h, s.intermediate)
     yield "model.norm.weight", (h,)
-    yield "lm_head.weight", (s.vocab, h)
+    if not s.tied:
+        yield "lm_head.weight", (s.vocab, h)
 
 
 def _nbytes(shape: tuple[int, ...]) -> int:
@@ -198,7 +204,8 @@ def write_config(folder: Path, s: Shape, bos: int, eos: int) -> None:
         "rope_scaling": None,
         "rope_theta": 10000.0,
         "sliding_window": 2047,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": s.tied,
+        "partial_rotary_factor": s.rotary,
         "torch_dtype": "bfloat16",
         "transformers_version": "4.40.2",
         "use_cache": True,

@@ -57,7 +57,7 @@ def genai_runner(folder: Path, prompt_tokens: int, new_tokens: int) -> Callable[
 
 
 def phi_onnx_runner(folder: Path, backend: str, prompt_tokens: int, new_tokens: int, *,
-                    all_logits: bool = False) -> Callable[[], Figures]:
+                    all_logits: bool = False, device: str = "cpu") -> Callable[[], Figures]:
     """phi-onnx's `backend` on `folder`; `all_logits` turns the ort backend's logits_to_keep off."""
     import phi_onnx
 
@@ -65,7 +65,7 @@ def phi_onnx_runner(folder: Path, backend: str, prompt_tokens: int, new_tokens: 
         import phi_onnx.runtime.ort_backend as ort_backend
 
         ort_backend.add_logits_to_keep = lambda path: None
-    model = phi_onnx.load(folder, backend=backend, device="cpu")
+    model = phi_onnx.load(folder, backend=backend, device=device)
     prompt = list(range(100, 100 + prompt_tokens))
 
     def run() -> Figures:

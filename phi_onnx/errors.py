@@ -32,4 +32,8 @@ class OptionsError(PhiOnnxError):
 
 
 class OutputExistsError(PhiOnnxError):
-    """The output folder already exists and --overwrite was not given."""
+    """The output folder already exists and --overwrite was not given, or may not be replaced."""
+
+
+class OutputWriteError(PhiOnnxError):
+    """The output folder cannot be written: disk full, read-only, no permission, a file in the way."""

@@ -6,7 +6,8 @@ model on the same weights is the reference each export is compared against.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,18 @@ BASE_CONFIG: dict[str, Any] = {
     "num_key_value_heads": 4, "intermediate_size": 320, "max_position_embeddings": 4096,
     "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 3, "pad_token_id": 3,
 }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """No test writes to the user's local store (~/.cache/phi-onnx): PHI_ONNX_HOME points at a temp folder."""
+    previous = os.environ.get("PHI_ONNX_HOME")
+    os.environ["PHI_ONNX_HOME"] = str(tmp_path_factory.mktemp("phi-onnx-home"))
+    yield
+    if previous is None:
+        os.environ.pop("PHI_ONNX_HOME", None)
+    else:
+        os.environ["PHI_ONNX_HOME"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -151,3 +151,30 @@ def cached_exports(tmp_path_factory: Any, checkpoint: Callable[[str], Path]) -> 
         return cache[key]
 
     return make
+
+
+def heldout_windows_of(checkpoint: Path, text: Path, window: int) -> np.ndarray:
+    """The text's tokens (the checkpoint's tokenizer.json) as [windows, window]; the tail is dropped."""
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(checkpoint / "tokenizer.json")).encode(text.read_text()).ids
+    count = len(ids) // window
+    return np.asarray(ids[: count * window], dtype=np.int64).reshape(count, window)
+
+
+def window_log_probs(folder: Path, rows: np.ndarray) -> np.ndarray:
+    """log-softmax of the export's logits for each window (each from an empty cache), float64."""
+    lm = OnnxLM(folder)
+    out = []
+    for row in rows:
+        lm.reset()
+        logits = lm(row[None])[0].astype(np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        out.append(logits - np.log(np.exp(logits).sum(-1, keepdims=True)))
+    return np.stack(out)
+
+
+def kl_and_top1(reference: np.ndarray, candidate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per window: mean KL(reference || candidate) and the share of positions with the same argmax."""
+    kl = (np.exp(reference) * (reference - candidate)).sum(-1).mean(-1)
+    return kl, (reference.argmax(-1) == candidate.argmax(-1)).mean(-1)

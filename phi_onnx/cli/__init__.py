@@ -8,19 +8,28 @@ import sys
 
 import click
 
+from phi_onnx import __version__
 from phi_onnx.cli.errors import user_errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="phi-onnx")
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.version_option(version=__version__, package_name="phi-onnx")
+@click.option("-v", "--verbose", count=True, help="-v: show phi-onnx's steps; -vv: debug output of every library.")
 def main(verbose: int) -> None:
     """Export Microsoft Phi checkpoints to optimized ONNX and run them with ONNX Runtime."""
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    # Plain messages for users (e.g. why CUDA was not used); logger names only when asked for detail.
+    # Plain messages for users; logger names only when asked for detail. -v shows phi-onnx's own steps;
+    # other libraries (onnx_ir logs INFO records with stack dumps) stay at WARNING unless -vv.
     fmt = "%(message)s" if verbose == 0 else "%(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=level, format=fmt)
-    logging.getLogger("phi_onnx").setLevel(min(level, logging.INFO))
+    logging.basicConfig(level=logging.DEBUG if verbose >= 2 else logging.WARNING, format=fmt)
+    logging.getLogger("phi_onnx").setLevel(
+        logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG)
+
+
+def _show_steps(logger_name: str) -> None:
+    """Commands that run for long say what they are doing on stderr even without -v (INFO for that logger)."""
+    logger = logging.getLogger(logger_name)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
 
 
 @main.command()
@@ -31,11 +40,21 @@ def main(verbose: int) -> None:
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Execution provider the model is built for.")
 @click.option("--block-size", type=int, default=32, show_default=True, help="int4 block size (16..256).")
-@click.option("--symmetric/--asymmetric", default=True, show_default=True, help="int4 zero points or not.")
+@click.option("--symmetric/--asymmetric", default=True, show_default=True,
+              help="int4 without zero points (symmetric) or with them.")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
               help="MatMulNBits accuracy level (default: 4 on CPU, 0 on CUDA).")
 @click.option("--max-length", type=int, default=None,
               help="Default max_length in genai_config (default: min(context, 4096)).")
+@click.option("--embeddings", type=click.Choice(["auto", "full", "int4", "int8"]), default="auto", show_default=True,
+              help="Embedding table: full (activation dtype) or block-quantized; auto = int4 for int4 exports.")
+@click.option("--lm-head-bits", type=click.Choice(["4", "8"]), default="4", show_default=True,
+              help="Bits of the LM head in int4 exports.")
+@click.option("--algo", type=click.Choice(["rtn", "clip", "gptq"]), default="rtn", show_default=True,
+              help="int4 algorithm: rtn round-to-nearest (fastest), clip per-block range search (no data), "
+                   "gptq layer-by-layer GPTQ on calibration text (best quality, slower).")
+@click.option("--calibration", type=click.Path(dir_okay=False), default=None,
+              help="Calibration text file for --algo gptq/clip (default for gptq: a built-in text).")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--verify", "run_verify", is_flag=True,
@@ -44,14 +63,17 @@ def main(verbose: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @user_errors
 def export(source: str, output: str, precision: str, device: str, block_size: int, symmetric: bool,
-           accuracy_level: int | None, max_length: int | None, revision: str | None, overwrite: bool,
-           run_verify: bool, as_json: bool) -> None:
+           accuracy_level: int | None, max_length: int | None, embeddings: str, lm_head_bits: str,
+           algo: str, calibration: str | None, revision: str | None, overwrite: bool, run_verify: bool,
+           as_json: bool) -> None:
     """Export SOURCE (short name, hub id or local folder) to an ONNX model folder."""
     from phi_onnx.export import ExportOptions
     from phi_onnx.export import export as run_export
 
     options = ExportOptions(precision=precision, device=device, block_size=block_size,  # type: ignore[arg-type]
-                            symmetric=symmetric, accuracy_level=accuracy_level, max_length=max_length)
+                            symmetric=symmetric, accuracy_level=accuracy_level, max_length=max_length,
+                            embeddings=embeddings, lm_head_bits=int(lm_head_bits),  # type: ignore[arg-type]
+                            algo=algo, calibration=calibration)  # type: ignore[arg-type]
     if run_verify:
         from phi_onnx.verify import require_reference_extra
 
@@ -62,6 +84,7 @@ def export(source: str, output: str, precision: str, device: str, block_size: in
     if run_verify:
         from phi_onnx.verify import verify as run_verification
 
+        _show_steps("phi_onnx.verify")
         verification = run_verification(result.output, revision=revision)
     if as_json:
         data = result.to_dict()
@@ -91,7 +114,7 @@ def export(source: str, output: str, precision: str, device: str, block_size: in
 @click.option("--new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
               help="Greedy tokens generated per prompt.")
 @click.option("--text-tokens", type=click.IntRange(min=2), default=1024, show_default=True,
-              help="At most this many tokens of the text, in --window-token windows.")
+              help="At most this many tokens of the text, in --window windows.")
 @click.option("--window", type=click.IntRange(min=2), default=256, show_default=True,
               help="Tokens per perplexity window (each runs without cache, on both sides).")
 @click.option("--device", default="cpu", show_default=True, help="Where ONNX Runtime runs the export: cpu, auto, "
@@ -103,12 +126,16 @@ def export(source: str, output: str, precision: str, device: str, block_size: in
 @click.option("--max-ppl-change", type=float, default=None,
               help="Override the relative perplexity change limit (upper bound, e.g. 0.02 for 2 %).")
 @click.option("--no-record", is_flag=True, help="Do not write the result into the folder's manifest.")
+@click.option("--files", "files_only", is_flag=True,
+              help="Only check every file against the sha256 in the manifest (fast, no reference); exit 1 if any "
+                   "changed or is missing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full record as JSON.")
 @user_errors
 def verify(folder: str, reference: str | None, revision: str | None, prompts_file: str | None,
            no_builtin_prompts: bool, text_file: str | None, new_tokens: int, text_tokens: int, window: int,
            device: str, max_abs_logit_diff: float | None, min_top1: float | None, max_kl: float | None,
-           min_greedy: float | None, max_ppl_change: float | None, no_record: bool, as_json: bool) -> None:
+           min_greedy: float | None, max_ppl_change: float | None, no_record: bool, files_only: bool,
+           as_json: bool) -> None:
     """Compare the export in FOLDER with its transformers reference on the same inputs.
 
     Reports max abs logit difference, top-1 agreement, KL divergence, greedy-token agreement and perplexity
@@ -119,6 +146,12 @@ def verify(folder: str, reference: str | None, revision: str | None, prompts_fil
     from phi_onnx.verify import SAMPLE_TEXT, VerifySettings, read_prompts, read_text
     from phi_onnx.verify import verify as run_verification
 
+    if files_only:
+        from phi_onnx.verify.files import check_files
+
+        check = check_files(folder)
+        click.echo(json.dumps(check.to_dict(), indent=2) if as_json else check.summary())
+        sys.exit(0 if check.ok else 1)
     prompts = tuple(read_prompts(prompts_file)) if prompts_file else ()
     settings = VerifySettings(
         prompts=prompts, prompts_source=prompts_file or "builtin", use_builtin_prompts=not no_builtin_prompts,
@@ -126,6 +159,7 @@ def verify(folder: str, reference: str | None, revision: str | None, prompts_fil
         new_tokens=new_tokens, text_tokens=text_tokens, window=window)
     overrides = {"max_abs_logit_diff": max_abs_logit_diff, "top1_agreement": min_top1, "kl_divergence": max_kl,
                  "greedy_agreement": min_greedy, "perplexity_change": max_ppl_change}
+    _show_steps("phi_onnx.verify")
     result = run_verification(folder, reference=reference, revision=revision, settings=settings,
                               threshold_overrides=overrides, device=device, record=not no_record)
     if as_json:
@@ -138,14 +172,18 @@ def verify(folder: str, reference: str | None, revision: str | None, prompts_fil
 
 @main.command()
 @click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--check", "check", is_flag=True,
+              help="Also check every file against the sha256 in the manifest; exit 1 if any changed or is missing.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
 @user_errors
-def inspect(folder: str, as_json: bool) -> None:
+def inspect(folder: str, check: bool, as_json: bool) -> None:
     """Show what an export FOLDER holds: precision, ops, size, inputs/outputs, provenance, verification."""
     from phi_onnx.verify.inspect import format_report, inspect_folder
 
-    info = inspect_folder(folder)
+    info = inspect_folder(folder, check_files=check)
     click.echo(json.dumps(info, indent=2) if as_json else format_report(info))
+    if check and not info["file_check"]["ok"]:
+        sys.exit(1)
 
 
 @main.command()
@@ -179,6 +217,7 @@ def build(recipe: str, output: str | None, force: bool, as_json: bool) -> None:
     from phi_onnx.verify.build import build as run_build
     from phi_onnx.verify.build import load_recipe, summary_markdown
 
+    _show_steps("phi_onnx.verify")  # the build's own progress lines and each variant's verification steps
     result = run_build(load_recipe(recipe, output), force=force)
     if as_json:
         click.echo(json.dumps({"output": str(result.output), "passed": result.passed,
@@ -192,24 +231,64 @@ def build(recipe: str, output: str | None, force: bool, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable list.")
 def models(as_json: bool) -> None:
     """List the short model names, their hub ids, and which are supported today."""
-    from phi_onnx.export.registry import PLANNED, is_supported
+    from phi_onnx.export.registry import is_supported
     from phi_onnx.source.models import KNOWN_MODELS
 
     rows = [{"name": m.name, "aliases": list(m.aliases), "hub_id": m.hub_id, "architecture": m.architecture,
              "supported": is_supported(m.architecture),
-             "note": m.description if is_supported(m.architecture) else PLANNED.get(m.architecture, "")}
+             "note": m.description if is_supported(m.architecture) else ""}
             for m in KNOWN_MODELS]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     width = max(len(r["name"]) + sum(len(a) + 2 for a in r["aliases"]) for r in rows) + 2
+    click.echo(f"{'NAME':<{width}} {'HUB ID':<38} {'EXPORTS':<8} NOTE")
     for r in rows:
         name = r["name"] + "".join(f", {a}" for a in r["aliases"])
         status = "yes" if r["supported"] else "not yet"
         click.echo(f"{name:<{width}} {r['hub_id']:<38} {status:<8} {r['note']}")
 
 
-from phi_onnx.cli.run import bench, chat, generate  # noqa: E402 - registered after the group exists
+@main.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable list.")
+@user_errors
+def list_store(as_json: bool) -> None:
+    """List the models in the local store ($PHI_ONNX_HOME, default ~/.cache/phi-onnx).
 
-for _command in (chat, generate, bench):
+    `phi-onnx chat NAME` (and generate, bench) exports a short name, hub id or checkpoint folder into the
+    store on first use; later runs reuse the entry.
+    """
+    from phi_onnx.store import list_entries, store_root
+
+    entries = list_entries()
+    if as_json:
+        click.echo(json.dumps([e.to_dict() for e in entries], indent=2))
+        return
+    if not entries:
+        click.echo(f"The store ({store_root()}) is empty; `phi-onnx chat tiny-phi3` adds the bundled model.")
+        return
+    rows = [(e.id, e.name, e.variant, f"{e.size_bytes / 1e6:.1f} MB",
+             {True: "passed", False: "FAILED", None: "no"}[e.verified], e.source) for e in entries]
+    header = ("ID", "NAME", "VARIANT", "SIZE", "VERIFIED", "SOURCE")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
+    for row in [header, *rows]:
+        click.echo("  ".join(f"{cell:<{w}}" for cell, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1])
+
+
+@main.command()
+@click.argument("name_or_id")
+@user_errors
+def rm(name_or_id: str) -> None:
+    """Remove store entries by NAME (every variant of it) or ID (see `phi-onnx list`)."""
+    from phi_onnx.store import remove_entries
+
+    for entry in remove_entries(name_or_id):
+        click.echo(f"Removed {entry.name} ({entry.variant}, {entry.size_bytes / 1e6:.1f} MB), id {entry.id}.")
+
+
+from phi_onnx.cli.quantize import quantize  # noqa: E402 - registered after the group exists
+from phi_onnx.cli.run import bench, chat, generate  # noqa: E402 - registered after the group exists
+from phi_onnx.cli.serve import serve  # noqa: E402
+
+for _command in (chat, generate, bench, serve, quantize):
     main.add_command(_command)

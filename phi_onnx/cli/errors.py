@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -13,6 +14,20 @@ from phi_onnx.errors import PhiOnnxError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# Library messages name both spellings, "Pass --overwrite (overwrite=True)"; on the command line only the
+# option is meaningful.
+_API_SPELLING = re.compile(r" \(\w+=(?:True|False|None|\d+|'[^']*'|\"[^\"]*\")\)")
+
+
+# ... and "device='cuda' cannot be used" reads "--device cuda cannot be used" here.
+_API_KEYWORD = re.compile(r"\b(device|backend)=(?:'([^']*)'|([\w:]+)\b)")
+
+
+def cli_wording(message: str) -> str:
+    """`message` in the command line's words: no Python spelling of an option (`overwrite=True`, `device='cuda'`)."""
+    message = _API_SPELLING.sub("", message)
+    return _API_KEYWORD.sub(lambda m: f"--{m.group(1)} {m.group(2) or m.group(3)}", message)
+
 
 def user_errors(func: F | None = None, *, interrupted: str = "Interrupted; nothing was written.") -> Any:
     """Print PhiOnnxError as one paragraph (no traceback), exit 2; Ctrl-C prints `interrupted`, exit 130."""
@@ -22,7 +37,7 @@ def user_errors(func: F | None = None, *, interrupted: str = "Interrupted; nothi
             try:
                 return inner(*args, **kwargs)
             except PhiOnnxError as error:
-                click.echo(f"Error: {error}", err=True)
+                click.echo(f"Error: {cli_wording(str(error))}", err=True)
                 sys.exit(2)
             except KeyboardInterrupt:
                 click.echo(interrupted, err=True)

@@ -9,58 +9,79 @@ from typing import Any, TypeVar
 
 import click
 
-from phi_onnx.cli.errors import user_errors
+from phi_onnx.cli.errors import cli_wording, user_errors
+from phi_onnx.cli.options import generation_kwargs, generation_options
 from phi_onnx.errors import PhiOnnxError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-CHAT_HELP = "Commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit."
+CHAT_HELP = ("Commands: /reset (forget the conversation), /system TEXT (set the system prompt), /help, "
+             "/exit.")
+NOT_UTF8 = "is not valid UTF-8 text"
 
 
 _user_errors = user_errors(interrupted="")  # Ctrl-C during a reply is handled inside chat
 
 
 def _model_options(func: F) -> F:
+    func = click.option("--revision", default=None,
+                        help="Hub revision (branch, tag or commit) when MODEL is a hub id.")(func)
+    func = click.option("--precision", type=click.Choice(["fp32", "fp16", "int4"]), default=None,
+                        help="When MODEL is not an export folder: the precision to export it in "
+                             "(default int4).")(func)
     func = click.option("--threads", type=click.IntRange(min=1), default=None,
                         help="Intra-op threads (default: one per physical core).")(func)
     func = click.option("--backend", type=click.Choice(["auto", "genai", "ort"]), default="auto", show_default=True,
                         help="onnxruntime-genai, or phi-onnx's own loop on plain onnxruntime.")(func)
     func = click.option("--device", default="auto", show_default=True,
                         help="auto, cpu, cuda or cuda:N (auto uses CUDA only when it really works).")(func)
-    return click.argument("model", type=click.Path(file_okay=False))(func)
+    return click.argument("model")(func)
 
 
-def _generation_options(default_max_new: int) -> Callable[[F], F]:
-    def decorate(func: F) -> F:
-        options = [
-            click.option("--max-new-tokens", type=int, default=default_max_new, show_default=True),
-            click.option("--min-new-tokens", type=int, default=None, help="Suppress EOS until this many tokens."),
-            click.option("--temperature", type=float, default=None, help="0 (default) is greedy; > 0 samples."),
-            click.option("--top-k", type=int, default=None, help="Sample among the k most likely tokens."),
-            click.option("--top-p", type=float, default=None, help="Nucleus sampling, in (0, 1]."),
-            click.option("--repetition-penalty", type=float, default=None, help="transformers' penalty (1.0: off)."),
-            click.option("--seed", type=int, default=None, help="Seed for reproducible sampling."),
-            click.option("--stop", multiple=True, help="Stop string (repeatable); the reply ends before it."),
-        ]
-        for option in reversed(options):
-            func = option(func)
-        return func
-    return decorate
+def _load(model: str, device: str, backend: str, threads: int | None, precision: str | None = None,
+          revision: str | None = None) -> Any:
+    """Load MODEL: an export folder, or a name exported into the store on first use (see phi_onnx.store)."""
+    import sys
 
-
-def _gen_kwargs(max_new_tokens: int, min_new_tokens: int | None, temperature: float | None, top_k: int | None,
-                top_p: float | None, repetition_penalty: float | None, seed: int | None,
-                stop: tuple[str, ...]) -> dict[str, Any]:
-    values = {"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "temperature": temperature,
-              "top_k": top_k, "top_p": top_p, "repetition_penalty": repetition_penalty, "seed": seed,
-              "stop": stop or None}
-    return {key: value for key, value in values.items() if value is not None}
-
-
-def _load(model: str, device: str, backend: str, threads: int | None) -> Any:
     from phi_onnx.runtime.model import load
+    from phi_onnx.store import resolve_model
 
-    return load(model, device=device, backend=backend, threads=threads)
+    folder = resolve_model(model, device=device, precision=precision, revision=revision,
+                           notify=lambda line: click.echo(line, err=True), progress=sys.stderr.isatty())
+    if precision is not None and str(folder) == model:
+        click.echo(f"Note: --precision applies when MODEL is a name to export; {model} is an export already.",
+                   err=True)
+    return load(folder, device=device, backend=backend, threads=threads)
+
+
+def _check_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Validate the sampling options before the (slow) load, so a typo fails at once."""
+    from phi_onnx.runtime.options import GenerationOptions
+
+    kwargs = generation_kwargs(options)
+    GenerationOptions.from_kwargs(None, **kwargs)
+    return kwargs
+
+
+def _check_text(value: str, what: str) -> str:
+    """Refuse text that arrived as bytes that are not UTF-8 (Python keeps them as lone surrogates)."""
+    if any("\udc80" <= char <= "\udcff" for char in value):
+        raise TextError(f"{what} {NOT_UTF8}.", hint="Pass UTF-8 text (check the terminal's or file's encoding).")
+    return value
+
+
+def _read_stdin(what: str) -> str:
+    """All of stdin, decoded as UTF-8 (a leading byte order mark is dropped)."""
+    data = click.get_binary_stream("stdin").read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise TextError(f"{what} {NOT_UTF8} (byte {error.start}: {data[error.start:error.start + 1]!r}).",
+                        hint="Convert it first, e.g. `iconv -f LATIN1 -t UTF-8 FILE | phi-onnx ...`.") from None
+
+
+class TextError(PhiOnnxError):
+    """Text from the command line or stdin is not UTF-8."""
 
 
 def _stats(result: Any) -> str:
@@ -73,17 +94,25 @@ def _stats(result: Any) -> str:
 @click.command()
 @_model_options
 @click.argument("prompt")
-@_generation_options(default_max_new=256)
+@generation_options(default_max_new=256)
 @click.option("--chat", "as_chat", is_flag=True, help="Wrap PROMPT as a user message with the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @_user_errors
-def generate(model: str, device: str, backend: str, threads: int | None, prompt: str, as_chat: bool,
-             as_json: bool, **options: Any) -> None:
-    """Complete PROMPT ("-" reads stdin) with the model in MODEL (an export folder)."""
+def generate(model: str, device: str, backend: str, threads: int | None, precision: str | None,
+             revision: str | None, prompt: str, as_chat: bool, as_json: bool, **options: Any) -> None:
+    """Complete PROMPT ("-" reads stdin) with MODEL.
+
+    MODEL is an export folder, or a short name, hub id or checkpoint folder: that is exported once into
+    the local store (see `phi-onnx list`) and reused.
+    """
+    kwargs = _check_options(options)
+    _check_stop(kwargs)
     if prompt == "-":
-        prompt = click.get_text_stream("stdin").read()
-    lm = _load(model, device, backend, threads)
-    kwargs = _gen_kwargs(**options)
+        prompt = _read_stdin("The prompt on stdin")
+        prompt = prompt.removesuffix("\n").removesuffix("\r")  # the newline `echo` adds, as chat --once drops it
+    else:
+        _check_text(prompt, "The prompt")
+    lm = _load(model, device, backend, threads, precision, revision)
     stream = (lm.chat_stream([{"role": "user", "content": prompt}], **kwargs) if as_chat
               else lm.stream(prompt, **kwargs))
     if as_json:
@@ -104,26 +133,36 @@ def generate(model: str, device: str, backend: str, threads: int | None, prompt:
 @click.option("--system", default=None, help="System prompt.")
 @click.option("--once", is_flag=True, help="Answer one message read from stdin, then exit (for scripts).")
 @click.option("--json", "as_json", is_flag=True, help="With --once: print the reply as JSON.")
-@_generation_options(default_max_new=512)
+@generation_options(default_max_new=512)
 @_user_errors
-def chat(model: str, device: str, backend: str, threads: int | None, system: str | None, once: bool,
-         as_json: bool, **options: Any) -> None:
-    """Chat with the model in MODEL, streaming replies. /reset, /system TEXT, /exit; Ctrl-C stops a reply."""
-    lm = _load(model, device, backend, threads)
-    session = lm.start_chat(system=system, **_gen_kwargs(**options))
-    stdin = click.get_text_stream("stdin")
+def chat(model: str, device: str, backend: str, threads: int | None, precision: str | None, revision: str | None,
+         system: str | None, once: bool, as_json: bool, **options: Any) -> None:
+    """Chat with MODEL, streaming replies. /reset, /system TEXT, /help, /exit; Ctrl-C stops a reply.
+
+    MODEL is an export folder, or a short name, hub id or checkpoint folder: that is exported once into
+    the local store (see `phi-onnx list`) and reused.
+    """
+    kwargs = _check_options(options)
+    _check_stop(kwargs)
+    if system is not None:
+        _check_text(system, "The system prompt")
+    text = ""
     if once:
-        text = stdin.read().strip()
+        text = _read_stdin("The message on stdin").strip()
         if not text:
             raise click.UsageError("--once reads the message from stdin, which was empty.")
+    lm = _load(model, device, backend, threads, precision, revision)
+    session = lm.start_chat(system=system, **kwargs)
+    if once:
         stream = session.stream(text)
         if as_json:
             click.echo(json.dumps(stream.finish().to_dict(), ensure_ascii=False))
             return
         _print_reply(stream)
         return
+    stdin = click.get_binary_stream("stdin")
     interactive = stdin.isatty()
-    click.echo(f"phi-onnx chat: {lm.path.name} on {lm.provider} ({lm.backend} backend, "
+    click.echo(f"phi-onnx chat: {_display_name(model, lm.path)} on {lm.provider} ({lm.backend} backend, "
                f"{lm.context_length}-token context). {CHAT_HELP} Ctrl-C stops a reply.", err=True)
     while True:
         try:
@@ -133,6 +172,9 @@ def chat(model: str, device: str, backend: str, threads: int | None, system: str
             continue
         if line is None:
             break
+        if line is _NOT_UTF8:
+            click.echo(f"(that line {NOT_UTF8}; it was not sent — type it again)", err=True)
+            continue
         line = line.strip()
         if not line:
             continue
@@ -143,6 +185,8 @@ def chat(model: str, device: str, backend: str, threads: int | None, system: str
             if command == "/reset":
                 session.reset()
                 click.echo("(conversation cleared)", err=True)
+            elif command in ("/help", "/?"):
+                click.echo(CHAT_HELP + " Ctrl-C stops a reply; Ctrl-D quits.", err=True)
             elif command == "/system":
                 session.set_system(argument.strip())
                 click.echo("(system prompt set)" if argument.strip() else "(system prompt removed)", err=True)
@@ -152,23 +196,50 @@ def chat(model: str, device: str, backend: str, threads: int | None, system: str
         try:
             stream = session.stream(line)
         except PhiOnnxError as error:  # e.g. a message too long for the context: the session goes on
-            click.echo(f"Error: {error}", err=True)
+            click.echo(f"Error: {cli_wording(str(error))}", err=True)
             continue
         _print_reply(stream)
 
 
+_NOT_UTF8 = "\x00not utf-8"  # a sentinel _read_line returns for a line that cannot be decoded
+
+
 def _read_line(stdin: Any, interactive: bool) -> str | None:
-    """One line from the user (None at end of input); a `>>> ` prompt only on a terminal."""
+    """One line from the user (None at end of input, _NOT_UTF8 for bytes that are not UTF-8).
+
+    A `>>> ` prompt only on a terminal. Lines are decoded one at a time, so one bad line is refused
+    and the conversation goes on.
+    """
     if interactive:
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401 - line editing and history for input()
         try:
-            return input(">>> ")
+            line = input(">>> ")
         except EOFError:
             click.echo()
             return None
-    line = stdin.readline()
-    return line if line else None
+        except UnicodeDecodeError:
+            return _NOT_UTF8
+        return _NOT_UTF8 if any("\udc80" <= char <= "\udcff" for char in line) else line
+    data = stdin.readline()
+    if not data:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return _NOT_UTF8
+
+
+def _display_name(model: str, folder: Any) -> str:
+    """What the banner calls the model: the name the user typed when it came from the store."""
+    from pathlib import Path
+
+    return Path(model).name if Path(model).expanduser().is_dir() else f"{model} ({folder.name})"
+
+
+def _check_stop(kwargs: dict[str, Any]) -> None:
+    for stop in kwargs.get("stop", ()):
+        _check_text(stop, "A --stop string")
 
 
 def _print_reply(stream: Any) -> None:
@@ -185,23 +256,32 @@ def _print_reply(stream: Any) -> None:
 
 @click.command()
 @_model_options
-@click.option("--prompt-tokens", type=int, default=128, show_default=True)
-@click.option("--new-tokens", type=int, default=128, show_default=True)
-@click.option("--warmup", type=int, default=1, show_default=True, help="Untimed runs first.")
-@click.option("--repeat", type=int, default=3, show_default=True, help="Timed runs (the median is reported).")
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed runs first.")
+@click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Timed runs (the median is reported).")
 @click.option("--bandwidth", "bandwidth_gbps", type=float, default=None,
               help="Memory bandwidth in GB/s for the decode ceiling (default: measured on CPU).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_user_errors
-def bench(model: str, device: str, backend: str, threads: int | None, prompt_tokens: int, new_tokens: int,
-          warmup: int, repeat: int, bandwidth_gbps: float | None, as_json: bool) -> None:
-    """Measure prompt processing, time to first token, decode speed and memory of MODEL."""
+def bench(model: str, device: str, backend: str, threads: int | None, precision: str | None, revision: str | None,
+          prompt_tokens: int, new_tokens: int, warmup: int, repeat: int, bandwidth_gbps: float | None,
+          as_json: bool) -> None:
+    """Measure prompt processing, time to first token, decode speed and memory of MODEL.
+
+    MODEL is an export folder, or a name exported into the local store on first use (the export's time
+    is not part of the load time reported).
+    """
     import time
 
     from phi_onnx.runtime.bench import format_bench, run_bench
+    from phi_onnx.store import resolve_model
 
+    folder = resolve_model(model, device=device, precision=precision, revision=revision,
+                           notify=lambda line: click.echo(line, err=True))
     started = time.perf_counter()
-    lm = _load(model, device, backend, threads)
+    lm = _load(str(folder), device, backend, threads)
     load_seconds = time.perf_counter() - started
     report = run_bench(lm, prompt_tokens=prompt_tokens, new_tokens=new_tokens, warmup=warmup, repeat=repeat,
                        bandwidth_gbps=bandwidth_gbps)

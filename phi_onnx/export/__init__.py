@@ -1,6 +1,28 @@
-"""Checkpoint → ONNX export: a graph builder, one builder module per model family, a registry."""
+"""Checkpoint → ONNX export: a graph builder, one builder module per model family, a registry.
 
-from phi_onnx.export.options import ExportOptions
-from phi_onnx.export.pipeline import ExportResult, export
+`ExportOptions`, `ExportResult` and `export` are imported on first use, so reading the registry or the
+options does not import onnx_ir.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from phi_onnx.export.options import ExportOptions
+    from phi_onnx.export.pipeline import ExportResult, export
+
+_LAZY = {"ExportOptions": "phi_onnx.export.options", "ExportResult": "phi_onnx.export.pipeline",
+         "export": "phi_onnx.export.pipeline"}
 
 __all__ = ["ExportOptions", "ExportResult", "export"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

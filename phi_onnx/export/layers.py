@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 import numpy as np
 import onnx_ir as ir
@@ -27,6 +28,9 @@ class AttentionInputs:
     cos: Value  # [total_length, rotary_dim / 2] in the activation dtype
     sin: Value
     positions: Value  # int64 [batch, seq]: each new token's position
+    #: An additive [batch, heads or 1, seq, total] bias for the layers that take one (Phi-3-small's
+    #: block-sparse pattern); None for the others.
+    attention_bias: Value | None = None
 
 
 def rms_norm(g: GraphBuilder, x: Value, gamma: Value, eps: float) -> Value:
@@ -194,6 +198,11 @@ def concat_loader(ckpt: Checkpoint, names: Sequence[str],
     for name, shape in zip(names, shapes, strict=True):
         actual = ckpt.info(name).shape
         if actual != tuple(shape):
-            raise CheckpointError(f"Tensor {name!r} has shape {actual}, but config.json implies {tuple(shape)}.",
-                                  hint="The weights and config.json do not belong together.")
+            raise_shape(name, actual, tuple(shape))
     return lambda: np.concatenate([ckpt.read(name) for name in names], axis=0)
+
+
+def raise_shape(name: str, actual: tuple[int, ...], expected: tuple[int, ...]) -> NoReturn:
+    """The error for a checkpoint tensor whose shape disagrees with config.json."""
+    raise CheckpointError(f"Tensor {name!r} has shape {actual}, but config.json implies {expected}.",
+                          hint="The weights and config.json do not belong together.")

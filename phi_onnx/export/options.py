@@ -9,9 +9,13 @@ from phi_onnx.errors import OptionsError
 
 Precision = Literal["fp32", "fp16", "int4"]
 Device = Literal["cpu", "cuda"]
+Algo = Literal["rtn", "clip", "gptq"]
+Embeddings = Literal["auto", "full", "int4", "int8"]
 
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int4")
+EMBEDDINGS: tuple[str, ...] = ("auto", "full", "int4", "int8")
 DEVICES: tuple[str, ...] = ("cpu", "cuda")
+ALGOS: tuple[str, ...] = ("rtn", "clip", "gptq")
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,17 @@ class ExportOptions:
             None picks 4 on CPU (int8 compute, fastest) and 0 on CUDA.
         max_length: default `search.max_length` in genai_config (the KV cache onnxruntime-genai
             preallocates); None uses min(context length, 4096).
+        embeddings: the token embedding table: "full" in the activation dtype, "int4"/"int8" as
+            GatherBlockQuantized (same block size and symmetry as the layers); "auto" is int4 for
+            int4 exports, full otherwise. A tied model whose embedding and LM head have the same
+            bits stores one table for both.
+        lm_head_bits: bits of the LM head's MatMulNBits in int4 exports (4 or 8).
+        algo: how int4 weights are chosen: "rtn" round-to-nearest (fastest), "clip" a per-block
+            search of the clipping range (no data needed), "gptq" GPTQ layer by layer on calibration
+            text. All write the same MatMulNBits layout.
+        calibration: calibration text for "gptq" (and for "clip", which then weights its search by
+            activation statistics): a text file's path, or a tuple of texts. None: the built-in text
+            under "gptq", no data under "clip".
     """
 
     precision: Precision = "int4"
@@ -35,8 +50,13 @@ class ExportOptions:
     symmetric: bool = True
     accuracy_level: int | None = None
     max_length: int | None = None
+    embeddings: Embeddings = "auto"
+    lm_head_bits: int = 4
+    algo: Algo = "rtn"
+    calibration: str | tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.precision not in PRECISIONS:
             raise OptionsError(f"Unknown precision {self.precision!r}.",
                                hint=f"Choose one of: {', '.join(PRECISIONS)}.")
@@ -57,8 +77,23 @@ class ExportOptions:
         if self.accuracy_level is not None and self.accuracy_level not in (0, 1, 2, 3, 4):
             raise OptionsError(f"Invalid accuracy level {self.accuracy_level}.",
                                hint="Use 0 (unset), 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8).")
+        if self.algo not in ALGOS:
+            raise OptionsError(f"Unknown int4 algorithm {self.algo!r}.", hint=f"Choose one of: {', '.join(ALGOS)}.")
+        if self.calibration is not None and self.algo == "rtn":
+            raise OptionsError("Calibration text was given, but round-to-nearest (--algo rtn) uses none.",
+                               hint="Pass --algo gptq (or --algo clip) to use it, or drop --calibration.")
+        if isinstance(self.calibration, list):
+            object.__setattr__(self, "calibration", tuple(self.calibration))  # hashable, like the rest
         if self.max_length is not None and self.max_length < 1:
             raise OptionsError(f"Invalid max length {self.max_length}.", hint="Use a positive token count.")
+        if self.embeddings not in EMBEDDINGS:
+            raise OptionsError(f"Unknown embeddings setting {self.embeddings!r}.",
+                               hint=f"Choose one of: {', '.join(EMBEDDINGS)}.")
+        if self.lm_head_bits not in (4, 8):
+            raise OptionsError(f"Invalid LM head bits {self.lm_head_bits}.", hint="Use 4 or 8.")
+        if self.precision != "int4" and (self.embeddings in ("int4", "int8") or self.lm_head_bits != 4):
+            raise OptionsError(f"Quantized embeddings and LM head bits apply to int4 exports, not {self.precision}.",
+                               hint="Add --precision int4, or drop --embeddings/--lm-head-bits.")
 
     @property
     def io_dtype(self) -> str:
@@ -72,16 +107,49 @@ class ExportOptions:
             return self.accuracy_level
         return 4 if self.device == "cpu" else 0
 
+    @property
+    def resolved_embeddings(self) -> str:
+        """The embedding setting with "auto" resolved: int4 for int4 exports, full otherwise."""
+        if self.embeddings != "auto":
+            return self.embeddings
+        return "int4" if self.precision == "int4" else "full"
+
     def variant(self) -> str:
         """A short folder-style name, e.g. `cpu-int4-rtn-block-32`."""
         if self.precision != "int4":
             return f"{self.device}-{self.precision}"
-        kind = "rtn" if self.symmetric else "rtn-asym"
+        kind = self.algo if self.symmetric else f"{self.algo}-asym"
         return f"{self.device}-int4-{kind}-block-{self.block_size}"
 
     def to_dict(self) -> dict[str, Any]:
         """Every option, with defaults resolved, for the manifest."""
         data = asdict(self)
         data["accuracy_level"] = self.effective_accuracy_level
+        if isinstance(self.calibration, tuple):  # the texts themselves are recorded by their sha256
+            data["calibration"] = f"<{len(self.calibration)} texts>"
         data["io_dtype"] = self.io_dtype
+        data["embeddings"] = self.resolved_embeddings
         return data
+
+
+#: The Python type each option must have (None also allowed where listed); bool is not an int here.
+_TYPES: dict[str, tuple[type, bool]] = {
+    "precision": (str, False), "device": (str, False), "block_size": (int, False), "symmetric": (bool, False),
+    "accuracy_level": (int, True), "max_length": (int, True), "algo": (str, False), "embeddings": (str, False),
+    "lm_head_bits": (int, False),
+}
+
+
+def _check_types(options: ExportOptions) -> None:
+    """Refuse wrongly typed options (block_size="32") before any comparison raises TypeError."""
+    for name, (kind, optional) in _TYPES.items():
+        if not hasattr(options, name):
+            continue
+        value = getattr(options, name)
+        if value is None and optional:
+            continue
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            wanted = {str: "a string", int: "a whole number", bool: "True or False"}[kind]
+            raise OptionsError(f"ExportOptions.{name} must be {wanted}{' or None' if optional else ''}, "
+                               f"not {type(value).__name__} {value!r}.",
+                               hint=f"Pass e.g. ExportOptions({name}={getattr(ExportOptions, name, None)!r}).")

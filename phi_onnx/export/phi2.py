@@ -10,14 +10,7 @@ from __future__ import annotations
 from phi_onnx.errors import UnsupportedModelError
 from phi_onnx.export.base import DecoderBuilder
 from phi_onnx.export.graph import Value
-from phi_onnx.export.layers import (
-    AttentionInputs,
-    concat_loader,
-    gelu_tanh,
-    group_query_attention,
-    layer_norm,
-    residual_sum,
-)
+from phi_onnx.export.layers import AttentionInputs, gelu_tanh, group_query_attention, residual_sum
 from phi_onnx.export.registry import register
 
 #: transformers' activations that are all 0.5 x (1 + tanh(sqrt(2/π) (x + 0.044715 x³))).
@@ -32,37 +25,21 @@ class Phi2Builder(DecoderBuilder):
 
     def check(self) -> None:
         """Refuse what Phi checkpoints do not use: q/k LayerNorm, non-tanh GELU activations."""
-        raw = self.cfg.raw
-        if raw.get("qk_layernorm"):
+        if self.cfg.qk_layernorm:
             raise UnsupportedModelError("PhiForCausalLM with qk_layernorm=true is not supported.",
                                         hint="Released Phi-1, Phi-1.5 and Phi-2 checkpoints do not use it.")
         if self.cfg.hidden_act not in GELU_TANH:
             raise UnsupportedModelError(f"PhiForCausalLM with hidden_act={self.cfg.hidden_act!r} is not supported.",
                                         hint="Phi-2 uses 'gelu_new' (tanh GELU).")
 
-    def norm(self, name: str, x: Value) -> Value:
-        """LayerNorm `name` (weight and bias)."""
-        shape = (self.cfg.hidden_size,)
-        gamma, beta = self.param(f"{name}.weight", shape), self.param(f"{name}.bias", shape)
-        with self.g.scope(name.rsplit(".", 1)[-1]):
-            return layer_norm(self.g, x, gamma, beta, self.cfg.norm_eps)
-
-    def qkv(self, x: Value, prefix: str) -> Value:
-        """q_proj, k_proj and v_proj (weights and biases) as one packed projection."""
-        cfg = self.cfg
-        widths = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim)
-        names = [f"{prefix}{p}_proj" for p in "qkv"]
-        weight = concat_loader(self.ckpt, [f"{n}.weight" for n in names], [(w, cfg.hidden_size) for w in widths])
-        bias = concat_loader(self.ckpt, [f"{n}.bias" for n in names], [(w,) for w in widths])
-        return self.w.linear(self.g, x, "qkv_proj", sum(widths), cfg.hidden_size, weight, bias)
-
     def layer(self, i: int, hidden: Value, residual: Value | None, attn: AttentionInputs,
               past: tuple[Value, Value]) -> tuple[Value, Value, tuple[Value, Value]]:
         """`attn(ln(x)) + mlp(ln(x)) + x`; the residual stream is the layer output itself."""
         cfg, p = self.cfg, f"model.layers.{i}."
-        x = self.norm(p + "input_layernorm", hidden)
+        x = self.layer_norm(p + "input_layernorm", hidden)
         with self.g.scope("attn"):
-            out, *present = group_query_attention(self.g, self.qkv(x, p + "self_attn."), cfg, attn, *past)
+            qkv = self.packed_qkv(x, p + "self_attn.", bias=True)  # biased q/k/v_proj
+            out, *present = group_query_attention(self.g, qkv, cfg, attn, *past)
             attn_out = self.linear(out, "dense", p + "self_attn.dense.weight", cfg.hidden_size,
                                    cfg.num_heads * cfg.head_dim, bias=p + "self_attn.dense.bias")
         with self.g.scope("mlp"):
@@ -76,4 +53,4 @@ class Phi2Builder(DecoderBuilder):
 
     def final_norm(self, hidden: Value, residual: Value) -> Value:
         """`final_layernorm` on the last layer's output."""
-        return self.norm("model.final_layernorm", hidden)
+        return self.layer_norm("model.final_layernorm", hidden)

@@ -5,6 +5,8 @@ flash-attn and Triton on CUDA. Nothing here runs or imports it; the graph is bui
 below, each with the public file it was read from. The tests hold a small PyTorch reference written
 from the same facts (tests/export/phi3small_reference.py).
 
+The config keys below are read in phi_onnx/source/phi3small.py (`cfg.family` holds them here).
+
 FACTS (sources: hub = huggingface.co/microsoft/Phi-3-small-8k-instruct files; vllm =
 vllm-project/vllm vllm/model_executor/models/phi3_small.py and vllm/attention/ops/blocksparse_attention/
 {utils,interface}.py; mlx = ml-explore/mlx-lm mlx_lm/models/phi3small.py; trtllm = NVIDIA TensorRT-LLM
@@ -72,7 +74,7 @@ Dummy tokens (hub tokenization_phi3_small.py `dummy_token_indices`, configuratio
 Tokenizer (hub tokenization_phi3_small.py): tiktoken cl100k_base ranks (file cl100k_base.tiktoken) with
   cl100k's pre-tokenizer regex, plus the special tokens <|endoftext|> 100257, <|system|> 100261,
   <|user|> 100262, <|assistant|> 100263, <|end|> 100266 and the fim/dummy ids above; no BOS is added.
-  See `tiktoken_tokenizer_json`.
+  See `write_tokenizer` and export/tiktoken_bpe.py.
 
 Not pinned down (and what depends on it):
   * The 128k config.json itself is not stored anywhere searched: its rope_scaling values are read
@@ -103,36 +105,25 @@ Limits of this export:
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-from phi_onnx.errors import CheckpointError, UnsupportedModelError
-from phi_onnx.export.base import DecoderBuilder, raise_shape
+from phi_onnx.errors import UnsupportedModelError
+from phi_onnx.export.base import DecoderBuilder
 from phi_onnx.export.graph import Value
-from phi_onnx.export.layers import (
-    AttentionInputs,
-    apply_rotary,
-    gqa_fuses_rotary,
-    layer_norm,
-    residual_sum,
-    rotary_inv_freq,
-)
+from phi_onnx.export.layers import AttentionInputs, apply_rotary, gqa_fuses_rotary, residual_sum, rotary_inv_freq
 from phi_onnx.export.options import ExportOptions
 from phi_onnx.export.registry import register
+from phi_onnx.export.tiktoken_bpe import read_tiktoken, tiktoken_tokenizer_json
 from phi_onnx.source.checkpoint import Checkpoint
-from phi_onnx.source.config import ModelConfig, RopeConfig
+from phi_onnx.source.config import ModelConfig
+from phi_onnx.source.phi3small import VOCAB_SIZE, Phi3SmallSettings, normalise
 
-#: Vocabulary size of the Phi-3-small tokenizer (cl100k_base padded to a multiple of 64).
-VOCAB_SIZE = 100352
-#: Ids the Phi-3-small tokenizer never produces; their logits are masked (see FACTS).
-DUMMY_TOKEN_IDS: tuple[int, ...] = (100256, 100258, 100259, 100260, 100264, 100265, *range(100267, 100352))
 #: Special tokens of the Phi-3-small tokenizer (hub tokenization_phi3_small.py SPECIAL_TOKENS).
 SPECIAL_TOKENS: dict[str, int] = {
     "<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259, "<|fim_suffix|>": 100260,
@@ -142,145 +133,6 @@ SPECIAL_TOKENS: dict[str, int] = {
     "<|endofprompt|>": 100276,
     **{f"<|dummy_id_{11 + i}|>": 100276 + i for i in range(1, VOCAB_SIZE - 100276)},  # 100277..100351
 }
-#: tiktoken cl100k_base's pre-tokenizer pattern (the hub tokenizer uses `cl100k_base._pat_str`).
-CL100K_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-@dataclasses.dataclass(frozen=True)
-class Phi3SmallSettings:
-    """The family-specific config keys, read once from config.json."""
-
-    dense_every: int | None
-    block_size: int
-    local_blocks: int
-    vert_stride: int
-    homo_heads: bool
-    attn_scale: float
-    embedding_multiplier: float | None
-    width_multiplier: float | None
-    gegelu_limit: float | None
-    position_scale: float
-    dummy_token_ids: tuple[int, ...]
-
-    def is_dense(self, layer: int) -> bool:
-        """Whether layer `layer` (0-based) uses dense attention (the others are block-sparse)."""
-        return bool(self.dense_every) and (layer + 1) % int(self.dense_every) == 0
-
-    def head_step(self, heads: int) -> int:
-        """How far each query head shifts the vertical stripes (0: every head shares one pattern)."""
-        return 0 if self.homo_heads else max(1, int(self.vert_stride / heads))
-
-
-def _number(raw: dict[str, Any], key: str, default: Any) -> Any:
-    value = raw.get(key, default)
-    return default if value is None and default is not None else value
-
-
-def intermediate_size(raw: dict[str, Any]) -> int:
-    """`ff_intermediate_size`, or the size `ff_dim_multiplier` implies (hub `intermediate_size`)."""
-    size = raw.get("ff_intermediate_size")
-    if size is not None:
-        return int(size)
-    multiplier = raw.get("ff_dim_multiplier")
-    if multiplier is None:
-        raise CheckpointError("config.json sets neither ff_intermediate_size nor ff_dim_multiplier.",
-                              hint="Phi-3-small configs set ff_intermediate_size (14336).")
-    size = int(multiplier) * (int(raw["hidden_size"]) // 3) * 2
-    if raw.get("gegelu_pad_to_256", True):
-        size = -(-size // 256) * 256
-    return size
-
-
-def read_settings(cfg: ModelConfig) -> Phi3SmallSettings:
-    """Phi-3-small's own keys, validated (UnsupportedModelError for what cannot be built)."""
-    raw = cfg.raw
-    act = raw.get("hidden_act", "gegelu")
-    if act != "gegelu":
-        raise UnsupportedModelError(f"Phi3SmallForCausalLM with hidden_act={act!r} is not supported.",
-                                    hint="Phi-3-small checkpoints use 'gegelu'.")
-    block = int(_number(raw, "blocksparse_block_size", 64))
-    local = int(_number(raw, "blocksparse_num_local_blocks", 16))
-    stride = int(_number(raw, "blocksparse_vert_stride", 8))
-    if block < 1 or local < 1 or stride < 1:
-        raise CheckpointError(f"Invalid block-sparse settings: block size {block}, {local} local blocks, "
-                              f"vertical stride {stride}.", hint="Each must be a positive integer.")
-    head_dim = cfg.hidden_size // cfg.num_heads
-    if _number(raw, "mup_use_scaling", True):
-        scale = float(_number(raw, "mup_attn_multiplier", 1.0)) / head_dim
-    else:
-        scale = 1.0 / math.sqrt(head_dim)
-    emb = raw.get("mup_embedding_multiplier", 10.0)
-    width = raw.get("mup_width_multiplier", 8.0)
-    limit = raw.get("gegelu_limit", 20.0)
-    dummies = raw.get("dummy_token_indices")
-    if dummies is None:
-        dummies = DUMMY_TOKEN_IDS if cfg.vocab_size == VOCAB_SIZE else ()
-    dummies = tuple(sorted({int(i) for i in dummies}))
-    if any(i < 0 or i >= cfg.vocab_size for i in dummies):
-        raise CheckpointError("dummy_token_indices holds ids outside the vocabulary.",
-                              hint=f"Ids must lie in [0, {cfg.vocab_size}).")
-    dense_every = raw.get("dense_attention_every_n_layers")
-    return Phi3SmallSettings(
-        dense_every=int(dense_every) if dense_every else None, block_size=block, local_blocks=local,
-        vert_stride=stride, homo_heads=bool(raw.get("blocksparse_homo_head_pattern", False)), attn_scale=scale,
-        embedding_multiplier=float(emb) if emb is not None and float(emb) > 0 else None,
-        width_multiplier=float(width) if width else None,
-        gegelu_limit=float(limit) if limit is not None else None,
-        position_scale=float(_number(raw, "rope_position_scale", 1.0)),
-        dummy_token_ids=dummies)
-
-
-def _mscales(cfg: ModelConfig) -> tuple[float, float]:
-    """LongRoPE's cos/sin factors (short, long) by the hub's rule; (1, 1) without rope_scaling."""
-    raw = cfg.raw
-    scaling = raw.get("rope_scaling") if isinstance(raw.get("rope_scaling"), dict) else {}
-    if not scaling:
-        return 1.0, 1.0
-    short_mscale = float(scaling.get("short_mscale") or -1)
-    long_mscale = float(scaling.get("long_mscale") or -1)
-    original = _original_context(raw)
-    ratio = cfg.max_position_embeddings / original
-    default_long = 1.0 if ratio <= 1.0 else math.sqrt(1 + math.log(ratio) / math.log(original))
-    return (short_mscale if short_mscale > 0 else 1.0), (long_mscale if long_mscale > 0 else default_long)
-
-
-def _original_context(raw: dict[str, Any]) -> int:
-    scaling = raw.get("rope_scaling") or {}
-    value = scaling.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings")
-    if not value:
-        raise CheckpointError("rope_scaling has no original_max_position_embeddings.",
-                              hint="Phi-3-small-128k's rope_scaling names it (8192).")
-    return int(value)
-
-
-def model_config(cfg: ModelConfig) -> ModelConfig:
-    """The generic config with Phi-3-small's spellings applied (rope base, LayerNorm eps, MLP width, ties)."""
-    raw = cfg.raw
-    head_dim = cfg.hidden_size // cfg.num_heads
-    theta = float(_number(raw, "rope_embedding_base", 1e6))
-    scaling = raw.get("rope_scaling")
-    rope = RopeConfig(theta=theta, rotary_dim=head_dim)
-    if isinstance(scaling, dict):
-        kind = str(scaling.get("type") or scaling.get("rope_type") or "")
-        if kind not in ("longrope", "su"):
-            raise UnsupportedModelError(f"Phi-3-small with rope_scaling type {kind!r} is not supported.",
-                                        hint="Phi-3-small-128k uses LongRoPE ('longrope' or 'su').")
-        short = tuple(float(x) for x in scaling.get("short_factor") or ())
-        long = tuple(float(x) for x in scaling.get("long_factor") or ())
-        if len(short) != head_dim // 2 or len(long) != head_dim // 2:
-            raise CheckpointError(
-                f"LongRoPE factor lists have lengths {len(short)} (short) and {len(long)} (long); "
-                f"head_dim {head_dim} needs {head_dim // 2} each.", hint="The config's rope_scaling is inconsistent.")
-        # The hub scales cos/sin by short_mscale or long_mscale: the shared rotary's two attention factors.
-        short_mscale, long_mscale = _mscales(cfg)
-        rope = RopeConfig(theta=theta, rotary_dim=head_dim, kind="longrope", short_factor=short, long_factor=long,
-                          original_max_position_embeddings=_original_context(raw), attention_factor=short_mscale,
-                          long_attention_factor=long_mscale)
-    return dataclasses.replace(
-        cfg, head_dim=head_dim, rope=rope, sliding_window=None, intermediate_size=intermediate_size(raw),
-        norm_eps=float(_number(raw, "layer_norm_epsilon", 1e-5)), hidden_act="gegelu",
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)))
 
 
 def qkv_rows(heads: int, kv_heads: int, head_dim: int) -> np.ndarray:
@@ -302,43 +154,36 @@ class Phi3SmallBuilder(DecoderBuilder):
     genai_type = "phi3small"
 
     def __init__(self, config: ModelConfig, checkpoint: Checkpoint, options: ExportOptions) -> None:
-        self.settings = read_settings(config)
-        super().__init__(model_config(config), checkpoint, options)
-        self._sparse_bias: Value | None = None
-        self._inputs: AttentionInputs | None = None
-        self._total64: Value | None = None
+        if not isinstance(config.family, Phi3SmallSettings):  # a ModelConfig not made by parse_config
+            config = normalise(config)
+        super().__init__(config, checkpoint, options)
+        self.settings: Phi3SmallSettings = config.family
 
     def write_assets(self, source: Path, folder: Path) -> None:
         """Convert the hub's tiktoken ranks to a tokenizer.json (the hub tokenizer is remote code)."""
         write_tokenizer(source, folder)
 
-    # -- attention inputs with the hub's rotary semantics ------------------------------------
-    # Built inside the first layer that needs them, once for all layers.
-    def total_length64(self) -> Value:
-        """The attention mask's width (past + new tokens) as an int64 scalar."""
-        if self._total64 is None:
-            g = self.g
-            attention_mask = g.inputs[1]
-            assert attention_mask.name == "attention_mask"
-            with g.scope("attn_mask"):
-                self._total64 = g.op("Gather", g.op("Shape", attention_mask), g.const(1, np.int64), axis=0)
-        return self._total64
-
-    def hub_inputs(self, attn: AttentionInputs) -> AttentionInputs:
-        """The shared attention inputs with the hub's rotary semantics.
+    # -- per-forward inputs ---------------------------------------------------------------------
+    def model_inputs(self, input_ids: Value, attention_mask: Value) -> AttentionInputs:
+        """The shared attention inputs with the hub's rotary semantics, and the block-sparse bias.
 
         `attention_inputs` (layers.py) already picks LongRoPE's factors per forward the way the hub
         does, and scales cos/sin by short_mscale or long_mscale (`model_config` sets them as the
         rope's two attention factors). Without LongRoPE the hub multiplies positions by
         rope_position_scale (no released config does; the layers.py tables are then left unused).
         """
-        if self._inputs is not None:
-            return self._inputs
+        attn = super().model_inputs(input_ids, attention_mask)
         g, cfg, s = self.g, self.cfg, self.settings
-        cos, sin = attn.cos, attn.sin
-        with g.scope("rotary_emb"):
-            if cfg.rope.kind != "longrope" and s.position_scale != 1.0:
-                steps = g.op("Cast", g.op("Range", g.const(0, np.int64), self.total_length64(), g.const(1, np.int64)),
+        rescaled = cfg.rope.kind != "longrope" and s.position_scale != 1.0
+        sparse = any(not s.is_dense(i) for i in range(cfg.num_layers))
+        if not rescaled and not sparse:
+            return attn
+        with g.scope("model", "attn_mask"):
+            total64 = g.op("Gather", g.op("Shape", attention_mask), g.const(1, np.int64), axis=0)
+        cos, sin, bias = attn.cos, attn.sin, None
+        if rescaled:
+            with g.scope("model", "rotary_emb"):
+                steps = g.op("Cast", g.op("Range", g.const(0, np.int64), total64, g.const(1, np.int64)),
                              to=ir.DataType.FLOAT)
                 steps = g.op("Mul", steps, g.const(s.position_scale, np.float32))
                 freqs = g.op("Mul", g.op("Unsqueeze", steps, g.const([1], np.int64)),
@@ -346,32 +191,35 @@ class Phi3SmallBuilder(DecoderBuilder):
                 cos, sin = g.op("Cos", freqs), g.op("Sin", freqs)
                 if self.w.io_dtype != ir.DataType.FLOAT:
                     cos, sin = g.op("Cast", cos, to=self.w.io_dtype), g.op("Cast", sin, to=self.w.io_dtype)
-        self._inputs = AttentionInputs(attn.seqlens_k, attn.total_length, cos, sin, attn.positions)
-        return self._inputs
+        if sparse:
+            with g.scope("model", "block_sparse"):
+                bias = self.sparse_bias(attn.positions, total64)
+        return dataclasses.replace(attn, cos=cos, sin=sin, attention_bias=bias)
 
-    def sparse_bias(self, attn: AttentionInputs) -> Value:
-        """[batch, heads or 1, seq, total] 0 / -inf: the block-sparse pattern, built once per forward."""
-        if self._sparse_bias is not None:
-            return self._sparse_bias
+    def sparse_bias(self, positions: Value, total64: Value) -> Value:
+        """[batch, heads or 1, seq, total] 0 / -inf: the block-sparse pattern, from each token's position."""
         g, cfg, s = self.g, self.cfg, self.settings
-        positions, total64 = attn.positions, self.total_length64()
-        with g.scope("block_sparse"):
-            block = g.const(s.block_size, np.int64)
-            key_blocks = g.op("Div", g.op("Range", g.const(0, np.int64), total64, g.const(1, np.int64)), block)
-            query_blocks = g.op("Unsqueeze", g.op("Div", positions, block), g.const([2], np.int64))
-            # Keys in one of the last `local_blocks` blocks (later keys are masked by causality).
-            local = g.op("Less", g.op("Sub", query_blocks, key_blocks), g.const(s.local_blocks, np.int64))
-            step = s.head_step(cfg.num_heads)
-            heads = cfg.num_heads if step else 1
-            shift = g.const((np.arange(heads, dtype=np.int64) * step + 1).reshape(heads, 1))
-            stripes = g.op("Equal", g.op("Mod", g.op("Add", g.op("Unsqueeze", key_blocks, g.const([0], np.int64)),
-                                                      shift), g.const(s.vert_stride, np.int64)),
-                           g.const(0, np.int64))
-            allowed = g.op("Or", g.op("Unsqueeze", local, g.const([1], np.int64)),
-                           g.op("Unsqueeze", stripes, g.const([0, 2], np.int64)))
-            dtype = np.float16 if self.w.io_dtype == ir.DataType.FLOAT16 else np.float32
-            self._sparse_bias = g.op("Where", allowed, g.const(0, dtype), g.const(-np.inf, dtype))
-        return self._sparse_bias
+        block = g.const(s.block_size, np.int64)
+        key_blocks = g.op("Div", g.op("Range", g.const(0, np.int64), total64, g.const(1, np.int64)), block)
+        query_blocks = g.op("Unsqueeze", g.op("Div", positions, block), g.const([2], np.int64))
+        # Keys in one of the last `local_blocks` blocks (later keys are masked by causality).
+        local = g.op("Less", g.op("Sub", query_blocks, key_blocks), g.const(s.local_blocks, np.int64))
+        step = s.head_step(cfg.num_heads)
+        heads = cfg.num_heads if step else 1
+        shift = g.const((np.arange(heads, dtype=np.int64) * step + 1).reshape(heads, 1))
+        stripes = g.op("Equal", g.op("Mod", g.op("Add", g.op("Unsqueeze", key_blocks, g.const([0], np.int64)),
+                                                  shift), g.const(s.vert_stride, np.int64)),
+                       g.const(0, np.int64))
+        allowed = g.op("Or", g.op("Unsqueeze", local, g.const([1], np.int64)),
+                       g.op("Unsqueeze", stripes, g.const([0, 2], np.int64)))
+        return g.op("Where", allowed, g.const(0, self.w.np_dtype), g.const(-np.inf, self.w.np_dtype))
+
+    def embedding(self, input_ids: Value) -> Value:
+        """The embedding rows, times mup_embedding_multiplier when the config sets one."""
+        hidden = super().embedding(input_ids)
+        if self.settings.embedding_multiplier is None:
+            return hidden
+        return self.g.op("Mul", hidden, self.g.const(self.settings.embedding_multiplier, self.w.np_dtype))
 
     # -- layers ---------------------------------------------------------------------------------
     def check(self) -> None:
@@ -385,20 +233,10 @@ class Phi3SmallBuilder(DecoderBuilder):
 
     def _linear(self, x: Value, scope: str, name: str, out_features: int, in_features: int,
                 rows: np.ndarray | None = None) -> Value:
-        """`x @ W.T + b` from `<name>.weight` / `<name>.bias`, rows reordered by `rows` when given."""
-        weight, bias = f"{name}.weight", f"{name}.bias"
-        info = self.ckpt.info(weight)
-        if info.shape != (out_features, in_features):
-            raise_shape(weight, info.shape, (out_features, in_features))
-        load_w, load_b = self.load(weight), None
-        if bias in self.ckpt:
-            if self.ckpt.info(bias).shape != (out_features,):
-                raise_shape(bias, self.ckpt.info(bias).shape, (out_features,))
-            load_b = self.load(bias)
-        if rows is not None:
-            load_w = _permuted(load_w, rows)
-            load_b = _permuted(load_b, rows) if load_b is not None else None
-        return self.w.linear(self.g, x, scope, out_features, in_features, load_w, load_b)
+        """`x @ W.T + b` from `<name>.weight` and `<name>.bias` (when present), rows reordered by `rows`."""
+        bias = f"{name}.bias"
+        return self.linear(x, scope, f"{name}.weight", out_features, in_features,
+                           bias=bias if bias in self.ckpt else None, rows=rows)
 
     def norm(self, name: str, x: Value, residual: Value | None) -> tuple[Value, Value]:
         """`residual + x` (when there is a residual) and LayerNorm `name` of it: (normed, new residual).
@@ -406,27 +244,22 @@ class Phi3SmallBuilder(DecoderBuilder):
         LayerNormalization after a Sum, not SkipLayerNormalization: ORT's CPU kernel for the latter
         computes the variance in one pass and loses digits on activations far from zero (layers.py).
         """
-        g, h = self.g, self.cfg.hidden_size
-        gamma, beta = self.param(f"{name}.weight", (h,)), self.param(f"{name}.bias", (h,))
-        with g.scope(name.rsplit(".", 1)[-1]):
-            total = x if residual is None else residual_sum(g, residual, x)
-            return layer_norm(g, total, gamma, beta, self.cfg.norm_eps), total
+        total = x
+        if residual is not None:
+            with self.g.scope(name.rsplit(".", 1)[-1]):
+                total = residual_sum(self.g, residual, x)
+        return self.layer_norm(name, total), total
 
     def layer(self, i: int, hidden: Value, residual: Value | None, attn: AttentionInputs,
               past: tuple[Value, Value]) -> tuple[Value, Value, tuple[Value, Value]]:
         """input LayerNorm → dense or block-sparse attention → post-attention LayerNorm → gegelu MLP."""
         cfg, s, g, p = self.cfg, self.settings, self.g, f"model.layers.{i}."
-        attn = self.hub_inputs(attn)
-        if residual is None and s.embedding_multiplier is not None:
-            with g.scope("embed_scale"):
-                dtype = np.float16 if self.w.io_dtype == ir.DataType.FLOAT16 else np.float32
-                hidden = g.op("Mul", hidden, g.const(s.embedding_multiplier, dtype))
         x, residual = self.norm(p + "input_layernorm", hidden, residual)
         with g.scope("attn"):
             heads, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
             qkv = self._linear(x, "qkv_proj", p + "self_attn.query_key_value", (heads + 2 * kv) * d, cfg.hidden_size,
                                rows=qkv_rows(heads, kv, d))
-            bias = None if s.is_dense(i) else self.sparse_bias(attn)
+            bias = None if s.is_dense(i) else attn.attention_bias
             out, present_key, present_value = self.attention(qkv, attn, past, bias)
             hidden = self._linear(out, "o_proj", p + "self_attn.dense", cfg.hidden_size, heads * d)
         x, residual = self.norm(p + "post_attention_layernorm", hidden, residual)
@@ -460,7 +293,7 @@ class Phi3SmallBuilder(DecoderBuilder):
         """quick_gelu(clamped gelu half) * (clamped linear half + 1), halves already de-interleaved."""
         g, inter, limit = self.g, self.cfg.intermediate_size, self.settings.gegelu_limit
         gelu, linear = g.op("Split", up, g.const([inter, inter], np.int64), axis=-1, outputs=2)
-        dtype = np.float16 if self.w.io_dtype == ir.DataType.FLOAT16 else np.float32
+        dtype = self.w.np_dtype
         if limit is not None:
             # Finite values are clamped; +-inf pass through unchanged (the hub's torch.where(isinf, ...)).
             gelu = g.op("Where", g.op("IsInf", gelu), gelu, g.op("Clip", gelu, None, g.const(limit, dtype)))
@@ -479,7 +312,7 @@ class Phi3SmallBuilder(DecoderBuilder):
         name = "lm_head.weight" if not cfg.tie_word_embeddings and "lm_head.weight" in self.ckpt \
             else "model.embed_tokens.weight"
         logits = self.linear(x, "lm_head", name, cfg.vocab_size, cfg.hidden_size)
-        dtype = np.float16 if self.w.io_dtype == ir.DataType.FLOAT16 else np.float32
+        dtype = self.w.np_dtype
         with g.scope("lm_head"):
             if s.width_multiplier is not None:
                 logits = g.op("Div", logits, g.const(s.width_multiplier, dtype))
@@ -490,84 +323,7 @@ class Phi3SmallBuilder(DecoderBuilder):
         return logits
 
 
-def _permuted(load: Any, rows: np.ndarray) -> Any:
-    return lambda: np.ascontiguousarray(load()[rows])
-
-
 # -- tokenizer ----------------------------------------------------------------------------------
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte → printable character map (what byte-level BPE vocabularies use)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {b: chr(b) for b in printable}, 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
-
-
-def read_tiktoken(path: Path) -> dict[bytes, int]:
-    """A `.tiktoken` file (one `base64(token) rank` per line) as token bytes → rank."""
-    ranks: dict[bytes, int] = {}
-    for line in path.read_bytes().splitlines():
-        if line.strip():
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
-    return ranks
-
-
-def _merge_of(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
-    """The pair whose merge creates `token`: run BPE on its bytes with only lower-ranked merges."""
-    rank = ranks[token]
-    parts = [token[i:i + 1] for i in range(len(token))]
-    while True:
-        best, best_rank = None, None
-        for i in range(len(parts) - 1):
-            r = ranks.get(parts[i] + parts[i + 1])
-            if r is not None and r < rank and (best_rank is None or r < best_rank):
-                best, best_rank = i, r
-        if best is None:
-            break
-        parts[best:best + 2] = [parts[best] + parts[best + 1]]
-    if len(parts) != 2:
-        raise CheckpointError(f"The tiktoken ranks cannot build token {token!r} from one merge.",
-                              hint="The .tiktoken file is not a byte-level BPE vocabulary.")
-    return parts[0], parts[1]
-
-
-def tiktoken_tokenizer_json(ranks: dict[bytes, int], special_tokens: dict[str, int],
-                            pattern: str = CL100K_PATTERN) -> dict[str, Any]:
-    """A Hugging Face `tokenizer.json` equivalent to a tiktoken encoding (byte-level BPE).
-
-    tiktoken merges the adjacent pair whose concatenation has the lowest rank; with the merges
-    listed in rank order (each token's merge recovered by re-running BPE on its bytes), the
-    `tokenizers` BPE model applies the same merges in the same order.
-    """
-    chars = _bytes_to_unicode()
-
-    def text(token: bytes) -> str:
-        return "".join(chars[b] for b in token)
-
-    vocab = {text(token): rank for token, rank in ranks.items()}
-    merges = [[text(a), text(b)] for a, b in (_merge_of(token, ranks) for token in
-                                              sorted((t for t in ranks if len(t) > 1), key=ranks.__getitem__))]
-    added = [{"id": i, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": True}
-             for content, i in sorted(special_tokens.items(), key=lambda item: item[1])]
-    return {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
-        "post_processor": None,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-                  "vocab": vocab, "merges": merges},
-    }
-
-
 def write_tokenizer(source: Path, output: Path) -> bool:
     """Write tokenizer.json and tokenizer_config.json for a checkpoint that ships cl100k_base.tiktoken.
 

@@ -36,9 +36,9 @@ import onnx_ir as ir
 from phi_onnx.errors import UnsupportedModelError
 from phi_onnx.export.base import DecoderBuilder
 from phi_onnx.export.graph import Value
-from phi_onnx.export.layers import AttentionInputs, concat_loader, group_query_attention, layer_norm, residual_sum
+from phi_onnx.export.layers import AttentionInputs, concat_loader, group_query_attention, residual_sum
 from phi_onnx.export.registry import register
-from phi_onnx.quantize.int4 import Int4Weight, quantize_int4
+from phi_onnx.quantize.int4 import Int4Weight
 
 
 @register("PhimoeForCausalLM", "PhiMoEForCausalLM")
@@ -63,26 +63,20 @@ class PhimoeBuilder(DecoderBuilder):
                 f"({cfg.hidden_size}, {cfg.intermediate_size}), which ORT's QMoE requires.",
                 hint="Choose a smaller --block-size.")
 
-    def norm(self, name: str, x: Value) -> Value:
-        """LayerNorm `name` (weight and bias)."""
-        shape = (self.cfg.hidden_size,)
-        gamma, beta = self.param(f"{name}.weight", shape), self.param(f"{name}.bias", shape)
-        with self.g.scope(name.rsplit(".", 1)[-1]):
-            return layer_norm(self.g, x, gamma, beta, self.cfg.norm_eps)
-
     def layer(self, i: int, hidden: Value, residual: Value | None, attn: AttentionInputs,
               past: tuple[Value, Value]) -> tuple[Value, Value, tuple[Value, Value]]:
         """input norm → attention → residual → post-attention norm → sparse MoE → residual."""
         cfg, g, p = self.cfg, self.g, f"model.layers.{i}."
-        x = self.norm(p + "input_layernorm", hidden)
+        x = self.layer_norm(p + "input_layernorm", hidden)
         with g.scope("attn"):
-            out, *present = group_query_attention(g, self.qkv(x, p + "self_attn."), cfg, attn, *past)
+            # q/k/v biases when the config sets `attention_bias` (true in Phi-3.5-MoE)
+            out, *present = group_query_attention(g, self.packed_qkv(x, p + "self_attn."), cfg, attn, *past)
             o_bias = p + "self_attn.o_proj.bias"
             out = self.linear(out, "o_proj", p + "self_attn.o_proj.weight", cfg.hidden_size,
                               cfg.num_heads * cfg.head_dim, bias=o_bias if o_bias in self.ckpt else None)
         with g.scope("residual"):
             hidden = residual_sum(g, hidden, out)
-        x = self.norm(p + "post_attention_layernorm", hidden)
+        x = self.layer_norm(p + "post_attention_layernorm", hidden)
         with g.scope("moe"):
             out = self.moe(x, p + "block_sparse_moe.")
         with g.scope("residual_1"):
@@ -91,19 +85,7 @@ class PhimoeBuilder(DecoderBuilder):
 
     def final_norm(self, hidden: Value, residual: Value) -> Value:
         """The final LayerNorm."""
-        return self.norm("model.norm", hidden)
-
-    # -- attention ------------------------------------------------------------------------------
-    def qkv(self, x: Value, prefix: str) -> Value:
-        """q_proj, k_proj and v_proj as one packed projection, with their biases when present."""
-        cfg = self.cfg
-        widths = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim)
-        names = [f"{prefix}{p}_proj" for p in "qkv"]
-        weight = concat_loader(self.ckpt, [f"{n}.weight" for n in names], [(w, cfg.hidden_size) for w in widths])
-        bias = None
-        if f"{names[0]}.bias" in self.ckpt:  # config `attention_bias` (true in Phi-3.5-MoE)
-            bias = concat_loader(self.ckpt, [f"{n}.bias" for n in names], [(w,) for w in widths])
-        return self.w.linear(self.g, x, "qkv_proj", sum(widths), cfg.hidden_size, weight, bias)
+        return self.layer_norm("model.norm", hidden)
 
     # -- sparse MoE -----------------------------------------------------------------------------
     def moe(self, x: Value, prefix: str) -> Value:
@@ -210,7 +192,7 @@ class PhimoeBuilder(DecoderBuilder):
         def expert(e: int) -> Int4Weight:
             with lock:
                 if e not in cache:
-                    cache[e] = quantize_int4(loads[e](), opts.block_size, opts.symmetric)
+                    cache[e] = self.w.quantize(f"{prefix}.{fc}.{e}", loads[e])
                     reads[e] = 0
                 quantized = cache[e]
                 reads[e] += 1

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -16,22 +14,31 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import onnx_ir as ir
 
-from phi_onnx.errors import OutputExistsError, PhiOnnxError
+from phi_onnx.errors import OutputWriteError, PhiOnnxError
 from phi_onnx.export.genai_config import genai_config
 from phi_onnx.export.options import ExportOptions
+from phi_onnx.export.output import (
+    check_free_space,
+    check_parent,
+    check_target,
+    make_staging,
+    move_into_place,
+    write_error,
+)
 from phi_onnx.export.registry import builder_for
+from phi_onnx.manifest import EXPORT_TOOLS, tool_versions, write_manifest
+from phi_onnx.quantize.sequential import prepare_int4
 from phi_onnx.source.checkpoint import Checkpoint, file_sha256
-from phi_onnx.source.config import load_config
+from phi_onnx.source.config import check_tensors, load_config
 from phi_onnx.source.hub import TOKENIZER_FILES, ResolvedSource, resolve_source
 from phi_onnx.source.models import find_known_model
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "phi_onnx.json"
 #: Copied too so other runtimes can read the model's shapes: Hugging Face Optimum's ORTModelForCausalLM
 #: refuses a folder without config.json (see the README's "Optimum" section).
 INTEROP_FILES = ("config.json",)
@@ -72,33 +79,51 @@ def export(source: str | os.PathLike[str], output: str | os.PathLike[str], optio
         source: a short name (`phi-3-mini`), a Hugging Face hub id, or a local checkpoint folder.
         output: the folder to create. It appears only once complete.
         options: precision, device and int4 settings (defaults: int4 for CPU).
-        overwrite: replace an existing output folder.
+        overwrite: replace a previous phi-onnx export at `output`, and nothing else (not the source, a folder
+            holding it or the working directory, not a folder with other files: see `phi_onnx.export.output`).
         revision: hub revision (branch, tag or commit) when `source` is on the hub.
         progress: show a progress bar on stderr while weights are written.
 
     Raises:
-        PhiOnnxError: for any problem with the input; nothing is left behind.
+        OutputExistsError: the output exists (or appeared meanwhile) and may not be replaced.
+        OutputWriteError: the disk is full, read-only or not writable, or a parent of `output` is a file.
+        PhiOnnxError: for any other problem with the input; nothing is left behind.
     """
     options = options or ExportOptions()
+    if "\0" in os.fspath(output):
+        raise OutputWriteError(f"The output path {os.fspath(output)!r} contains a NUL character.",
+                               hint="Pass a plain folder path.")
     target = Path(output).expanduser().resolve()
-    if target.exists() and not overwrite:
-        raise OutputExistsError(f"Output folder {target} already exists.",
-                                hint="Pass --overwrite (overwrite=True) to replace it, or choose another folder.")
+    local = Path(source).expanduser()
+    early = [(local, "the source checkpoint")] if local.is_dir() else []
+    # Checked first so that a refusal costs nothing; again once the source is resolved, and at the move.
+    check_target(target, overwrite=overwrite, protected=[*early, (Path.cwd(), "the current directory")])
     started = time.perf_counter()
-    known = find_known_model(str(source)) if not Path(source).expanduser().is_dir() else None
+    known = find_known_model(str(source)) if not local.is_dir() else None
     if known is not None:
         builder_for(known.architecture)  # refuses a model we cannot build before downloading it
     resolved = resolve_source(str(source), revision=revision)
+    protected = [(resolved.path, "the source checkpoint"), (Path.cwd(), "the current directory")]
+    checked = check_target(target, overwrite=overwrite, protected=protected)
     cfg = load_config(resolved.path)
     builder_cls = builder_for(cfg.architecture)
     checkpoint = Checkpoint(resolved.path)
+    check_tensors(cfg, checkpoint.names())  # before the builder allocates anything per layer
     weights_hash = _Background(checkpoint.sha256)  # reads the whole checkpoint; overlap it with the build
+    log.info("Building the %s graph from %s as %s", cfg.architecture, resolved.path, options.variant())
     builder = builder_cls(cfg, checkpoint, options)
     model = builder.build()
+    quantization = prepare_int4(builder, resolved.path)  # GPTQ runs here, before anything is written
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    check_parent(target)
+    needed = _size_estimate(model, resolved.path)
+    check_free_space(target.parent, needed)
     try:
+        staging = make_staging(target)
+    except OSError as error:
+        _raise_write_error(error, target.parent)
+    try:
+        log.info("Writing model.onnx and its weights to %s", staging)
         _save(model, staging, progress=progress)
         _copy_tokenizer(resolved.path, staging)
         builder.write_assets(resolved.path, staging)
@@ -106,9 +131,14 @@ def export(source: str | os.PathLike[str], output: str | os.PathLike[str], optio
             json.dumps(genai_config(cfg, options, builder_cls.genai_type), indent=4) + "\n")
         op_counts = dict(sorted(Counter(
             (n.domain + "." if n.domain else "") + n.op_type for n in model.graph).items()))
+        log.info("Hashing the source weights for the manifest")
         manifest = _manifest(resolved, weights_hash.result(), cfg.architecture, options, staging, op_counts)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _move_into_place(staging, target)
+        manifest["quantization"] = quantization
+        write_manifest(staging, manifest)
+        move_into_place(staging, target, checked, protected)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        _raise_write_error(error, target.parent, needed)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -171,19 +201,6 @@ def _copy_tokenizer(source: Path, folder: Path) -> None:
         log.warning("%s has no tokenizer files; the export will need one to generate text", source)
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {"python": platform.python_version()}
-    for dist in ("phi-onnx", "onnx", "onnx-ir", "onnxruntime", "onnxruntime-gpu", "onnxruntime-genai",
-                 "onnxruntime-genai-cuda", "numpy"):
-        try:
-            found[dist] = version(dist)
-        except PackageNotFoundError:
-            continue
-    return found
-
-
 def _manifest(resolved: ResolvedSource, weights_sha256: str, architecture: str, options: ExportOptions,
               folder: Path, op_counts: dict[str, int]) -> dict[str, Any]:
     return {
@@ -200,24 +217,26 @@ def _manifest(resolved: ResolvedSource, weights_sha256: str, architecture: str, 
         },
         "options": options.to_dict(),
         "variant": options.variant(),
-        "tools": _versions(),
+        "tools": tool_versions(EXPORT_TOOLS),
         "graph": {"op_counts": op_counts},
-        "files": {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file()},
+        "files": {p.name: file_sha256(p) for p in sorted(folder.iterdir())
+                  if p.is_file() and not p.name.startswith(".")},  # not the staging folder's marker
         "verification": None,
     }
 
 
-def _move_into_place(staging: Path, target: Path) -> None:
-    """Swap the finished folder in; an old output is kept aside until the swap succeeded."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-    try:
-        staging.rename(target)
-    except BaseException:
-        if old is not None:
-            old.rename(target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _raise_write_error(error: OSError, folder: Path, needed: int | None = None) -> NoReturn:
+    """Re-raise a failed write as one sentence when the disk caused it (full, read-only, no permission)."""
+    converted = write_error(error, folder, needed)
+    if converted is error:
+        raise error
+    raise converted from error
+
+
+def _size_estimate(model: ir.Model, source: Path) -> int:
+    """Bytes the export will write: its initializers (sizes known before any is loaded) and copied files."""
+    weights = sum(value.const_value.nbytes for value in model.graph.initializers.values()
+                  if value.const_value is not None)
+    copied = sum((source / name).stat().st_size for name in TOKENIZER_FILES + INTEROP_FILES
+                 if (source / name).is_file())
+    return weights + copied + 1024 * 1024  # the graph itself, the configs, the manifest

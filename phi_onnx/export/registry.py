@@ -20,10 +20,6 @@ ARCHITECTURE_MODULES: dict[str, str] = {
     "Phi3SmallForCausalLM": "phi_onnx.export.phi3small",
 }
 
-#: Architectures we know of but do not build yet, with the reason shown to users.
-PLANNED: dict[str, str] = {
-}
-
 _BUILDERS: dict[str, type[DecoderBuilder]] = {}
 B = TypeVar("B", bound="type[DecoderBuilder]")
 
@@ -41,9 +37,8 @@ def builder_for(architecture: str) -> type[DecoderBuilder]:
     """The builder class for an architecture; a clear error for anything we cannot build."""
     module = ARCHITECTURE_MODULES.get(architecture)
     if module is None:
-        reason = PLANNED.get(architecture, "phi-onnx builds Microsoft Phi models only.")
         raise UnsupportedModelError(
-            f"Architecture {architecture!r} is not supported. {reason}",
+            f"Architecture {architecture!r} is not supported. phi-onnx builds Microsoft Phi models only.",
             hint="Supported today: " + ", ".join(sorted(ARCHITECTURE_MODULES)) + ". See `phi-onnx models`.")
     importlib.import_module(module)
     return _BUILDERS[architecture]

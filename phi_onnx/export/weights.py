@@ -4,15 +4,28 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
 from phi_onnx.export.graph import GraphBuilder, Value
 from phi_onnx.export.options import ExportOptions
+from phi_onnx.quantize.clip import quantize_clip
 from phi_onnx.quantize.int4 import Int4Weight, quantize_int4
 
 Loader = Callable[[], np.ndarray]
+
+
+@dataclass
+class Linear:
+    """A linear layer as the graph was built: its input value and how to load its weight [out, in]."""
+
+    key: str
+    x: Value
+    load: Loader
+    n: int
+    k: int
 
 
 class Weights:
@@ -22,8 +35,14 @@ class Weights:
     it runs only when the model is written, so at most a few tensors are resident at a time.
     """
 
-    def __init__(self, options: ExportOptions) -> None:
+    def __init__(self, options: ExportOptions, *, capture: bool = False) -> None:
         self.options = options
+        #: int4 weights computed beforehand (GPTQ, calibrated clip), by layer key; loaded when written
+        self.precomputed: dict[str, Callable[[], Int4Weight]] = {}
+        #: with `capture`, every linear is a float MatMul and is listed here (for calibration)
+        self.linears: list[Linear] | None = [] if capture else None
+        #: keeps the folder holding `precomputed`'s results alive until the model is written
+        self.spill: object | None = None
         self.io_dtype = ir.DataType.FLOAT16 if options.io_dtype == "fp16" else ir.DataType.FLOAT
         self.np_dtype = np.float16 if options.io_dtype == "fp16" else np.float32
         self._pending: dict[str, tuple[int, Int4Weight | None]] = {}
@@ -39,7 +58,9 @@ class Weights:
                load: Loader, bias: Loader | None = None) -> Value:
         """`x @ W.T (+ b)` for a checkpoint weight W [out, in], as MatMul or int4 MatMulNBits."""
         with g.scope(name):
-            if self.options.precision == "int4":
+            if self.linears is not None:
+                self.linears.append(Linear(g.prefix, x, load, out_features, in_features))
+            if self.options.precision == "int4" and self.linears is None:
                 y = self._matmul_nbits(g, x, name, out_features, in_features, load)
             else:
                 w = g.weight(f"{g.prefix}.weight", self.io_dtype, (in_features, out_features),
@@ -83,12 +104,27 @@ class Weights:
             g.add_initializer(value)
         self._deferred.clear()
 
+    @property
+    def scale_dtype(self) -> type:
+        """The dtype MatMulNBits reads scales in (the activation dtype)."""
+        return self.np_dtype
+
+    def quantize(self, key: str, load: Loader) -> Int4Weight:
+        """Layer `key`'s int4 weight: precomputed (GPTQ), else by the options' algorithm; weights that
+        calibration does not reach (MoE experts) get the clip search under `gptq`."""
+        opts = self.options
+        if key in self.precomputed:
+            return self.precomputed[key]()
+        if opts.algo in ("clip", "gptq"):
+            return quantize_clip(load(), opts.block_size, opts.symmetric, scale_dtype=self.scale_dtype)
+        return quantize_int4(load(), opts.block_size, opts.symmetric)
+
     def _quantized(self, key: str, load: Loader) -> Int4Weight:
         """Quantize once, hand the result to each of its parts, then drop it."""
         with self._locks[key]:
             remaining, q = self._pending[key]
             if q is None:
-                q = quantize_int4(load(), self.options.block_size, self.options.symmetric)
+                q = self.quantize(key, load)
             remaining -= 1
             self._pending[key] = (remaining, None if remaining == 0 else q)
             if remaining == 0:

@@ -52,8 +52,9 @@ def run_bench(model: Model, *, prompt_tokens: int = 128, new_tokens: int = 128, 
     prompt = bench_prompt(model, prompt_tokens)
     runs = []
     for i in range(warmup + repeat):
-        model.engine.forget()  # the same prompt again must not be served from the cache
-        result = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        with model.lock.held():  # another thread must not fill the cache between forget and generate
+            model.engine.forget()  # the same prompt again must not be served from the cache
+            result = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
         if i < warmup:
             continue
         runs.append({

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from phi_onnx.errors import OptionsError, PhiOnnxError
 
-__all__ = ["DeviceError", "ModelFolderError", "OptionsError", "PromptTooLongError"]
+__all__ = ["DeviceError", "ModelFolderError", "NonFiniteLogitsError", "OptionsError", "PromptTooLongError"]
 
 
 class ModelFolderError(PhiOnnxError):
@@ -17,3 +17,7 @@ class DeviceError(PhiOnnxError):
 
 class PromptTooLongError(PhiOnnxError):
     """The prompt does not fit in the model's context."""
+
+
+class NonFiniteLogitsError(PhiOnnxError):
+    """The model computed NaN or infinite logits (corrupt or overflowing weights): no token can be chosen."""

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from phi_onnx.manifest import ManifestError, read_manifest
 from phi_onnx.runtime.errors import ModelFolderError
 from phi_onnx.source.config import token_ids
 
@@ -75,7 +76,10 @@ def read_folder(path: str | Path) -> ModelFolder:
             hint="Copy tokenizer.json and tokenizer_config.json from the source checkpoint into the folder, "
                  "or export again from a checkpoint that has them.")
     genai = _read_json(folder / "genai_config.json")
-    manifest = _read_json(folder / "phi_onnx.json") if (folder / "phi_onnx.json").is_file() else None
+    try:
+        manifest = read_manifest(folder)
+    except ManifestError as error:
+        raise ModelFolderError(error.message, hint=error.hint) from error
     generation = (_read_json(folder / "generation_config.json")
                   if (folder / "generation_config.json").is_file() else {})
     graph = _graph_facts(folder)
@@ -92,14 +96,20 @@ def read_folder(path: str | Path) -> ModelFolder:
             "num_kv_heads": int(decoder["num_key_value_heads"]),
             "head_size": int(decoder["head_size"]),
         }
-    except (KeyError, TypeError, ValueError) as error:
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
         raise ModelFolderError(f"{folder / 'genai_config.json'} lacks a required field ({error}).",
                                hint=REEXPORT_HINT) from error
+    _check_genai_fields(folder / "genai_config.json", facts, decoder)
     if not eos:
         raise ModelFolderError("Neither genai_config.json nor generation_config.json names an EOS token.",
                                hint="Add \"eos_token_id\" to genai_config.json's \"model\" section.")
     export_device = "cuda" if graph["kv_dtype"] == np.float16 else "cpu"
-    if manifest and isinstance(manifest.get("options"), dict):
+    if manifest is not None and "options" in manifest:
+        if not isinstance(manifest["options"], dict):
+            raise ModelFolderError(
+                f"{folder / 'phi_onnx.json'}: \"options\" is {type(manifest['options']).__name__}, not an object.",
+                hint=f'Restore it to the object the export wrote (e.g. {{"device": "{export_device}", ...}}), '
+                     "or export again with --overwrite.")
         export_device = str(manifest["options"].get("device", export_device))
     bos = token_ids(model.get("bos_token_id"))
     pad = token_ids(model.get("pad_token_id")) or eos[:1]
@@ -110,6 +120,39 @@ def read_folder(path: str | Path) -> ModelFolder:
         weight_bytes=sum(p.stat().st_size for p in folder.glob("model.onnx*") if p.is_file()),
         embedding_bytes=graph["embedding_bytes"],
         manifest=manifest, **facts)
+
+
+def _check_genai_fields(path: Path, facts: dict[str, int], decoder: dict[str, Any]) -> None:
+    """Refuse sizes that cannot be right and session options ONNX Runtime would choke on later."""
+    for name in ("context_length", "vocab_size", "num_layers", "num_kv_heads", "head_size"):
+        if facts[name] < 1:
+            key = {"num_layers": "decoder.num_hidden_layers", "num_kv_heads": "decoder.num_key_value_heads",
+                   "head_size": "decoder.head_size"}.get(name, name)
+            raise ModelFolderError(f"{path}: model.{key} is {facts[name]}; it must be a positive integer.",
+                                   hint="Set it to the model's value (from its config.json), or export again "
+                                        "with --overwrite.")
+    if facts["default_max_length"] < 1:
+        raise ModelFolderError(f"{path}: search.max_length is {facts['default_max_length']}; it must be positive.",
+                               hint="Remove it (the context length is used) or set a positive token count.")
+    session = decoder.get("session_options", {})
+    if not isinstance(session, dict):
+        raise ModelFolderError(f"{path}: model.decoder.session_options is not an object.", hint=REEXPORT_HINT)
+    for key in ("intra_op_num_threads", "inter_op_num_threads"):
+        value = session.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ModelFolderError(
+                f"{path}: model.decoder.session_options.{key} is {value!r}; it must be a whole number >= 0.",
+                hint=f'Use e.g. "{key}": 0 (ONNX Runtime picks one thread per core), or remove it.')
+
+
+def check_vocabulary(folder: ModelFolder, tokenizer_vocab: int) -> None:
+    """Refuse a genai_config whose vocab_size is smaller than the tokenizer's: its ids would overflow the logits."""
+    if tokenizer_vocab > folder.vocab_size:
+        raise ModelFolderError(
+            f"{folder.path / 'genai_config.json'}: model.vocab_size is {folder.vocab_size}, but tokenizer.json "
+            f"has {tokenizer_vocab} tokens.",
+            hint="Set model.vocab_size to the model's vocabulary (its logits width, config.json's vocab_size), "
+                 "or export again with --overwrite.")
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, overload
 
 import numpy as np
 
 from phi_onnx.errors import OptionsError
-from phi_onnx.runtime.chat import ChatSession, ChatTemplate, Message, load_chat_template, trim_history
+from phi_onnx.runtime.chat import ChatSession, ChatTemplate, Message, check_messages, fit_chat, load_chat_template
 from phi_onnx.runtime.engine import CachedEngine
-from phi_onnx.runtime.errors import ModelFolderError, PromptTooLongError
-from phi_onnx.runtime.folder import ModelFolder, read_folder
+from phi_onnx.runtime.errors import ModelFolderError
+from phi_onnx.runtime.folder import ModelFolder, check_vocabulary, read_folder
 from phi_onnx.runtime.genai_backend import genai_available
 from phi_onnx.runtime.generation import Generation, GenerationResult, TextStream
 from phi_onnx.runtime.providers import DeviceChoice, resolve_device
@@ -29,7 +32,7 @@ Prompt = str | Sequence[int]
 
 
 def load(path: str | os.PathLike[str], device: str = "auto", backend: str = "auto", *,
-         threads: int | None = None, **defaults: Any) -> Model:
+         threads: int | None = None, check_files: bool = False, **defaults: Any) -> Model:
     """Load an exported model folder for generation.
 
     Args:
@@ -39,16 +42,32 @@ def load(path: str | os.PathLike[str], device: str = "auto", backend: str = "aut
         backend: "auto" (onnxruntime-genai when installed, else "ort"), "genai", or "ort" (our own
             loop on plain onnxruntime). Both give identical greedy tokens.
         threads: intra-op threads (default: ONNX Runtime's, one per physical core).
+        check_files: first hash every file and compare with the sha256 in the manifest (reads the whole
+            model once; off by default to keep loading fast). Raises IntegrityError naming what changed.
         **defaults: default generation options (max_new_tokens, temperature, stop, ...).
 
     Raises:
         PhiOnnxError: the folder is not a usable export, the device cannot be used, or an option is invalid.
     """
+    if isinstance(path, bytes) or not isinstance(path, (str, os.PathLike)):
+        raise OptionsError(f"load() takes the path of an export folder, not {type(path).__name__} {path!r}.",
+                           hint='Pass e.g. phi_onnx.load("phi3-mini-int4") (a str or pathlib.Path).')
+    if not isinstance(device, str) or not isinstance(backend, str):
+        raise OptionsError(f"device and backend are strings (got {device!r}, {backend!r}).",
+                           hint=f'Use e.g. device="cpu", backend="ort" (backends: {", ".join(BACKENDS)}).')
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
+        raise OptionsError(f"threads must be a whole number >= 0 (got {threads!r}).",
+                           hint="Use e.g. threads=4, or leave it out for one thread per core.")
     if backend not in BACKENDS:
         raise OptionsError(f"Unknown backend {backend!r}.", hint=f"Choose one of: {', '.join(BACKENDS)}.")
     options = GenerationOptions.from_kwargs(None, **defaults)
     folder = read_folder(path)
+    if check_files:
+        from phi_onnx.verify.files import require_intact
+
+        require_intact(folder.path)
     tokenizer = TextTokenizer(folder.path)
+    check_vocabulary(folder, tokenizer.vocab_size)
     choice = resolve_device(device, folder.export_device)
     if backend == "auto":
         backend = "genai" if genai_available() else "ort"
@@ -66,8 +85,65 @@ def load(path: str | os.PathLike[str], device: str = "auto", backend: str = "aut
 
         engine = OrtEngine(folder, choice, threads=threads)
     model = Model(folder, tokenizer, engine, choice, options)
-    log.debug("Loaded %s on %s (%s backend)", folder.path, model.provider, model.backend)
+    log.info("Loaded %s on %s (%s backend)", folder.path, model.provider, model.backend)
     return model
+
+
+class EngineLock:
+    """One caller at a time on a Model's engine (its KV cache): reentrant per thread, and held by a
+    stream from its creation until it ends, is closed or is garbage-collected — from any thread.
+
+    A thread that left one of its own streams open and calls the model again gets OptionsError
+    instead of a deadlock (it would wait for itself) or a corrupted stream.
+    """
+
+    def __init__(self) -> None:
+        self._free = threading.Condition()
+        self._owner: int | None = None
+        self._depth = 0
+        self._streams = 0  # of the holds, how many belong to open streams
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold the lock for a call (waits while another thread, or its stream, has it)."""
+        self._acquire(stream=False)
+        try:
+            yield
+        finally:
+            self._release(stream=False)
+
+    def hold_for_stream(self) -> Callable[[], None]:
+        """Take the lock for a stream; returns its release function (safe to call twice, from any thread)."""
+        self._acquire(stream=True)
+        released = threading.Lock()
+
+        def release() -> None:
+            if released.acquire(blocking=False):
+                self._release(stream=True)
+
+        return release
+
+    def _acquire(self, *, stream: bool) -> None:
+        me = threading.get_ident()
+        with self._free:
+            if self._owner == me and self._streams:
+                raise OptionsError(
+                    "This thread still has an unfinished stream of this model, which holds the model.",
+                    hint="Iterate the stream to its end or call its close() before the next call "
+                         "(other threads wait for it automatically).")
+            while self._owner not in (None, me):
+                self._free.wait()
+            self._owner = me
+            self._depth += 1
+            self._streams += stream
+
+    def _release(self, *, stream: bool) -> None:
+        with self._free:
+            self._depth -= 1
+            self._streams -= stream
+            if not self._depth:
+                self._owner = None
+                self._free.notify_all()
 
 
 class Model:
@@ -75,6 +151,10 @@ class Model:
 
     Generation options are keyword arguments everywhere (see `GenerationOptions`): max_new_tokens,
     min_new_tokens, temperature (0 = greedy, the default), top_k, top_p, repetition_penalty, seed, stop.
+
+    A Model may be shared by threads: calls that use the engine run one at a time (the others wait),
+    and a stream holds the model from its creation until it is exhausted, closed or dropped — so
+    finish or close streams promptly. `lock` is that lock, for code that drives `engine` directly.
     """
 
     def __init__(self, folder: ModelFolder, tokenizer: TextTokenizer, engine: CachedEngine, device: DeviceChoice,
@@ -84,7 +164,9 @@ class Model:
         self.engine = engine
         self.device = device
         self.defaults = defaults or GenerationOptions()
+        self.lock = EngineLock()
         self._template: ChatTemplate | None = None
+        self._template_lock = threading.Lock()
 
     # -- facts ---------------------------------------------------------------------------------
     @property
@@ -125,24 +207,31 @@ class Model:
     # -- text ----------------------------------------------------------------------------------
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`."""
+        if not isinstance(text, str):
+            raise OptionsError(f"encode() takes a string, not {type(text).__name__}.",
+                               hint="Decode bytes first (e.g. data.decode('utf-8')).")
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids` (special tokens dropped)."""
-        return self.tokenizer.decode(ids)
+        items = _items(ids, "token ids")
+        if not all(_is_id(t) for t in items):
+            raise OptionsError("decode() takes a list of token ids (integers).", hint="Pass e.g. result.token_ids.")
+        return self.tokenizer.decode([int(t) for t in items])
 
     @property
     def chat_template(self) -> ChatTemplate:
         """The model's chat template (ModelFolderError when the export has none)."""
-        if self._template is None:
-            source = load_chat_template(self.folder.path, self.tokenizer.config)
-            if source is None:
-                raise ModelFolderError(
-                    f"{self.folder.path} has no chat template (neither chat_template.jinja nor a "
-                    "chat_template in tokenizer_config.json).",
-                    hint="Use `generate` for plain completion, or add the template from the source checkpoint.")
-            self._template = ChatTemplate(source, self.tokenizer.special_tokens)
-        return self._template
+        with self._template_lock:
+            if self._template is None:
+                source = load_chat_template(self.folder.path, self.tokenizer.config)
+                if source is None:
+                    raise ModelFolderError(
+                        f"{self.folder.path} has no chat template (neither chat_template.jinja nor a "
+                        "chat_template in tokenizer_config.json).",
+                        hint="Use `generate` for plain completion, or add the template from the source checkpoint.")
+                self._template = ChatTemplate(source, self.tokenizer.special_tokens)
+            return self._template
 
     def render_chat(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
         """The prompt text the chat template makes of `messages`."""
@@ -169,58 +258,60 @@ class Model:
         """
         opts = self.options(**options)
         prompts, batched = self._prompts(prompt)
-        if not batched:
-            return self._run(prompts, opts)[0]
-        if self.engine.max_batch == 1 or not self._batchable(prompts, opts):
-            return [self._run([p], opts)[0] for p in prompts]
-        return self._run(prompts, opts)
+        with self.lock.held():
+            if not batched:
+                return self._run(prompts, opts)[0]
+            if self.engine.max_batch == 1 or not self._batchable(prompts, opts):
+                return [self._run([p], opts)[0] for p in prompts]
+            return self._run(prompts, opts)
 
     def stream(self, prompt: Prompt, **options: Any) -> TextStream:
-        """Like `generate` for one prompt, but iterate to get text pieces as they are produced."""
+        """Like `generate` for one prompt, but iterate to get text pieces as they are produced.
+
+        The stream holds the model (other threads' calls wait) until it is exhausted, closed, or
+        garbage-collected; in the thread that opened it, finish or close it before the next call.
+        """
         prompts, batched = self._prompts(prompt)
         if batched:
             raise OptionsError("stream() takes one prompt.", hint="Call generate() with a list of prompts.")
-        return TextStream(self._generation(prompts, self.options(**options)))
+        return self._stream(prompts, self.options(**options))
 
     def chat(self, messages: Sequence[Message], **options: Any) -> GenerationResult:
         """The assistant's reply to `messages` ([{"role", "content"}], optional system message first)."""
         return self.chat_stream(messages, **options).finish()
 
     def chat_stream(self, messages: Sequence[Message], **options: Any) -> TextStream:
-        """Stream the assistant's reply to `messages` (oldest turns dropped if they outgrow the context)."""
+        """Stream the assistant's reply to `messages` (oldest turns dropped if they outgrow the context).
+
+        Like `stream`, the stream holds the model until it ends or is closed.
+        """
+        messages = check_messages(messages)
         opts = self.options(**options)
         kept, dropped = self.fit_chat(messages, opts.max_new_tokens)
-        stream = TextStream(self._generation([self.chat_prompt_ids(kept)], opts))
+        stream = self._stream([self.chat_prompt_ids(kept)], opts)
         stream.dropped_messages = dropped
         return stream
 
     def fit_chat(self, messages: Sequence[Message], max_new_tokens: int | None = None) -> tuple[list[Message], int]:
         """Drop the oldest turns until the prompt leaves room for a reply of max_new_tokens (at most half
-        the context); returns (kept messages, number dropped) and logs a warning when it drops any.
+        the context); returns (kept messages, number dropped). See `phi_onnx.runtime.chat.fit_chat`.
 
         Raises PromptTooLongError when even the last message (with the system prompt) does not fit.
         """
-        context = self.context_length
-        reserve = min(max_new_tokens or self.default_max_new_tokens, context // 2)
-        kept, dropped = trim_history(messages, lambda m: len(self.chat_prompt_ids(m)), context - reserve)
-        prompt = len(self.chat_prompt_ids(kept))
-        if prompt >= context:
-            raise PromptTooLongError(
-                f"The last message makes a {prompt}-token prompt; the model's context is {context} tokens.",
-                hint="Send a shorter message (or use a shorter system prompt).")
-        if dropped:
-            log.warning("Dropped the %d oldest message(s) of the conversation to fit the %d-token context.",
-                        dropped, context)
-        return kept, dropped
+        return fit_chat(messages, lambda m: len(self.chat_prompt_ids(m)), self.context_length,
+                        max_new_tokens or self.default_max_new_tokens)
 
     def start_chat(self, system: str | None = None, **options: Any) -> ChatSession:
         """A conversation that keeps its history (and drops the oldest turns when it outgrows the context)."""
         self.options(**options)  # validate now rather than at the first turn
+        if system is not None and not isinstance(system, str):
+            raise OptionsError(f"The system prompt is text, not {type(system).__name__}.", hint="Pass a string.")
         return ChatSession(self, system=system, options=options)
 
     def close(self) -> None:
-        """Free the session and the KV cache."""
-        self.engine.close()
+        """Free the session and the KV cache (waits for other threads' calls and streams to end)."""
+        with self.lock.held():
+            self.engine.close()
 
     def __enter__(self) -> Model:
         return self
@@ -236,18 +327,19 @@ class Model:
         """Normalise a prompt or a list of them to token id lists; (prompts, was a list of prompts)."""
         if isinstance(prompt, str):
             return [self.encode(prompt)], False
-        items = list(prompt)
-        if items and all(isinstance(p, (int, np.integer)) for p in items):
+        items = _items(prompt)
+        if items and all(_is_id(p) for p in items):
             return [[int(t) for t in items]], False
         out = []
         for p in items:
             if isinstance(p, str):
                 out.append(self.encode(p))
-            elif isinstance(p, Sequence) or hasattr(p, "tolist"):
-                out.append([int(t) for t in (p.tolist() if hasattr(p, "tolist") else p)])
             else:
-                raise OptionsError(f"Cannot use {type(p).__name__} as a prompt.",
-                                   hint="Pass a string, a list of token ids, or a list of those.")
+                ids = _items(p)
+                if not all(_is_id(t) for t in ids):
+                    raise OptionsError(f"A prompt's token ids must be integers (got {ids!r:.80}).",
+                                       hint="Pass a string, a list of token ids, or a list of those.")
+                out.append([int(t) for t in ids])
         if not out:
             raise OptionsError("No prompt was given.", hint="Pass a string or a list of strings.")
         return out, True
@@ -255,6 +347,18 @@ class Model:
     def _generation(self, prompts: list[list[int]], opts: GenerationOptions) -> Generation:
         return Generation(self.engine, self.tokenizer, prompts, opts, self.eos_token_ids, self.context_length,
                           self.folder.vocab_size)
+
+    def _stream(self, prompts: list[list[int]], opts: GenerationOptions) -> TextStream:
+        """A stream holding the lock until it finishes, is closed, or is garbage-collected."""
+        release = self.lock.hold_for_stream()
+        try:
+            stream = TextStream(self._generation(prompts, opts))
+        except BaseException:
+            release()
+            raise
+        stream.on_finish(lambda _result: release())
+        weakref.finalize(stream, release)  # an abandoned stream must not hold the model forever
+        return stream
 
     def _run(self, prompts: list[list[int]], opts: GenerationOptions) -> list[GenerationResult]:
         generation = self._generation(prompts, opts)
@@ -278,3 +382,22 @@ class Model:
         log.info("Running the %d prompts one at a time: they would cross the LongRoPE switch at different "
                  "steps (original context %d).", len(prompts), threshold)
         return False
+
+
+def _items(prompt: Any, what: str = "a prompt") -> list[Any]:
+    """A prompt's (or token id list's) elements; bytes (not token ids) and non-sequences are refused."""
+    if isinstance(prompt, (bytes, bytearray, memoryview)):
+        raise OptionsError(f"{what.capitalize()} cannot be {type(prompt).__name__}: its bytes are not token ids.",
+                           hint="Decode it to a string first (e.g. prompt.decode('utf-8')).")
+    if hasattr(prompt, "tolist") and not isinstance(prompt, (str, Sequence)):
+        prompt = prompt.tolist()  # numpy arrays (and tensors)
+        if not isinstance(prompt, list):
+            prompt = [prompt]
+    if not isinstance(prompt, Sequence) or isinstance(prompt, str):
+        raise OptionsError(f"Cannot use {type(prompt).__name__} as {what}.",
+                           hint="Pass a string, a list of token ids, or a list of those.")
+    return list(prompt)
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)

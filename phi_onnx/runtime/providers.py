@@ -139,5 +139,22 @@ def resolve_device(device: str, export_device: str) -> DeviceChoice:
         return DeviceChoice("cuda", 0, reason="CUDA execution provider loads")
     if export_device == "cuda":
         reason += " (this CUDA export runs slowly on CPU)"
-    log.info("%s; running on CPU.", reason)
+    # On a CPU-only install with no GPU nobody expects CUDA: the reason stays available (Model.device_reason).
+    log.log(logging.WARNING if cuda_expected() else logging.DEBUG, "%s; running on CPU.", reason)
     return DeviceChoice("cpu", reason=reason)
+
+
+def cuda_expected() -> bool:
+    """Whether a user could expect CUDA here: a CUDA build of ONNX Runtime is installed, or a GPU is visible."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    for dist in ("onnxruntime-gpu", "onnxruntime-genai-cuda"):
+        try:
+            distribution(dist)
+            return True
+        except PackageNotFoundError:
+            continue
+    ort = sys.modules.get("onnxruntime")
+    if ort is not None and CUDA in ort.get_available_providers():
+        return True
+    return Path("/dev/nvidia0").exists() or Path("/proc/driver/nvidia/gpus").is_dir()

@@ -1,4 +1,4 @@
-"""Generation options and the next-token choice (numpy), in transformers' order and semantics.
+"""The next-token choice (numpy), in transformers' order and semantics (the options: runtime/options.py).
 
 Order, as in `GenerationMixin`: repetition penalty, then min_new_tokens (EOS suppressed), then —
 only when sampling — temperature, top-k, top-p, and a draw from the softmax. Greedy is argmax.
@@ -7,92 +7,14 @@ Both backends use this sampler, so a seeded sampled run gives the same tokens on
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
-from typing import Any
 
 import numpy as np
 
-from phi_onnx.errors import OptionsError
+from phi_onnx.runtime.errors import NonFiniteLogitsError
+from phi_onnx.runtime.options import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
 
-DEFAULT_MAX_NEW_TOKENS = 256
-
-
-@dataclass(frozen=True)
-class GenerationOptions:
-    """How to pick tokens and when to stop.
-
-    Attributes:
-        max_new_tokens: most tokens to generate (also capped by the context).
-        min_new_tokens: EOS ids are suppressed until this many tokens exist.
-        temperature: 0 is greedy (the default); > 0 samples from softmax(logits / temperature).
-        top_k: sample only among the k most likely tokens (0: off).
-        top_p: nucleus sampling: the smallest set with this much probability (1.0: off).
-        repetition_penalty: transformers' penalty on every token already in the sequence (1.0: off).
-        seed: seeds the sampler for reproducible sampled runs (None: random).
-        stop: strings that end the reply; the reply's text ends before the first one.
-    """
-
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    min_new_tokens: int = 0
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        else:
-            object.__setattr__(self, "stop", tuple(self.stop or ()))
-        _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
-               f"max_new_tokens must be at least 1 (got {self.max_new_tokens!r}).", "Use e.g. --max-new-tokens 64.")
-        _check(isinstance(self.min_new_tokens, int) and 0 <= self.min_new_tokens <= self.max_new_tokens,
-               f"min_new_tokens must be between 0 and max_new_tokens ({self.max_new_tokens}), "
-               f"got {self.min_new_tokens!r}.", "Lower min_new_tokens or raise max_new_tokens.")
-        _check(_finite(self.temperature) and self.temperature >= 0,
-               f"temperature must be 0 (greedy) or positive (got {self.temperature!r}).",
-               "Use 0 for greedy decoding or e.g. 0.7 to sample.")
-        _check(isinstance(self.top_k, int) and self.top_k >= 0,
-               f"top_k must be 0 (off) or a positive integer (got {self.top_k!r}).", "Use e.g. --top-k 50.")
-        _check(_finite(self.top_p) and 0 < self.top_p <= 1,
-               f"top_p must be in (0, 1] (got {self.top_p!r}).", "Use e.g. --top-p 0.9 (1.0 turns it off).")
-        _check(_finite(self.repetition_penalty) and self.repetition_penalty > 0,
-               f"repetition_penalty must be positive (got {self.repetition_penalty!r}).",
-               "Use 1.0 (off) or e.g. 1.1.")
-        _check(self.seed is None or (isinstance(self.seed, int) and self.seed >= 0),
-               f"seed must be a non-negative integer (got {self.seed!r}).", "Use e.g. --seed 0.")
-        _check(all(isinstance(s, str) and s for s in self.stop),
-               f"stop strings must be non-empty strings (got {list(self.stop)!r}).", "Use e.g. --stop '\\n\\n'.")
-
-    @property
-    def do_sample(self) -> bool:
-        """Whether tokens are drawn at random (temperature > 0) or chosen greedily."""
-        return self.temperature > 0
-
-    @classmethod
-    def from_kwargs(cls, base: GenerationOptions | None = None, **kwargs: Any) -> GenerationOptions:
-        """`base` with `kwargs` applied; an unknown name raises OptionsError listing the valid ones."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(kwargs) - names)
-        if unknown:
-            raise OptionsError(f"Unknown generation option(s): {', '.join(unknown)}.",
-                               hint=f"Valid options: {', '.join(sorted(names))}.")
-        values = asdict(base) if base else {}
-        values.update({k: v for k, v in kwargs.items() if v is not None})
-        return cls(**values)
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check(ok: bool, message: str, hint: str) -> None:
-    if not ok:
-        raise OptionsError(message, hint=hint)
+__all__ = ["DEFAULT_MAX_NEW_TOKENS", "GenerationOptions", "Sampler"]
 
 
 class Sampler:
@@ -112,6 +34,14 @@ class Sampler:
     def __call__(self, logits: np.ndarray, generated: int) -> np.ndarray:
         """Next ids [batch] from `logits` [batch, vocab]; `generated` = tokens made so far per row."""
         scores = np.array(logits, dtype=np.float32)  # a copy: the engine may reuse its buffer
+        if not np.isfinite(scores).all() and (np.isnan(scores).any() or np.isposinf(scores).any()
+                                              or np.isneginf(scores).all(axis=-1).any()):
+            # argmax of NaNs is 0, so without this a broken model "generates" token 0 forever;
+            # -inf alone is a mask (some ids are never chosen), but not on every id
+            raise NonFiniteLogitsError(
+                f"The model computed non-finite logits (NaN or infinity) for generated token {generated + 1}; "
+                "its weights are corrupt or overflow.",
+                hint="Check the export (`phi-onnx verify FOLDER`) or export it again with --overwrite.")
         if self.seen is not None:
             penalty = np.float32(self.options.repetition_penalty)
             hit = scores[self.seen[: len(scores)]]
@@ -129,7 +59,13 @@ class Sampler:
 
     def _draw(self, scores: np.ndarray) -> int:
         opts = self.options
-        scores = scores / np.float32(opts.temperature)
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            scaled = scores / np.float32(opts.temperature)
+        if not np.isfinite(scaled[np.isfinite(scores)]).all():
+            # A temperature so small (1e-300 is 0 in float32) that logits / temperature overflows:
+            # the softmax is then a point mass on the largest logit, i.e. greedy.
+            return int(np.argmax(scores))
+        scores = scaled
         if 0 < opts.top_k < scores.size:
             kth = np.partition(scores, -opts.top_k)[-opts.top_k]
             scores = np.where(scores < kth, -np.inf, scores)

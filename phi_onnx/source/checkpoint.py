@@ -8,7 +8,10 @@ Pickle-based checkpoints are refused: they can run code when loaded.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +34,12 @@ _DTYPES: dict[str, np.dtype] = {
     "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
 }
+#: What a weight may be stored as: builders read every weight as floats, and an integer tensor would be
+#: converted to floats without complaint (the others are known so that a header holding them still parses).
+WEIGHT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _MAX_HEADER = 100 * 1024 * 1024
+_CORRUPT = "The file is corrupt; download it again."
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,7 @@ class TensorInfo:
 
     file: Path
     dtype: np.dtype
+    dtype_name: str
     shape: tuple[int, ...]
     begin: int
     end: int
@@ -51,7 +59,7 @@ class Checkpoint:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.files = _weight_files(folder)
+        self.files = weight_files(folder)
         self._tensors: dict[str, TensorInfo] = {}
         for file in self.files:
             self._tensors.update(_read_header(file))
@@ -66,23 +74,33 @@ class Checkpoint:
     def info(self, name: str) -> TensorInfo:
         """Dtype, shape and location of a tensor; a clear error if the checkpoint lacks it."""
         try:
-            return self._tensors[name]
+            info = self._tensors[name]
         except KeyError:
             raise CheckpointError(
                 f"The checkpoint in {self.folder} has no tensor {name!r}.",
                 hint="The weights do not match config.json's architecture, or a shard is missing.",
             ) from None
+        if info.dtype_name not in WEIGHT_DTYPES:
+            raise CheckpointError(f"{info.file}: tensor {name!r} is stored as {info.dtype_name}, which phi-onnx does "
+                                  "not read as a weight (it would be converted to floats silently).",
+                                  hint=f"Save the weights as one of {', '.join(sorted(WEIGHT_DTYPES))}.")
+        return info
 
     def read(self, name: str, dtype: np.dtype | type = np.float32) -> np.ndarray:
         """Read one tensor from disk and convert it to `dtype`."""
         info = self.info(name)
         size = info.end - info.begin
         buffer = np.empty(size, dtype=np.uint8)
-        with info.file.open("rb") as handle:
-            handle.seek(info.begin)
-            if handle.readinto(memoryview(buffer)) != size:
-                raise CheckpointError(f"{info.file} ended while reading tensor {name!r}.",
-                                      hint="The file is truncated; download it again.")
+        try:
+            with info.file.open("rb") as handle:
+                handle.seek(info.begin)
+                read = handle.readinto(memoryview(buffer))
+        except OSError as error:
+            raise CheckpointError(f"Cannot read tensor {name!r} from {info.file}: {error.strerror or error}.",
+                                  hint="Check that the checkpoint's files are readable.") from error
+        if read != size:
+            raise CheckpointError(f"{info.file} ended while reading tensor {name!r}.",
+                                  hint="The file is truncated; download it again.")
         array = buffer.view(info.dtype).reshape(info.shape)
         return array if array.dtype == np.dtype(dtype) else array.astype(dtype)
 
@@ -110,21 +128,22 @@ def _feed(digest: Any, path: Path) -> None:
             digest.update(view[:read])
 
 
-def _weight_files(folder: Path) -> list[Path]:
+def weight_files(folder: Path) -> list[Path]:
+    """The checkpoint's safetensors files (from its shard index, else `*.safetensors`).
+
+    Raises:
+        CheckpointError: no safetensors (pickles are named and refused, never loaded), a bad index, a shard
+            missing or not a regular file.
+    """
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({error}).",
-                                  hint="Re-download the checkpoint's index file.") from error
-        files = [folder / name for name in dict.fromkeys(weight_map.values())]
-        missing = [f.name for f in files if not f.is_file()]
+        files = [_regular(folder / name) for name in _shard_names(index)]
+        missing = [f.name for f in files if not f.exists()]
         if missing:
             raise CheckpointError(f"{folder} is missing shards listed in its index: {', '.join(missing)}.",
                                   hint="The download is incomplete; download the missing files.")
         return files
-    files = sorted(folder.glob("*.safetensors"))
+    files = [_regular(path) for path in sorted(folder.glob("*.safetensors"))]
     if files:
         return files
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
@@ -139,9 +158,53 @@ def _weight_files(folder: Path) -> list[Path]:
                           hint="Pass the folder holding config.json and the model's *.safetensors files.")
 
 
+def _shard_names(index: Path) -> list[str]:
+    """The shard file names an index lists, each a plain name inside the checkpoint folder."""
+    hint = "Re-download the checkpoint's index file."
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{index} is not a valid safetensors index ({error}).", hint=hint) from error
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index} is not a valid safetensors index (`weight_map` must map tensor names to "
+                              "shard files).", hint=hint)
+    names = list(dict.fromkeys(weight_map.values()))
+    for name in names:
+        # A shard elsewhere (an absolute path, ../other) would export another folder's weights.
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+            raise CheckpointError(f"{index} lists the shard {name!r}, which is not a file name inside the "
+                                  "checkpoint folder.", hint=hint)
+    return names
+
+
+def _regular(path: Path) -> Path:
+    """`path` when it is missing or a regular file (symlinks followed); else a CheckpointError."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return path
+    except OSError as error:  # a symlink loop, a permission problem
+        raise CheckpointError(f"Cannot read {path}: {error.strerror or error}.",
+                              hint="Replace it with the real weights file.") from error
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "a pipe" if stat.S_ISFIFO(info.st_mode) else \
+            "not a regular file"
+        raise CheckpointError(f"{path} is {kind}, not a weights file.", hint="Replace it with the real weights file.")
+    return path
+
+
 def _read_header(file: Path) -> dict[str, TensorInfo]:
-    size = file.stat().st_size
-    with file.open("rb") as handle:
+    try:
+        # O_NONBLOCK: a FIFO swapped in after the check above must not block the open.
+        handle = os.fdopen(os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb")
+    except OSError as error:
+        raise CheckpointError(f"Cannot read {file}: {error.strerror or error}.",
+                              hint="Check the file and its permissions.") from error
+    with handle:
+        size = os.fstat(handle.fileno()).st_size
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise CheckpointError(f"{file} is not a regular file.", hint="Replace it with the real weights file.")
         prefix = handle.read(8)
         if len(prefix) < 8:
             raise CheckpointError(f"{file} is too short to be a safetensors file ({size} bytes).",
@@ -150,29 +213,69 @@ def _read_header(file: Path) -> dict[str, TensorInfo]:
         if header_len > min(_MAX_HEADER, size - 8):
             raise CheckpointError(f"{file} has a corrupt or truncated safetensors header.",
                                   hint="Download the file again.")
-        try:
-            header = json.loads(handle.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise CheckpointError(f"{file} has a corrupt safetensors header ({error}).",
-                                  hint="Download the file again.") from error
-    base = 8 + header_len
+        raw = handle.read(header_len)
+    return parse_header(raw, file, size)
+
+
+def parse_header(raw: bytes, file: Path, size: int) -> dict[str, TensorInfo]:
+    """The tensors a safetensors header describes, every field checked (the file is `size` bytes long).
+
+    Raises:
+        CheckpointError: not a JSON object, entries without a known dtype, a shape or byte range, ranges
+            outside the data, overlapping one another, or not matching their shape.
+    """
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, RecursionError, json.JSONDecodeError) as error:
+        reason = "nested too deeply" if isinstance(error, RecursionError) else str(error)
+        raise CheckpointError(f"{file} has a corrupt safetensors header ({reason}).",
+                              hint="Download the file again.") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file} has a corrupt safetensors header (not a JSON object).", hint=_CORRUPT)
+    base = 8 + len(raw)
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         if name == "__metadata__":
+            if not isinstance(entry, dict):
+                raise CheckpointError(f"{file}: the header's __metadata__ is not an object.", hint=_CORRUPT)
             continue
-        dtype = _DTYPES.get(entry.get("dtype"))
-        if dtype is None:
-            raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}.",
-                                  hint="Supported: BF16, F16, F32 (and integer types).")
-        begin, end = (int(x) for x in entry["data_offsets"])
-        shape = tuple(int(d) for d in entry["shape"])
-        if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
-            raise CheckpointError(f"{file}: tensor {name!r} has a byte range that does not match its shape.",
-                                  hint="The file is corrupt; download it again.")
-        if base + end > size:
-            raise CheckpointError(
-                f"{file} is truncated: tensor {name!r} ends at byte {base + end} but the file has {size} bytes.",
-                hint="The download was interrupted; delete the file and download it again.",
-            )
-        tensors[name] = TensorInfo(file, dtype, shape, base + begin, base + end)
+        tensors[name] = _tensor_info(file, name, entry, base, size)
+    spans = sorted((info.begin, info.end, name) for name, info in tensors.items() if info.end > info.begin)
+    for (_, end, first), (begin, _, second) in itertools.pairwise(spans):
+        if begin < end:
+            raise CheckpointError(f"{file}: tensors {first!r} and {second!r} overlap.", hint=_CORRUPT)
     return tensors
+
+
+def _tensor_info(file: Path, name: str, entry: Any, base: int, size: int) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{file}: the header's entry for {name!r} is not an object.", hint=_CORRUPT)
+    dtype_name = entry.get("dtype")
+    dtype = _DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    if dtype is None or not isinstance(dtype_name, str):
+        raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {dtype_name!r}.",
+                              hint=f"Supported: {', '.join(sorted(WEIGHT_DTYPES))} for weights.")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(_count(d) for d in shape):
+        raise CheckpointError(f"{file}: tensor {name!r} has no valid shape ({shape!r}).", hint=_CORRUPT)
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_count(x) for x in offsets) \
+            or offsets[0] > offsets[1]:
+        raise CheckpointError(f"{file}: tensor {name!r} has invalid data_offsets ({offsets!r}).", hint=_CORRUPT)
+    begin, end = offsets
+    count = 1
+    for dim in shape:
+        count *= dim  # Python ints: a hostile shape cannot overflow into a small product
+    if end - begin != count * dtype.itemsize:
+        raise CheckpointError(f"{file}: tensor {name!r} has a byte range that does not match its shape.",
+                              hint=_CORRUPT)
+    if base + end > size:
+        raise CheckpointError(
+            f"{file} is truncated: tensor {name!r} ends at byte {base + end} but the file has {size} bytes.",
+            hint="The download was interrupted; delete the file and download it again.",
+        )
+    return TensorInfo(file, dtype, dtype_name, tuple(shape), base + begin, base + end)
+
+
+def _count(value: Any) -> bool:
+    """A non-negative JSON integer (not a bool, not a float, not a string)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -45,6 +45,7 @@ from typing import Any
 
 from phi_onnx.errors import OptionsError, PhiOnnxError
 from phi_onnx.export.options import ExportOptions
+from phi_onnx.manifest import ManifestError, read_manifest
 from phi_onnx.verify import (
     DEFAULT_THRESHOLDS,
     SAMPLE_TEXT,
@@ -52,7 +53,6 @@ from phi_onnx.verify import (
     Thresholds,
     VerifySettings,
     default_thresholds,
-    read_manifest,
     read_prompts,
     read_text,
     verify,
@@ -61,7 +61,6 @@ from phi_onnx.verify.inspect import human_size
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "phi_onnx.json"
 GROUPS = {"cpu": "cpu_and_mobile", "cuda": "cuda"}
 VARIANT_NAME = re.compile(
     r"^(?P<device>cpu|cuda)-(?P<precision>fp32|fp16|int4)"
@@ -163,35 +162,51 @@ def load_recipe(path: str | os.PathLike[str], output: str | os.PathLike[str] | N
         raise RecipeError(f"Cannot read the recipe {file}: {error.strerror or error}.", hint=RECIPE_HINT) from error
     except yaml.YAMLError as error:
         raise RecipeError(f"{file} is not valid YAML: {error}", hint=RECIPE_HINT) from error
+    return parse_recipe(data, file, output)
+
+
+def parse_recipe(data: Any, file: Path, output: str | os.PathLike[str] | None = None) -> Recipe:
+    """Validate a recipe already read from `file` (paths in it are relative to the file's folder)."""
     if not isinstance(data, dict) or not isinstance(data.get("models"), list) or not data["models"]:
         raise RecipeError(f"{file} must be a mapping with a non-empty `models` list.", hint=RECIPE_HINT)
-    unknown = sorted(set(data) - {"output", "verify", "verification", "variants", "models"})
+    unknown = _unknown(data, {"output", "verify", "verification", "variants", "models"})
     if unknown:
-        raise RecipeError(f"{file}: unknown key(s) {', '.join(unknown)}.", hint=RECIPE_HINT)
+        raise RecipeError(f"{file}: unknown key(s) {unknown}.", hint=RECIPE_HINT)
     base = file.parent
-    out = Path(output or data.get("output") or "out").expanduser()
-    default_variants = data.get("variants") or []
+    out_spec = output or data.get("output") or "out"
+    if not isinstance(out_spec, (str, os.PathLike)):
+        raise RecipeError(f"`output` must be a folder path, not {out_spec!r}.", hint=RECIPE_HINT)
+    out = Path(out_spec).expanduser()
+    default_variants = _list(data.get("variants"), "`variants`")
     variants: list[Variant] = []
     seen: dict[Path, str] = {}
     for entry in data["models"]:
         if not isinstance(entry, dict) or not entry.get("source"):
             raise RecipeError(f"Each model needs a `source` (short name, hub id or folder); got {entry!r}.",
                               hint=RECIPE_HINT)
-        unknown = sorted(set(entry) - {"name", "source", "revision", "variants", "verify"})
+        unknown = _unknown(entry, {"name", "source", "revision", "variants", "verify"})
         if unknown:
-            raise RecipeError(f"Model {entry['source']!r}: unknown key(s) {', '.join(unknown)}.",
+            raise RecipeError(f"Model {entry['source']!r}: unknown key(s) {unknown}.",
                               hint="A model has: name, source, revision, variants, verify.")
-        source = str(entry["source"])
+        if not isinstance(entry["source"], str) or "\0" in entry["source"]:
+            raise RecipeError(f"Model source {entry['source']!r} must be a short name, hub id or folder.",
+                              hint=RECIPE_HINT)
+        source = entry["source"]
         if (base / source).is_dir():  # folders are relative to the recipe, like every other path in it
             source = str((base / source).resolve())
-        name = str(entry.get("name") or Path(source).name or source).replace("/", "--")
-        specs = entry.get("variants") or default_variants
+        name = _model_name(entry.get("name"), source)
+        revision = entry.get("revision")
+        if revision is not None and not isinstance(revision, (str, int)):
+            raise RecipeError(f"Model {name!r}: `revision` must be a branch, tag or commit.", hint=RECIPE_HINT)
+        specs = _list(entry.get("variants"), f"Model {name!r}: `variants`") or default_variants
         if not specs:
             raise RecipeError(f"Model {name!r} lists no variants and the recipe has no default `variants`.",
                               hint=RECIPE_HINT)
         for spec in specs:
-            variant = Variant(name, source, entry.get("revision"), parse_variant(spec),
+            variant = Variant(name, source, None if revision is None else str(revision), parse_variant(spec),
                               verify=bool(entry.get("verify", True)))
+            if not _inside(out / variant.relative_dir, out):  # _model_name makes this hold; never write outside
+                raise RecipeError(f"Model {name!r} would be written outside {out}.", hint=RECIPE_HINT)
             if variant.relative_dir in seen:
                 raise RecipeError(f"Two variants of {name!r} would share the folder {variant.relative_dir}.",
                                   hint="Make them differ in precision, device, block size or accuracy level.")
@@ -201,37 +216,82 @@ def load_recipe(path: str | os.PathLike[str], output: str | os.PathLike[str] | N
     if not isinstance(verification, dict):
         raise RecipeError("`verification` must be a mapping.", hint=RECIPE_HINT)
     allowed = {"prompts", "text", "new_tokens", "text_tokens", "window", "builtin_prompts", "thresholds", "device"}
-    unknown = sorted(set(verification) - allowed)
+    unknown = _unknown(verification, allowed)
     if unknown:
-        raise RecipeError(f"Unknown `verification` key(s): {', '.join(unknown)}.",
+        raise RecipeError(f"Unknown `verification` key(s): {unknown}.",
                           hint=f"Allowed: {', '.join(sorted(allowed))}.")
+    for key in ("prompts", "text", "device"):
+        value = verification.get(key)
+        if value is not None and (not isinstance(value, str) or "\0" in value):
+            raise RecipeError(f"`verification.{key}` must be " + ("a device name" if key == "device" else
+                              "a file path (relative to the recipe)") + f", not {value!r}.", hint=RECIPE_HINT)
     prompts: tuple[str, ...] = ()
     if verification.get("prompts"):
-        prompts = tuple(read_prompts(base / str(verification["prompts"])))
-    text = read_text(base / str(verification["text"])) if verification.get("text") else SAMPLE_TEXT
+        prompts = tuple(read_prompts(base / verification["prompts"]))
+    text = read_text(base / verification["text"]) if verification.get("text") else SAMPLE_TEXT
     settings = VerifySettings(
         prompts=prompts, prompts_source=str(verification.get("prompts") or "builtin"),
         use_builtin_prompts=bool(verification.get("builtin_prompts", True)) or not prompts,
         text=text, text_source=str(verification.get("text") or "builtin"),
-        new_tokens=int(verification.get("new_tokens", 32)), text_tokens=int(verification.get("text_tokens", 1024)),
-        window=int(verification.get("window", 256)))
+        new_tokens=_count(verification, "new_tokens", 32, 1), text_tokens=_count(verification, "text_tokens", 1024, 2),
+        window=_count(verification, "window", 256, 2))
     thresholds = verification.get("thresholds") or {}
     if not isinstance(thresholds, dict) or not all(isinstance(v, dict) for v in thresholds.values()):
         raise RecipeError("`verification.thresholds` maps a precision to {figure: limit}.",
                           hint="For example: thresholds: {int4: {top1_agreement: 0.85}}.")
     figures = {f.name for f in fields(Thresholds)}
     for precision, limits in thresholds.items():
-        bad = sorted(set(limits) - figures)
+        bad = _unknown(limits, figures)
         if precision not in DEFAULT_THRESHOLDS or bad:
             raise RecipeError(f"`verification.thresholds.{precision}`: unknown "
-                              + (f"figure(s) {', '.join(bad)}." if bad else "precision."),
+                              + (f"figure(s) {bad}." if bad else "precision."),
                               hint=f"Precisions: {', '.join(DEFAULT_THRESHOLDS)}; "
                                    f"figures: {', '.join(sorted(figures))}.")
-        if not all(isinstance(v, (int, float)) for v in limits.values()):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in limits.values()):
             raise RecipeError(f"`verification.thresholds.{precision}`: limits must be numbers.", hint=RECIPE_HINT)
     return Recipe(file, out, variants, verify=bool(data.get("verify", True)), settings=settings,
                   thresholds={str(k): dict(v) for k, v in thresholds.items()},
                   verify_device=str(verification.get("device", "cpu")))
+
+
+def _unknown(mapping: dict[Any, Any], allowed: set[str]) -> str:
+    """The keys of `mapping` not in `allowed`, listed (keys YAML read as numbers included)."""
+    return ", ".join(sorted(str(key) for key in mapping if key not in allowed))
+
+
+def _list(value: Any, what: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise RecipeError(f"{what} must be a list of variants, not {value!r}.", hint=RECIPE_HINT)
+    return value
+
+
+def _count(mapping: dict[str, Any], key: str, default: int, minimum: int) -> int:
+    value = mapping.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise RecipeError(f"`verification.{key}` must be a whole number of at least {minimum}, not {value!r}.",
+                          hint=RECIPE_HINT)
+    return value
+
+
+def _model_name(name: Any, source: str) -> str:
+    """The model's folder name: one plain path component, so every variant stays inside the output."""
+    if name is None:
+        # The source's last part: a hub id's model name, a folder's name
+        name = (Path(source).name or source).replace("/", "--")
+    if isinstance(name, (int, float)) and not isinstance(name, bool):
+        name = str(name)  # `name: 2024` reads as a number
+    if not isinstance(name, str) or name.strip() in ("", ".", "..") or any(c in name for c in "/\\\0") \
+            or Path(name).is_absolute() or name != name.strip():
+        raise RecipeError(f"Model name {name!r} is not a folder name: it must be one path component (no /, \\, "
+                          "'..', '.', leading or trailing spaces, not empty).",
+                          hint="Name the model's folder plainly, e.g. `name: phi-3-mini-4k-instruct-onnx`.")
+    return name
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
 
 
 # --------------------------------------------------------------------------- building
@@ -299,14 +359,15 @@ def _up_to_date(folder: Path, variant: Variant, fingerprint: dict[str, str]) -> 
     """Whether `folder` already holds this variant built from the same inputs, and if not, why."""
     from phi_onnx import __version__
 
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        return False, "not built yet"
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        manifest = read_manifest(folder)
+    except ManifestError:
         return False, "its manifest is unreadable"
+    if manifest is None:
+        return False, "first build"
     source = manifest.get("source") or {}
+    if not isinstance(source, dict) or not isinstance(manifest.get("tools") or {}, dict):
+        return False, "its manifest is damaged"
     if source.get("weights_sha256") != fingerprint["weights_sha256"]:
         return False, "the source weights changed"
     if source.get("config_sha256") != fingerprint["config_sha256"]:
@@ -315,7 +376,10 @@ def _up_to_date(folder: Path, variant: Variant, fingerprint: dict[str, str]) -> 
         return False, "the options changed"
     if (manifest.get("tools") or {}).get("phi-onnx") != __version__:
         return False, "another phi-onnx version built it"
-    missing = [name for name in manifest.get("files") or {} if not (folder / name).is_file()]
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return False, "its manifest lists no files"
+    missing = [name for name in files if not (folder / name).is_file()]
     if missing:
         return False, f"files are missing ({', '.join(missing)})"
     return True, "same source, options and phi-onnx version"
@@ -344,7 +408,12 @@ def build(recipe: Recipe, *, force: bool = False) -> BuildResult:
     """
     from phi_onnx.export import export
 
-    recipe.output.mkdir(parents=True, exist_ok=True)
+    try:
+        recipe.output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RecipeError(f"Cannot create the output folder {recipe.output}: {error.strerror or error}.",
+                          hint="Choose an output folder you can write to (`output:` or -o).") from error
+    _refuse_foreign_summaries(recipe.output)
     fingerprints: dict[tuple[str, str | None], dict[str, str]] = {}
     references: dict[Path, Any] = {}
     rows: list[Row] = []
@@ -437,6 +506,22 @@ def summary_markdown(result: BuildResult) -> str:
     lines.append("")
     lines.append(f"{passed} of {len(result.rows)} variants passed.")
     return "\n".join(lines) + "\n"
+
+
+def _refuse_foreign_summaries(output: Path) -> None:
+    """The summaries are rewritten on every build: refuse to replace files of that name a build did not write."""
+    try:
+        data = json.loads((output / "summary.json").read_text(encoding="utf-8"))
+        ours = isinstance(data, dict) and isinstance(data.get("variants"), list) and "passed" in data
+    except FileNotFoundError:
+        ours = not (output / "summary.md").exists()  # neither file yet: a first build
+    except (OSError, ValueError):
+        ours = False
+    # A build writes plain files; writing through a link would replace whatever it points to
+    ours = ours and not any((output / name).is_symlink() for name in ("summary.md", "summary.json"))
+    if not ours:
+        raise RecipeError(f"{output} holds a summary.md or summary.json that `phi-onnx build` did not write; "
+                          "a build would replace it.", hint="Choose another output folder (`output:` or -o).")
 
 
 def write_summary(result: BuildResult) -> None:

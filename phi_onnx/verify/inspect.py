@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from phi_onnx.manifest import ManifestError, manifest_path, read_manifest
 from phi_onnx.runtime.errors import ModelFolderError
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "phi_onnx.json"
 
 #: The fused ONNX Runtime ops a phi-onnx graph uses; `inspect` says which are present (an export from
 #: another tool, or a build without them, shows up as missing).
@@ -35,11 +33,18 @@ def _load_graph(folder: Path) -> Any:
     if not path.is_file():
         raise ModelFolderError(f"{folder} has no model.onnx.",
                                hint="Pass a folder written by `phi-onnx export SOURCE -o FOLDER`.")
+    if path.stat().st_size == 0:
+        raise ModelFolderError(f"{path} is empty (0 bytes), not an ONNX model.", hint="Export again with --overwrite.")
     try:
-        return onnx.load(str(path), load_external_data=False)
+        model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, OSError, ValueError, RuntimeError) as error:
         raise ModelFolderError(f"{path} is not a valid ONNX model ({error}).",
                                hint="Export again with --overwrite.") from error
+    if not model.graph.node or not model.ir_version:
+        # protobuf reads many byte strings as a valid but empty message
+        raise ModelFolderError(f"{path} is not a valid ONNX model (it holds no graph).",
+                               hint="Export again with --overwrite.")
+    return model
 
 
 def op_histogram(model: Any) -> dict[str, int]:
@@ -86,29 +91,30 @@ def _value_info(values: Any) -> list[dict[str, Any]]:
     return out
 
 
-def inspect_folder(folder: str | os.PathLike[str]) -> dict[str, Any]:
+def inspect_folder(folder: str | os.PathLike[str], *, check_files: bool = False) -> dict[str, Any]:
     """Everything `phi-onnx inspect` shows, as a JSON-friendly dict.
 
     Keys: folder, precision, variant, files (name → bytes), size_bytes, op_counts, fused_ops (op → present),
-    inputs, outputs, opsets, source, options, tools, created, verification (None when never verified).
+    inputs, outputs, opsets, source, options, tools, created, verification (None when never verified);
+    with `check_files`, file_check (`phi_onnx.verify.files.FileCheck.to_dict()`).
     """
     path = Path(folder).expanduser()
     if not path.is_dir():
         raise ModelFolderError(f"{path} is not a folder.",
                                hint="Pass a folder written by `phi-onnx export SOURCE -o FOLDER`.")
     model = _load_graph(path)
-    manifest: dict[str, Any] = {}
-    if (path / MANIFEST).is_file():
-        try:
-            manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            log.warning("%s is not valid JSON (%s); showing the graph only", path / MANIFEST, error)
+    try:
+        manifest: dict[str, Any] = read_manifest(path) or {}
+    except ManifestError as error:
+        log.warning("%s; showing the graph only", error.message.rstrip("."))
+        manifest = {}
+    source, options, tools, verification = (_section(manifest, key, path)
+                                            for key in ("source", "options", "tools", "verification"))
     ops = op_histogram(model)
     files = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
-    options = manifest.get("options") or {}
-    return {
+    info = {
         "folder": str(path.resolve()),
-        "precision": options.get("precision") or _precision_of(model),
+        "precision": str(options.get("precision") or _precision_of(model)),
         "variant": manifest.get("variant"),
         "files": files,
         "size_bytes": sum(files.values()),
@@ -120,13 +126,30 @@ def inspect_folder(folder: str | os.PathLike[str]) -> dict[str, Any]:
         "inputs": _value_info(model.graph.input),
         "outputs": _value_info(model.graph.output),
         "opsets": {(o.domain or "ai.onnx"): o.version for o in model.opset_import},
-        "source": manifest.get("source"),
+        "source": source or None,
         "options": options or None,
-        "tools": manifest.get("tools"),
+        "tools": tools or None,
         "created": manifest.get("created"),
         "has_manifest": bool(manifest),
-        "verification": manifest.get("verification"),
+        "verification": verification or None,
     }
+    if check_files:
+        from phi_onnx.verify.files import check_files as run_check
+
+        info["file_check"] = run_check(path).to_dict()
+    return info
+
+
+def _section(manifest: dict[str, Any], key: str, folder: Path) -> dict[str, Any]:
+    """One object of the manifest; a damaged one ({"options": 5}) is shown as absent, with a warning."""
+    value = manifest.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        log.warning("%s: %r is %s, not an object; ignoring it", manifest_path(folder), key,
+                    type(value).__name__)
+        return {}
+    return value
 
 
 def human_size(num: float) -> str:
@@ -183,16 +206,25 @@ def format_report(info: dict[str, Any]) -> str:
         tools = info["tools"] or {}
         lines.append(f"  created     {info['created']} with " + ", ".join(f"{k} {v}" for k, v in tools.items()))
         lines.append("  verified    " + _verification_line(info["verification"]))
+    check = info.get("file_check")
+    if check is not None:
+        if check["ok"]:
+            lines.append(f"  files       OK: {len(check['checked'])} match the manifest's sha256")
+        else:
+            problems = [f"changed: {', '.join(check['changed'])}"] if check["changed"] else []
+            problems += [f"missing: {', '.join(check['missing'])}"] if check["missing"] else []
+            lines.append("  files       FAILED: " + "; ".join(problems))
     return "\n".join(lines)
 
 
 def _verification_line(record: dict[str, Any] | None) -> str:
     if not record:
         return "never (run `phi-onnx verify FOLDER`)"
-    figures = record.get("figures") or {}
-    verdict = "PASSED" if record.get("passed") else "FAILED (" + ", ".join(record.get("failed") or []) + ")"
-    shown = ", ".join(f"{name} {value:.4g}" for name, value in figures.items()
+    figures = record.get("figures") if isinstance(record.get("figures"), dict) else {}
+    failed = record.get("failed") if isinstance(record.get("failed"), list) else []
+    verdict = "PASSED" if record.get("passed") else "FAILED (" + ", ".join(map(str, failed)) + ")"
+    shown = ", ".join(f"{name} {value:.4g}" for name, value in figures.items() if isinstance(value, (int, float))
                       if name in ("max_abs_logit_diff", "top1_agreement", "kl_divergence", "greedy_agreement",
                                   "perplexity_change"))
-    reference = (record.get("reference") or {}).get("spec")
+    reference = record["reference"].get("spec") if isinstance(record.get("reference"), dict) else None
     return f"{verdict} on {record.get('created')} against {reference}: {shown}"

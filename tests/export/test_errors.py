@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -73,9 +75,8 @@ def test_planned_family_refused_before_download(tmp_path, monkeypatch):
     from phi_onnx.export import registry
 
     monkeypatch.delitem(registry.ARCHITECTURE_MODULES, "PhimoeForCausalLM")
-    monkeypatch.setitem(registry.PLANNED, "PhimoeForCausalLM", "Phi-3.5-MoE support is planned.")
     monkeypatch.setattr("phi_onnx.source.hub._from_hub", lambda *a, **k: pytest.fail("tried to download"))
-    with pytest.raises(UnsupportedModelError, match=r"Phi-3\.5-MoE support is planned"):
+    with pytest.raises(UnsupportedModelError, match=r"'PhimoeForCausalLM' is not supported"):
         export("phi-3.5-moe", tmp_path / "out")
 
 
@@ -107,8 +108,13 @@ def test_existing_output_is_refused_then_overwritten(tmp_path, make_checkpoint):
     with pytest.raises(OutputExistsError, match="--overwrite"):
         export(make_checkpoint("phi3-mha"), out)
     assert (out / "keep.txt").read_text() == "mine"
-    export(make_checkpoint("phi3-mha"), out, ExportOptions(precision="fp32"), overwrite=True)
-    assert (out / "model.onnx").is_file() and not (out / "keep.txt").exists()
+    (out / "keep.txt").unlink()
+    out.rmdir()
+    export(make_checkpoint("phi3-mha"), out, ExportOptions(precision="fp32"))
+    first = json.loads((out / "phi_onnx.json").read_text())
+    export(make_checkpoint("phi3-mha"), out, ExportOptions(precision="fp32", max_length=64), overwrite=True)
+    assert json.loads((out / "phi_onnx.json").read_text())["options"]["max_length"] == 64 != \
+        first["options"]["max_length"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
@@ -153,3 +159,93 @@ def test_cli_runs_as_a_program_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("Error: Unknown model 'nope'.")
     assert "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- the environment
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 2 MB tmpfs (root with mount rights only): a disk that really fills up."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode(errors='replace').strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_is_refused_before_writing(small_tmpfs, make_checkpoint):
+    result = run_cli("export", str(make_checkpoint("phi3-mha")), "-o", str(small_tmpfs / "out"),
+                     "--precision", "fp32")
+    assert_clean_failure(result, "Not enough space", "it needs about", "free", "nothing was written")
+    assert list(small_tmpfs.iterdir()) == []
+
+
+def test_disk_filling_up_mid_export(small_tmpfs, make_checkpoint, monkeypatch):
+    """The free-space check passes (another process freed space, then took it): the kernel's ENOSPC."""
+    import importlib
+
+    pipeline = importlib.import_module("phi_onnx.export.pipeline")  # the package re-exports `export` over it
+    monkeypatch.setattr(pipeline, "check_free_space", lambda folder, needed: None)
+    result = run_cli("export", str(make_checkpoint("phi3-mha")), "-o", str(small_tmpfs / "out"),
+                     "--precision", "fp32")
+    assert_clean_failure(result, "The disk is full", str(small_tmpfs), "the export needs about", "MB",
+                         "Nothing was left behind")
+    assert list(small_tmpfs.iterdir()) == []
+
+
+def test_enospc_from_a_patched_write(tmp_path, make_checkpoint, monkeypatch):
+    real_save = ir.save
+
+    def full(model, path, **kwargs):
+        real_save(model, path, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ir, "save", full)
+    result = run_cli("export", str(make_checkpoint("phi3-mha")), "-o", str(tmp_path / "out"), "--precision", "fp32")
+    assert_clean_failure(result, "The disk is full", str(tmp_path), "the export needs about")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_only_file_system(small_tmpfs, make_checkpoint):
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+    result = run_cli("export", str(make_checkpoint("phi3-mha")), "-o", str(small_tmpfs / "sub" / "out"))
+    assert_clean_failure(result, f"Cannot write to {small_tmpfs}", "read-only")
+    assert list(small_tmpfs.iterdir()) == []
+
+
+def test_no_write_permission(tmp_path, make_checkpoint, monkeypatch):
+    """Root ignores folder permissions, so the refusal the kernel gives others is injected."""
+    from phi_onnx.export import output
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(output.Path, "mkdir", denied)
+    result = run_cli("export", str(make_checkpoint("phi3-mha")), "-o", str(locked / "out"))
+    assert_clean_failure(result, f"Cannot write to {locked}", "permission denied")
+    assert list(locked.iterdir()) == []
+
+
+def test_output_parent_is_a_file(tmp_path, make_checkpoint):
+    (tmp_path / "file").write_text("mine")
+    result = run_cli("export", str(make_checkpoint("phi3-mha")), "-o", str(tmp_path / "file" / "deeper" / "out"))
+    assert_clean_failure(result, f"{tmp_path / 'file'} is a file, not a folder")
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_output_path_with_a_nul_character(tmp_path, make_checkpoint):
+    from phi_onnx.errors import OutputWriteError
+
+    with pytest.raises(OutputWriteError, match="contains a NUL character"):
+        export(make_checkpoint("phi3-mha"), str(tmp_path / "o\0ut"))
+    assert list(tmp_path.iterdir()) == []

@@ -22,8 +22,13 @@ WINDOWS = 12
 # Measured on the bundled tiny-phi3, int4 block 32 symmetric, accuracy level 4, against its fp32
 # export over 12 x 128 held-out tokens: top-1 agreement 0.938, perplexity +0.43 % (15.92 → 15.99).
 # onnxruntime-genai's builder on the same checkpoint: 0.938 and +0.44 %.
+# With the int4 embedding table as well (the int4 default since issue 12): 0.928 and +0.54 %.
 AGREEMENT_MIN = 0.90
 PPL_CHANGE_MAX = 0.02
+# KL(fp32 || int4) on the same windows, default int4 (rtn block 32, int4 embeddings): 7.6e-3, standard
+# error 0.5e-3 over the 12 windows (int4 embeddings add about 1.4e-3 of it: 5.6e-3 with fp32 ones, all of
+# heldout.txt, benchmarks/int4_quality.py). The limit is about 9 standard errors above.
+KL_MAX = 0.012
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +72,25 @@ def fp32_logits(tmp_path_factory, heldout_ids) -> np.ndarray:
     return logits_of(out, heldout_ids)
 
 
+def kl_divergence(logits: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """Mean KL(reference || logits) per position, and its standard error over windows (positions within
+    a window are correlated, windows are not)."""
+    ref, lp = (x.astype(np.float64) - x.max(-1, keepdims=True) for x in (reference, logits))
+    ref = ref - np.log(np.exp(ref).sum(-1, keepdims=True))
+    lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
+    per_window = (np.exp(ref) * (ref - lp)).sum(-1).mean(-1)
+    return float(per_window.mean()), float(per_window.std(ddof=1) / np.sqrt(per_window.size))
+
+
 def test_int4_quality_on_trained_model(tmp_path, fp32_logits, heldout_ids):
     out = tmp_path / "int4"
     export(TINY_PHI3_DIR, out, ExportOptions(precision="int4", block_size=32))
     agreement, ppl_change = quality(out, fp32_logits, heldout_ids)
+    kl, kl_se = kl_divergence(logits_of(out, heldout_ids), fp32_logits)
+    print(f"int4 block 32: top-1 {agreement:.4f}, KLD {kl:.2e} (SE {kl_se:.1e}), ppl change {ppl_change:+.4f}")
     assert agreement >= AGREEMENT_MIN
     assert ppl_change <= PPL_CHANGE_MAX
+    assert kl <= KL_MAX
 
 
 @pytest.mark.slow
@@ -84,7 +102,8 @@ def test_int4_at_least_as_good_as_genai_builder(tmp_path, fp32_logits, heldout_i
                     "-o", str(theirs), "-p", "int4", "-e", "cpu", "-c", str(tmp_path / "cache")],
                    check=True, capture_output=True)
     ours = tmp_path / "ours"
-    export(TINY_PHI3_DIR, ours, ExportOptions(precision="int4", block_size=32))
+    # The builder keeps the embedding in fp32: compare the same layout (int4 layers and LM head).
+    export(TINY_PHI3_DIR, ours, ExportOptions(precision="int4", block_size=32, embeddings="full"))
     our_agreement, our_ppl = quality(ours, fp32_logits, heldout_ids)
     their_agreement, their_ppl = quality(theirs, fp32_logits, heldout_ids)
     print(f"ours: top-1 {our_agreement:.4f}, ppl change {our_ppl:+.4f}; "

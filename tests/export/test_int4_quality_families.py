@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import heldout_windows_of, kl_and_top1, window_log_probs
 from phi3small_reference import forward, random_weights
 from test_int4_quality import logits_of, perplexity, quality
 from tokenizers import Tokenizer
@@ -156,3 +157,41 @@ def test_int4_quality_on_trained_family(name, trained, tmp_path):
     assert math.isfinite(ppl_change)
     assert agreement >= agreement_min
     assert ppl_change <= change_max
+
+
+# KL(fp32 || int4) and top-1 agreement per algorithm, on all of each model's heldout.txt in 128-token
+# windows (fp32 embeddings, so only the layers differ), paired against rtn block 32 (standard errors over
+# windows; /tmp script of benchmarks/int4_quality.py's method on the trained fixtures above):
+#   phi2  rtn-32 KLD 3.32e-3 top-1 0.952 | clip-32 0.872x (SE 0.006), +0.44 pt (0.17) (8-ratio search; the
+#         4-ratio one in use measured 0.005 higher on tiny-phi3)
+#         gptq-128 0.458x (SE 0.010), +1.81 pt (0.19) | gptq-32 0.323x (SE 0.010), +2.19 pt (0.18)
+#   phimoe rtn-32 KLD 7.88e-3 top-1 0.940 | clip-32 0.887x (SE 0.022), +0.59 pt (0.17)
+#         gptq-128 0.806x (SE 0.043), +0.68 pt (0.22) | gptq-32 0.707x (SE 0.035), +1.45 pt (0.20)
+#         (its experts run in QMoE, which calibration does not reach: they get the clip search)
+# phi3small was not measured (its fixture trains after phi2 again: no time); it is not listed.
+ALGO_LIMITS = {  # name: (clip-32 KLD ratio at most, gptq-128 KLD ratio at most, gptq-128 top-1 gain at least)
+    "phi2": (0.93, 0.6, 0.01),
+    "phimoe": (0.97, 0.95, 0.0),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(ALGO_LIMITS))
+def test_clip_and_gptq_beat_rtn_on_trained_family(name, trained, tmp_path):
+    folder = trained(name)
+    rows = heldout_windows_of(folder, folder / "heldout.txt", WINDOW)
+    export(folder, tmp_path / "fp32", ExportOptions(precision="fp32"))
+    reference = window_log_probs(tmp_path / "fp32", rows)
+    judged = {}
+    for algo, block in (("rtn", 32), ("clip", 32), ("gptq", 128)):
+        export(folder, tmp_path / algo, ExportOptions(algo=algo, block_size=block, embeddings="full"))  # type: ignore[arg-type]
+        judged[algo] = kl_and_top1(reference, window_log_probs(tmp_path / algo, rows))
+    rtn_kl, rtn_top1 = judged["rtn"]
+    clip_max, gptq_max, gain_min = ALGO_LIMITS[name]
+    clip_ratio = judged["clip"][0].mean() / rtn_kl.mean()
+    gptq_ratio = judged["gptq"][0].mean() / rtn_kl.mean()
+    gain = judged["gptq"][1].mean() - rtn_top1.mean()
+    print(f"{name}: clip-32 {clip_ratio:.3f}x, gptq-128 {gptq_ratio:.3f}x and {gain * 100:+.2f} pt top-1")
+    assert clip_ratio <= clip_max
+    assert gptq_ratio <= gptq_max
+    assert gain >= gain_min

@@ -158,11 +158,15 @@ def test_genai_greedy_equals_transformers(phi2_checkpoint, phi2_export):
 
 
 def fake_quantized(model, block_size: int, symmetric: bool):
-    """The reference with every Linear (q, k, v, dense, fc1, fc2, LM head) replaced by its int4 round trip."""
+    """The reference with every Linear (q, k, v, dense, fc1, fc2, LM head) and the embedding replaced by
+    its int4 round trip."""
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             q = dequantize_int4(quantize_int4(module.weight.detach().numpy(), block_size, symmetric))
             module.weight = torch.nn.Parameter(torch.from_numpy(q))
+    embedding = model.get_input_embeddings()  # int4 exports quantize the embedding table the same way
+    table = dequantize_int4(quantize_int4(embedding.weight.detach().numpy(), block_size, symmetric))
+    embedding.weight = torch.nn.Parameter(torch.from_numpy(table))
     return model
 
 

@@ -23,17 +23,12 @@ from helpers import OnnxLM, prompt_then_decode, random_ids
 from phi3small_reference import block_sparse_mask, forward, random_weights
 
 from phi_onnx.export import ExportOptions, export
-from phi_onnx.export.phi3small import (
-    CL100K_PATTERN,
-    DUMMY_TOKEN_IDS,
-    Phi3SmallBuilder,
-    model_config,
-    read_settings,
-    tiktoken_tokenizer_json,
-)
+from phi_onnx.export.phi3small import Phi3SmallBuilder
 from phi_onnx.export.registry import builder_for
+from phi_onnx.export.tiktoken_bpe import CL100K_PATTERN, tiktoken_tokenizer_json
 from phi_onnx.quantize import dequantize_int4, quantize_int4
 from phi_onnx.source.config import parse_config
+from phi_onnx.source.phi3small import DUMMY_TOKEN_IDS, model_config, read_settings
 
 TOL = 1e-4
 
@@ -282,14 +277,14 @@ def test_fused_graph(exported):
 # -- int4 ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("name", "block_size", "symmetric"), [("gqa", 32, True), ("mqa-step2", 16, False)])
 def test_int4_matches_quantization_aware_reference(name, block_size, symmetric, checkpoint, exported):
-    """Every projection and the (tied) LM head replaced by its int4 round trip; embeddings stay fp32."""
+    """Every projection and the tied embedding / LM head table replaced by its int4 round trip."""
     _, cfg, weights = checkpoint(name)
 
     def round_trip(w: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(dequantize_int4(quantize_int4(w.numpy(), block_size, symmetric)))
 
-    quantized = {k: round_trip(v) if k.endswith(("query_key_value.weight", "dense.weight", "proj.weight")) else v
-                 for k, v in weights.items()}
+    rounded = ("query_key_value.weight", "dense.weight", "proj.weight", "embed_tokens.weight")
+    quantized = {k: round_trip(v) if k.endswith(rounded) else v for k, v in weights.items()}
     ids = random_ids(24, seed=11)
     expected = forward(cfg, quantized, ids, lm_head=round_trip(weights["model.embed_tokens.weight"]))
     folder = exported(name, "int4", block_size=block_size, symmetric=symmetric, accuracy_level=1)

@@ -290,7 +290,8 @@ def test_genai_greedy_equals_transformers(name, moe_checkpoint, moe_export):
 
 # -- int4 ----------------------------------------------------------------------------------------
 def fake_quantized(model, block_size: int, symmetric: bool):
-    """The reference with q/k/v/o, the LM head and every expert's weights through the int4 round trip.
+    """The reference with q/k/v/o, the LM head, the embedding and every expert's weights through the int4
+    round trip.
 
     The router is left in fp32, as the export leaves it.
     """
@@ -304,6 +305,9 @@ def fake_quantized(model, block_size: int, symmetric: bool):
             for param in ("gate_up_proj", "down_proj"):
                 w = getattr(module, param).detach().numpy()
                 setattr(module, param, torch.nn.Parameter(torch.from_numpy(np.stack([round_trip(e) for e in w]))))
+    embedding = model.get_input_embeddings()  # int4 exports quantize the embedding table the same way
+    table = dequantize_int4(quantize_int4(embedding.weight.detach().numpy(), block_size, symmetric))
+    embedding.weight = torch.nn.Parameter(torch.from_numpy(table))
     return model
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -28,7 +29,7 @@ def test_transformers5_file_reads_like_the_hub_file(tmp_path):
     from transformers import Phi3Config
 
     # transformers 5 converts the old keys into rope_parameters/dtype when it saves.
-    Phi3Config(**HUB_STYLE).save_pretrained(tmp_path)
+    Phi3Config(**copy.deepcopy(HUB_STYLE)).save_pretrained(tmp_path)  # it edits rope_scaling in place
     saved = json.loads((tmp_path / "config.json").read_text())
     assert "rope_parameters" in saved and "rope_scaling" not in saved
     new, old = load_config(tmp_path), parse_config(HUB_STYLE)
@@ -83,3 +84,63 @@ def test_malformed_config_json(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Phi3ForCausalLM"]}))
     with pytest.raises(CheckpointError, match="lacks a required size"):
         load_config(tmp_path)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"num_hidden_layers": 0}, "num_hidden_layers is 0; it must be from 1"),
+    ({"num_hidden_layers": -3}, "num_hidden_layers is -3"),
+    ({"num_hidden_layers": 10**12}, "num_hidden_layers is 1000000000000"),
+    ({"num_attention_heads": 0}, "num_attention_heads is 0"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads is 0"),
+    ({"num_key_value_heads": 48}, "num_key_value_heads is 48; it must be from 1 to 24"),
+    ({"architectures": 5}, "`architectures` must be a list of class names, not 5"),
+    ({"architectures": [7]}, "`architectures` must be a list"),
+    ({"max_position_embeddings": "4096"}, "max_position_embeddings must be a whole number, not '4096'"),
+    ({"rms_norm_eps": "1e-5"}, "rms_norm_eps must be a number, not '1e-5'"),
+    ({"rms_norm_eps": 0}, "rms_norm_eps is 0"),
+    ({"hidden_size": "256"}, "hidden_size must be a whole number, not '256'"),
+    ({"hidden_size": 256.5}, "hidden_size must be a whole number"),
+    ({"hidden_size": True}, "hidden_size must be a whole number"),
+    ({"vocab_size": None}, "lacks a required size: 'vocab_size'"),
+    ({"tie_word_embeddings": "yes"}, "tie_word_embeddings must be true or false"),
+    ({"hidden_act": 3}, "hidden_act must be a string"),
+    ({"eos_token_id": "199999"}, "Token id '199999'"),
+    ({"eos_token_id": [1, -1]}, "Token id -1"),
+    ({"rope_scaling": None, "rope_parameters": {"rope_type": "default", "rope_theta": "1e4"}},
+     "rope_theta must be a number"),
+    ({"partial_rotary_factor": 2}, "partial_rotary_factor is 2"),
+    ({"sliding_window": "2047", "max_position_embeddings": 4096}, "sliding_window must be a whole number"),
+    ({"rope_scaling": {"type": "longrope", "short_factor": ["a"] * 48, "long_factor": LONG}}, "list of numbers"),
+    ({"rope_scaling": {"type": "longrope", "short_factor": SHORT, "long_factor": LONG, "attention_factor": "x"}},
+     "attention_factor must be a number"),
+])
+def test_wrong_values_are_refused_naming_the_field(change, message):
+    with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        parse_config({**HUB_STYLE, **change})
+
+
+def test_integral_floats_are_read_as_sizes():
+    assert parse_config({**HUB_STYLE, "hidden_size": 3072.0}).hidden_size == 3072
+
+
+def test_layer_count_is_checked_against_the_tensors_before_building(tmp_path, make_checkpoint, monkeypatch):
+    import shutil
+    import tracemalloc
+
+    from phi_onnx.export import export
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(make_checkpoint("phi3-mha"), ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    for count in (layers + 1, 4096):
+        config["num_hidden_layers"] = count
+        (ckpt / "config.json").write_text(json.dumps(config))
+        tracemalloc.start()
+        with pytest.raises(CheckpointError, match=f"num_hidden_layers is {count}, but the checkpoint holds "
+                                                  f"weights for {layers} layers"):
+            export(ckpt, tmp_path / "out")
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 50 * 2**20, peak  # refused before a graph of `count` layers was started
+    assert not (tmp_path / "out").exists()

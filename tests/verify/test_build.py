@@ -132,3 +132,107 @@ def test_shipped_recipes_parse():
     for path in (root / "recipes" / "phi.yaml", root / "examples" / "ci" / "recipe.yaml"):
         recipe = load_recipe(path)
         assert recipe.variants
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/../../x", "/etc", "", "  ", "a\\..\\b", "x\0y", ["list"]])
+def test_model_names_cannot_leave_the_output_folder(tmp_path, name):
+    (tmp_path / "cpu_and_mobile").mkdir()  # what `name: ..` would have reached and replaced
+    (tmp_path / "cpu_and_mobile" / "mine.txt").write_text("mine")
+    path = tmp_path / "sub" / "r.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump({"output": str(tmp_path / "sub" / "out"),
+                                    "models": [{"name": name, "source": "tiny-phi3", "variants": ["cpu-fp32"]}]}))
+    with pytest.raises(RecipeError, match=r"Model name .* is not a folder name"):
+        load_recipe(path)
+    result = run("build", str(path))
+    assert result.exit_code == 2 and "Traceback" not in result.output and "not a folder name" in result.output
+    assert (tmp_path / "cpu_and_mobile" / "mine.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cpu_and_mobile", "sub"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["r.yaml"]
+
+
+def test_default_name_from_a_hub_id_stays_one_component(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"models": [{"source": "microsoft/Phi-3-mini-4k-instruct",
+                                                "variants": ["cpu-fp32"]}]}))
+    assert str(load_recipe(path).variants[0].relative_dir) == "Phi-3-mini-4k-instruct/cpu_and_mobile/cpu-fp32"
+
+
+def test_build_replaces_only_its_own_variants(tmp_path):
+    """A variant folder holding something phi-onnx did not write is left alone and that variant fails."""
+    out = tmp_path / "out"
+    theirs = out / "tiny" / "cpu_and_mobile" / "cpu-fp32"
+    theirs.mkdir(parents=True)
+    (theirs / "mine.txt").write_text("mine")
+    path = write_recipe(tmp_path / "r.yaml", [{"name": "tiny", "source": "tiny-phi3", "variants": ["cpu-fp32"]}],
+                        verify=False)
+    result = run("build", str(path))
+    assert result.exit_code == 1, result.output
+    row = summary(out)[("tiny", "cpu-fp32")]
+    assert row["status"] == "failed" and "not a phi-onnx export" in row["reason"]
+    assert sorted(p.name for p in theirs.iterdir()) == ["mine.txt"]
+
+
+def test_build_replaces_its_earlier_variant(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", [{"name": "tiny", "source": "tiny-phi3", "variants": ["cpu-fp32"]}],
+                        verify=False)
+    assert run("build", str(path)).exit_code == 0
+    folder = tmp_path / "out" / "tiny" / "cpu_and_mobile" / "cpu-fp32"
+    created = json.loads((folder / "phi_onnx.json").read_text())["created"]
+    result = run("build", str(path), "--force")
+    assert result.exit_code == 0, result.output
+    assert summary(tmp_path / "out")[("tiny", "cpu-fp32")]["status"] == "built"
+    assert (folder / "model.onnx").is_file() and created
+
+
+@pytest.mark.parametrize(("recipe", "message"), [
+    ({"output": ["a"], "models": [{"source": "x", "variants": ["cpu-fp32"]}]}, "`output` must be a folder path"),
+    ({"variants": "cpu-fp32", "models": [{"source": "x"}]}, "must be a list"),
+    ({"models": [{"source": 5, "variants": ["cpu-fp32"]}]}, "must be a short name"),
+    ({"models": [{"source": "x", "variants": ["cpu-fp32"], 3: 1}]}, "unknown key"),
+    ({"models": [{"source": "x", "variants": ["cpu-fp32"]}], "verification": {"new_tokens": "8"}}, "whole number"),
+    ({"models": [{"source": "x", "variants": ["cpu-fp32"]}], "verification": {"window": 0}}, "whole number"),
+    ({"models": [{"source": "x", "variants": ["cpu-fp32"], "revision": [1]}]}, "revision"),
+    ({"models": [{"source": "x", "variants": ["cpu-fp32"]}], "verification": {"prompts": "a\0b"}}, "file path"),
+    ({"models": [{"source": "x", "variants": ["cpu-fp32"]}], "verification": {"text": 5}}, "file path"),
+])
+def test_wrong_types_in_recipes(tmp_path, recipe, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(path)
+
+
+def test_output_that_is_a_file(tmp_path):
+    (tmp_path / "out").write_text("mine")
+    path = write_recipe(tmp_path / "r.yaml", [{"name": "tiny", "source": "tiny-phi3", "variants": ["cpu-fp32"]}])
+    result = CliRunner().invoke(main, ["build", str(path)])
+    assert result.exit_code == 2 and "Cannot create the output folder" in result.output
+    assert (tmp_path / "out").read_text() == "mine"
+
+
+@pytest.mark.parametrize("name", ["summary.md", "summary.json"])
+def test_a_summary_that_is_a_link_is_not_written_through(tmp_path, name):
+    path = write_recipe(tmp_path / "r.yaml", [{"name": "tiny", "source": "tiny-phi3", "variants": ["cpu-fp32"]}],
+                        verify=False)
+    assert run("build", str(path)).exit_code == 0
+    out = tmp_path / "out"
+    elsewhere = tmp_path / "mine"
+    elsewhere.write_text((out / name).read_text())  # a file a build could have written, kept elsewhere
+    (out / name).unlink()
+    (out / name).symlink_to(elsewhere)
+    before = elsewhere.read_text()
+    result = CliRunner().invoke(main, ["build", str(path), "--force"])
+    assert result.exit_code == 2 and "that `phi-onnx build` did not write" in result.output
+    assert elsewhere.read_text() == before and (out / name).is_symlink()
+
+
+@pytest.mark.parametrize("name", ["summary.md", "summary.json"])
+def test_summaries_a_build_did_not_write_are_not_replaced(tmp_path, name):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_text("my notes")
+    path = write_recipe(tmp_path / "r.yaml", [{"name": "tiny", "source": "tiny-phi3", "variants": ["cpu-fp32"]}])
+    result = CliRunner().invoke(main, ["build", str(path)])
+    assert result.exit_code == 2 and "that `phi-onnx build` did not write" in result.output
+    assert sorted(p.name for p in out.iterdir()) == [name] and (out / name).read_text() == "my notes"

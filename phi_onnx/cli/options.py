@@ -1,0 +1,78 @@
+"""Command-line options made from dataclass fields, so a new generation option is one field.
+
+`generation_options` turns every `GenerationOptions` field into a click option (`top_k` → `--top-k`, its
+type from the annotation, its help from the field's metadata); `generation_kwargs` turns the parsed
+values back into the keyword arguments `Model.stream` and `GenerationOptions.from_kwargs` take.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from phi_onnx.runtime.options import GenerationOptions
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def dataclass_options(cls: type, **defaults: Any) -> Callable[[F], F]:
+    """A decorator adding one click option per field of dataclass `cls`, in field order.
+
+    An option is unset (None, or () for a tuple field, which becomes a repeatable option) unless
+    `defaults` names it: then it gets that default, shown in --help. Help text comes from the field's
+    `metadata["help"]`.
+    """
+    hints = typing.get_type_hints(cls)
+    unknown = set(defaults) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field(s) {', '.join(sorted(unknown))}")  # a bug, not user input
+
+    def option(item: dataclasses.Field[Any]) -> Callable[[F], F]:
+        kind = _click_type(hints[item.name])
+        settings: dict[str, Any] = {"help": item.metadata.get("help")}
+        if kind is tuple:
+            settings["multiple"] = True
+        else:
+            settings["type"] = kind
+            settings["default"] = defaults.get(item.name)
+            settings["show_default"] = item.name in defaults
+        return click.option("--" + item.name.replace("_", "-"), **settings)
+
+    def decorate(func: F) -> F:
+        for item in reversed(dataclasses.fields(cls)):  # click lists options in the order they were applied last
+            func = option(item)(func)
+        return func
+
+    return decorate
+
+
+def _click_type(annotation: Any) -> Any:
+    """int, float or str for a plain (or Optional) annotation; `tuple` for tuple[str, ...]."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+    if typing.get_origin(annotation) is tuple:
+        return tuple
+    if annotation in (int, float, str, bool):
+        return annotation
+    raise TypeError(f"no command-line type for {annotation!r}")  # a new field of a kind not handled here
+
+
+def generation_options(default_max_new: int) -> Callable[[F], F]:
+    """The sampling options of `generate` and `chat`, one per GenerationOptions field."""
+    return dataclass_options(GenerationOptions, max_new_tokens=default_max_new)
+
+
+def generation_kwargs(values: dict[str, Any]) -> dict[str, Any]:
+    """The sampling options given on the command line (unset ones, None or an empty --stop, left out)."""
+    names = {item.name for item in dataclasses.fields(GenerationOptions)}
+    return {key: value for key, value in values.items() if key in names and value is not None and value != ()}
+
+
+def to_generation_options(values: dict[str, Any]) -> GenerationOptions:
+    """The GenerationOptions the parsed command-line values describe (validated: OptionsError if not)."""
+    return GenerationOptions.from_kwargs(None, **generation_kwargs(values))

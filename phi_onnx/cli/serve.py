@@ -1,0 +1,128 @@
+"""`phi-onnx serve MODEL`: the OpenAI-compatible server (added to the CLI group in phi_onnx/cli/__init__.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from phi_onnx.cli.errors import user_errors
+
+SERVE_EXTRA = 'Serving needs FastAPI and uvicorn: pip install "phi-onnx[serve]".'
+
+
+def _replicas(value: str | None) -> int | str | None:
+    if value is None or value == "auto":
+        return value
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise click.BadParameter(f"{value!r} is neither a positive integer nor 'auto'.")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@click.command()
+@click.argument("model")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--api-key", envvar="PHI_ONNX_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on /v1 and /metrics (env PHI_ONNX_API_KEY).")
+@click.option("--max-batch", type=click.IntRange(1, 256), default=8, show_default=True,
+              help="KV slots: requests decoded together.")
+@click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Requests waiting for a slot; more get 503 with Retry-After.")
+@click.option("--max-context", type=click.IntRange(min=2), default=None,
+              help="Tokens per slot, prompt + reply (default: the export's max_length).")
+@click.option("--model-name", default=None, help="Model id clients use (default: the folder's name).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(["int4", "fp32", "fp16"]), default=None,
+              help="When MODEL is a name: the precision to export it in (default int4).")
+@click.option("--revision", default=None, help="When MODEL is a hub id: the revision to export.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Intra-op threads (default: one per physical core).")
+@click.option("--grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="Seconds running streams get to finish on Ctrl-C / SIGTERM.")
+@click.option("--replicas", default=None, help="Ray Serve: replicas (an integer or 'auto').")
+@click.option("--min-replicas", type=click.IntRange(min=0), default=None, help="Ray Serve: autoscaling minimum.")
+@click.option("--max-replicas", type=click.IntRange(min=1), default=None, help="Ray Serve: autoscaling maximum.")
+@click.option("--gpus-per-replica", type=click.FloatRange(min=0), default=None, help="Ray Serve: GPUs per replica.")
+@click.option("--ray-address", default=None, help="Ray Serve: the cluster to join (default: start a local one).")
+@user_errors
+def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int, max_queue: int,
+          max_context: int | None, model_name: str | None, device: str, precision: str | None,
+          revision: str | None, threads: int | None, grace: float,
+          replicas: str | None, min_replicas: int | None, max_replicas: int | None,
+          gpus_per_replica: float | None, ray_address: str | None) -> None:
+    """Serve MODEL with OpenAI's API (/v1/chat/completions, /v1/completions) and a chat page at /.
+
+    MODEL is an export folder, or a short name, hub id or checkpoint folder, exported once into the local
+    store (see `phi-onnx list`). Requests are batched continuously: each joins the running batch at the next step.
+    """
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        click.echo(f"Error: {SERVE_EXTRA}", err=True)
+        sys.exit(2)
+    app_options: dict[str, Any] = {"max_batch": max_batch, "max_queue": max_queue, "api_key": api_key,
+                                   "model_name": model_name, "capacity": max_context}
+    if not _loopback(host) and not api_key:
+        click.echo(f"Warning: listening on {host} without --api-key: anyone who can reach this port can use "
+                   "the model.", err=True)
+    from phi_onnx.store import resolve_model
+
+    folder = str(resolve_model(model, device=device, precision=precision, revision=revision,
+                               notify=lambda line: click.echo(line, err=True), progress=sys.stderr.isatty()))
+    if model_name is None and Path(folder) != Path(model):
+        app_options["model_name"] = model  # a store entry's folder is named by its id; clients know the name
+    ray_given = [replicas, min_replicas, max_replicas, gpus_per_replica, ray_address]
+    if any(v is not None for v in ray_given):
+        try:
+            from phi_onnx.serve.ray import serve_cluster
+        except ImportError:
+            click.echo('Error: Ray support is not installed: pip install "phi-onnx[serve,ray]".', err=True)
+            sys.exit(2)
+        scaling = min_replicas is not None or max_replicas is not None
+        serve_cluster(folder, replicas=_replicas(replicas) or ("auto" if scaling else 1), min_replicas=min_replicas,
+                      max_replicas=max_replicas, gpus_per_replica=gpus_per_replica or 0.0,
+                      ray_address=ray_address, host=host, port=port,
+                      app_options={**app_options, "device": device, "threads": threads})
+        return
+
+    import phi_onnx
+    from phi_onnx.runtime.folder import read_folder
+    from phi_onnx.runtime.providers import resolve_device
+    from phi_onnx.serve import create_app
+
+    checked = read_folder(folder)  # a bad folder or device is an error now, not a failed /health later
+    resolve_device(device, checked.export_device)
+    logger = logging.getLogger("phi_onnx")
+    if not logger.handlers and not logging.getLogger().handlers:
+        logging.basicConfig(format="%(levelname)s: %(message)s")
+    logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
+
+    def load() -> phi_onnx.Model:
+        return phi_onnx.load(folder, device=device, backend="ort", threads=threads)
+
+    app = create_app(load, **app_options)
+    click.echo(f"Serving {checked.path} on http://{host}:{port} (OpenAI API under /v1, chat page at /); "
+               "Ctrl-C stops.", err=True)
+    config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=grace, log_level="info")
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again: after a clean
+    # shutdown that is a normal exit, not an interruption.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.Server(config).run()

@@ -1,0 +1,169 @@
+"""Continuous batching: every request gets the tokens `Model.generate` gives it alone."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+from helpers import random_ids
+
+from phi_onnx.errors import OptionsError
+from phi_onnx.runtime.errors import PromptTooLongError
+from phi_onnx.runtime.scheduler import FinishEvent, QueueFullError, Scheduler, SchedulerClosedError, TokenEvent
+
+
+@pytest.fixture(scope="module")
+def models(make_export: Any) -> Any:
+    import phi_onnx
+
+    cache: dict[str, Any] = {}
+
+    def get(name: str) -> Any:
+        if name not in cache:
+            cache[name] = phi_onnx.load(make_export(name), device="cpu", backend="ort")
+        return cache[name]
+
+    yield get
+    for model in cache.values():
+        model.close()
+
+
+def solo(model: Any, prompt: list[int], new: int, **options: Any) -> list[int]:
+    return model.generate(prompt, max_new_tokens=new, min_new_tokens=new, **options).token_ids
+
+
+# (prompt length, new tokens): different lengths, some longer than a prefill chunk of 16.
+PLAIN = [(5, 12), (23, 8), (9, 20), (40, 6), (14, 15), (3, 10), (31, 12), (18, 9), (7, 14)]
+# phi4mini's original context is 64: rows stay short (< 64), start long (> 64), or cross it mid-decode.
+LONGROPE = [(20, 12), (70, 8), (50, 25), (10, 20), (90, 6), (58, 10), (30, 14), (66, 9), (8, 30)]
+
+
+@pytest.mark.parametrize("name, shapes", [("phi3-mha", PLAIN), ("phi3-gqa", PLAIN), ("phi3-window", PLAIN),
+                                          ("phi4mini", LONGROPE)])
+def test_staggered_requests_equal_solo_generate(name, shapes, models):
+    model = models(name)
+    prompts = [random_ids(n, seed=i).ravel().tolist() for i, (n, _) in enumerate(shapes)]
+    expected = [solo(model, p, new) for p, (_, new) in zip(prompts, shapes, strict=True)]
+    scheduler = Scheduler(model, max_batch=4, max_queue=16, chunk=16)
+    handles = []
+    # Requests join at different steps (and wait for a slot once four run), so rows sit at
+    # different positions, mid-prefill rows share runs with decoding ones, and finished rows leave.
+    for i, (prompt, (_, new)) in enumerate(zip(prompts, shapes, strict=True)):
+        handles.append(scheduler.submit(prompt, model.options(max_new_tokens=new, min_new_tokens=new)))
+        for _ in range(i % 3):
+            scheduler.step()
+    for _ in range(500):
+        if all(h.finish for h in handles):
+            break
+        scheduler.step()
+    assert [h.generated for h in handles] == expected
+    assert all(h.finish.reason == "length" for h in handles)
+    assert scheduler.active == scheduler.queued == 0
+    if name == "phi4mini":
+        assert scheduler.recomputes >= 2  # (50, 25) and (58, 10) cross the original context mid-decode
+    scheduler.close()
+
+
+def test_threaded_scheduler_streams_text_and_seeded_sampling_is_independent_of_the_batch(models):
+    model = models("phi3-gqa")
+    scheduler = Scheduler(model, max_batch=3, max_queue=8)
+    scheduler.start()
+    try:
+        sampled = model.options(max_new_tokens=12, min_new_tokens=12, temperature=0.9, top_p=0.95, seed=7)
+        alone = scheduler.submit(random_ids(11).ravel().tolist(), sampled).result()[0]
+        others = [scheduler.submit(random_ids(n, seed=n).ravel().tolist(), model.options(max_new_tokens=20))
+                  for n in (4, 17)]
+        crowded = scheduler.submit(random_ids(11).ravel().tolist(), sampled)
+        events = list(crowded)
+        assert [e.token_id for e in events if isinstance(e, TokenEvent)] == alone
+        finish = events[-1]
+        assert isinstance(finish, FinishEvent) and finish.completion_tokens == 12
+        assert finish.text == "".join(e.text for e in events if isinstance(e, TokenEvent))
+        assert finish.text == model.decode(alone)
+        for handle in others:
+            handle.result()
+    finally:
+        scheduler.close()
+
+
+def test_cancel_frees_the_slot_and_queue_is_bounded(models):
+    model = models("phi3-mha")
+    scheduler = Scheduler(model, max_batch=1, max_queue=1)
+    long = model.options(max_new_tokens=200, min_new_tokens=200)
+    first = scheduler.submit([5, 6, 7], long)
+    scheduler.step()
+    assert scheduler.active == 1
+    second = scheduler.submit([8, 9], long)  # waits
+    with pytest.raises(QueueFullError):
+        scheduler.submit([10], long)
+    first.cancel()
+    scheduler.step()
+    assert first.finish is not None and first.finish.reason == "cancelled"
+    assert scheduler.slots[0] is second
+    scheduler.close()
+    assert second.finish is not None and second.finish.reason == "cancelled"
+
+
+def test_logprobs_and_bad_requests(models):
+    model = models("phi3-mha")
+    scheduler = Scheduler(model, max_batch=2, capacity=64)
+    handle = scheduler.submit([5, 6, 7], model.options(max_new_tokens=3), logprobs=2)
+    while handle.finish is None:
+        scheduler.step()
+    events = [e for e in handle if isinstance(e, TokenEvent)]
+    for event in events:
+        assert event.top_logprobs[0][0] == event.token_id  # greedy takes the most likely token
+        assert event.logprob == pytest.approx(event.top_logprobs[0][1])
+        assert event.top_logprobs[0][1] >= event.top_logprobs[1][1]
+    with pytest.raises(PromptTooLongError, match="64 tokens"):
+        scheduler.submit(list(range(10, 80)))
+    with pytest.raises(OptionsError, match="outside the vocabulary"):
+        scheduler.submit([10**6])
+    with pytest.raises(OptionsError, match="empty"):
+        scheduler.submit([])
+    scheduler.close()
+    assert not any(t.name == "phi-onnx-scheduler" for t in threading.enumerate())
+
+
+class _Boom(BaseException):
+    """Escapes the step's `except Exception`, as a bug in the loop itself would."""
+
+
+def test_a_dead_scheduler_thread_fails_waiting_requests_instead_of_hanging(models, monkeypatch):
+    model = models("phi3-mha")
+    scheduler = Scheduler(model, max_batch=1, max_queue=4, capacity=64)
+
+    def boom() -> None:
+        raise _Boom("loop broke")
+
+    monkeypatch.setattr(scheduler, "_step", boom)
+    handles = [scheduler.submit([5, 6, 7], model.options(max_new_tokens=3)) for _ in range(3)]
+    scheduler.start()
+    assert scheduler._thread is not None
+    scheduler._thread.join(10)
+    assert not scheduler._thread.is_alive()
+    assert [h.result()[1].reason for h in handles] == ["error"] * 3  # an answer, not a hang
+    assert not scheduler.alive and "loop broke" in (scheduler.failure or "")
+    with pytest.raises(SchedulerClosedError, match="failed"):
+        scheduler.submit([5])
+    scheduler.close()
+
+
+def test_a_sink_that_raises_cancels_only_its_own_request(models):
+    model = models("phi3-mha")
+    scheduler = Scheduler(model, max_batch=2, capacity=64)
+    options = model.options(max_new_tokens=6, min_new_tokens=6)
+
+    def broken(event: Any) -> None:
+        raise ValueError("client bug")
+
+    bad = scheduler.submit([5, 6, 7], options, sink=broken)
+    good = scheduler.submit([8, 9], options)
+    for _ in range(20):
+        if bad.finish and good.finish:
+            break
+        scheduler.step()
+    assert bad.finish is not None and bad.finish.reason == "cancelled"
+    assert good.result()[0] == solo(model, [8, 9], 6)
+    scheduler.close()

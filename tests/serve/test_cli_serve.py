@@ -1,0 +1,100 @@
+"""`phi-onnx serve`: a real process on an ephemeral loopback port, graceful SIGTERM, clear errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from phi_onnx.cli import main
+from phi_onnx.cli.serve import _loopback
+
+httpx = pytest.importorskip("httpx")
+
+
+def test_serve_process_answers_then_stops_gracefully_on_sigterm(tiny_export: Path) -> None:
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("fastapi")
+    server = subprocess.Popen([sys.executable, "-m", "phi_onnx", "serve", str(tiny_export), "--port", "0",
+                               "--max-batch", "2", "--max-context", "256", "--grace", "20"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(server.stderr.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 60
+        url = None
+        while url is None:
+            assert time.monotonic() < deadline and server.poll() is None, "".join(lines)
+            found = [m for line in list(lines) if (m := re.search(r"running on (http://127\.0\.0\.1:\d+)", line))]
+            url = found[0].group(1) if found else None
+            time.sleep(0.1)
+        while httpx.get(f"{url}/health", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert any("KV pool: 2 slots x 256 tokens" in line for line in lines)
+        chunks: list[str] = []
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=60,
+                          json={"prompt": "def", "max_tokens": 120, "ignore_eos": True, "stream": True}) as stream:
+            for line in stream.iter_lines():
+                if not line:
+                    continue
+                if not chunks:
+                    server.send_signal(signal.SIGTERM)  # mid-stream: the stream still finishes
+                chunks.append(line)
+        assert chunks[-1] == "data: [DONE]"
+        finishes = [json.loads(c[6:])["choices"][0]["finish_reason"] for c in chunks[:-1]]
+        assert finishes[-1] == "length" and finishes.count(None) == len(finishes) - 1 > 10
+        assert server.wait(30) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(10)
+
+
+def test_serve_without_fastapi_says_what_to_install(monkeypatch: Any, tiny_export: Path) -> None:
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi now raises ImportError
+    result = CliRunner().invoke(main, ["serve", str(tiny_export)])
+    assert result.exit_code == 2
+    assert 'pip install "phi-onnx[serve]"' in result.output
+
+
+def test_serve_bad_folder_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["serve", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "Error:" in result.output and "Traceback" not in result.output
+
+
+def test_loopback_detection() -> None:
+    assert _loopback("127.0.0.1") and _loopback("::1") and _loopback("localhost")
+    assert not _loopback("0.0.0.0") and not _loopback("192.168.1.4") and not _loopback("example.com")
+
+
+def test_serve_a_name_exports_it_into_the_store_once(monkeypatch: Any, tmp_path: Path) -> None:
+    """`phi-onnx serve tiny-phi3` runs from the store like chat/generate: exported on first use, reused after."""
+    import uvicorn
+
+    monkeypatch.setenv("PHI_ONNX_HOME", str(tmp_path / "home"))
+    served: list[Any] = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, *a, **k: served.append(self.config.app))
+    for _ in range(2):
+        result = CliRunner().invoke(main, ["serve", "tiny-phi3", "--port", "0"])
+        assert result.exit_code == 0, result.output
+    entries = [p for p in (tmp_path / "home").rglob("phi_onnx.json")]
+    assert len(entries) == 1  # the second run reused the first export
+    assert len(served) == 2 and str(tmp_path / "home") in result.output  # "Serving <store entry> on ..."
+    from fastapi.testclient import TestClient
+
+    with TestClient(served[-1]) as client:
+        deadline = time.monotonic() + 60
+        while client.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)  # the model loads in the background; /health is 503 until then
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny-phi3"]
