@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from phi_onnx.errors import PhiOnnxError
+from phi_onnx.jsonfile import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +49,7 @@ def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
     path = manifest_path(folder)
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ManifestError(f"{path} is not valid JSON ({error}).", hint=REWRITE_HINT) from error
-    if not isinstance(data, dict):
-        raise ManifestError(f"{path} does not hold a JSON object.", hint=REWRITE_HINT)
-    return data
+    return read_json_object(path, ManifestError, REWRITE_HINT)
 
 
 def write_manifest(folder: str | os.PathLike[str], manifest: dict[str, Any]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from phi_onnx.jsonfile import read_json_object
 from phi_onnx.manifest import ManifestError, read_manifest
 from phi_onnx.runtime.errors import ModelFolderError
 from phi_onnx.source.config import token_ids
@@ -156,13 +156,7 @@ def check_vocabulary(folder: ModelFolder, tokenizer_vocab: int) -> None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelFolderError(f"{path} is not valid JSON ({error}).", hint=REEXPORT_HINT) from error
-    if not isinstance(data, dict):
-        raise ModelFolderError(f"{path} does not hold a JSON object.", hint=REEXPORT_HINT)
-    return data
+    return read_json_object(path, ModelFolderError, REEXPORT_HINT)
 
 
 def _graph_facts(folder: Path) -> dict[str, Any]:

@@ -7,7 +7,6 @@ other's files silently, so every key is normalised here, once, and nothing else 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from phi_onnx.errors import CheckpointError, UnsupportedModelError
+from phi_onnx.jsonfile import read_json_object
 
 _HINT = "Fix config.json, or re-download or re-save the checkpoint."
 #: Far beyond any real model (Phi-4: hidden 5120, 40 layers, 40 heads, vocab 100352, 16k context), so
@@ -95,14 +95,8 @@ def load_config(folder: Path) -> ModelConfig:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON ({error}).",
-                              hint="Re-download or re-save the checkpoint.") from error
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object.", hint="Re-download the checkpoint.")
-    return data
+    return read_json_object(path, CheckpointError, "Re-download or re-save the checkpoint.",
+                            "Re-download the checkpoint.")
 
 
 def parse_config(raw: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
