@@ -11,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import OnnxLM
-from tokenizers import Tokenizer
+from helpers import OnnxLM, heldout_windows_of
 
 from phi_onnx.export import ExportOptions, export
 from phi_onnx.tiny import TINY_PHI3_DIR
@@ -33,10 +32,9 @@ KL_MAX = 0.012
 
 @pytest.fixture(scope="module")
 def heldout_ids() -> np.ndarray:
-    tokenizer = Tokenizer.from_file(str(TINY_PHI3_DIR / "tokenizer.json"))
-    ids = tokenizer.encode((TINY_PHI3_DIR / "heldout.txt").read_text()).ids
-    assert len(ids) >= WINDOW * WINDOWS
-    return np.asarray(ids[: WINDOW * WINDOWS], dtype=np.int64).reshape(WINDOWS, WINDOW)
+    rows = heldout_windows_of(TINY_PHI3_DIR, TINY_PHI3_DIR / "heldout.txt", WINDOW)
+    assert len(rows) >= WINDOWS
+    return rows[:WINDOWS]
 
 
 def logits_of(folder: Path, windows: np.ndarray) -> np.ndarray:
