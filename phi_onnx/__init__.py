@@ -7,9 +7,10 @@ The public names are imported on first use (module `__getattr__`), so `import ph
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from phi_onnx.errors import PhiOnnxError
+from phi_onnx.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -38,13 +39,7 @@ importlib.import_module("phi_onnx.export")
 del globals()["export"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later look-ups skip __getattr__
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 def __dir__() -> list[str]:

@@ -6,8 +6,9 @@ options does not import onnx_ir.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from phi_onnx.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from phi_onnx.export.options import ExportOptions
@@ -19,10 +20,4 @@ _LAZY = {"ExportOptions": "phi_onnx.export.options", "ExportResult": "phi_onnx.e
 __all__ = ["ExportOptions", "ExportResult", "export"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY)

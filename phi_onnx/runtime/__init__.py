@@ -6,8 +6,9 @@ not import numpy, jinja2 and the rest.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from phi_onnx.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from phi_onnx.runtime.chat import ChatSession, ChatTemplate
@@ -29,10 +30,4 @@ __all__ = ["ChatSession", "ChatTemplate", "DeviceError", "GenerationOptions", "G
            "ModelFolderError", "NonFiniteLogitsError", "PromptTooLongError", "TextStream", "load"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY)
