@@ -199,8 +199,16 @@ class Scheduler:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                # Still inside one long run: it cancels everyone itself when that run returns (_loop);
+                # finishing requests here would race with it.
+                log.warning("the scheduler's current step outlasted %.0f s; it stops when that step ends", timeout)
+                return
             self._thread = None
-        with self._cond:  # also when never started
+        self._cancel_all()  # also when never started
+
+    def _cancel_all(self) -> None:
+        with self._cond:
             for request in list(self.waiting) + [r for r in self.slots if r is not None]:
                 self._finish(request, "cancelled")
             self.waiting.clear()
@@ -273,6 +281,7 @@ class Scheduler:
     def _loop(self) -> None:
         try:
             self._serve()
+            self._cancel_all()
         except BaseException as error:  # the loop itself broke: nobody would ever answer the waiting requests
             log.exception("the scheduler thread died")
             with self._cond:
@@ -303,6 +312,10 @@ class Scheduler:
         """Drop cancelled requests, then fill free slots from the queue (call with the condition held)."""
         for request in [r for r in self.slots if r is not None and r.cancelled]:
             self._finish(request, "cancelled")
+        if any(r.cancelled for r in self.waiting):  # a client gone while queued frees its place now
+            for request in [r for r in self.waiting if r.cancelled]:
+                self._finish(request, "cancelled")
+            self.waiting = deque(r for r in self.waiting if not r.cancelled)
         for slot in range(self.max_batch):
             while self.slots[slot] is None and self.waiting:
                 request = self.waiting.popleft()
@@ -418,11 +431,21 @@ class Scheduler:
 
         shape = [self.max_batch, *self._row_shape]
         pool = []
+        started = time.perf_counter()
         for _ in self.kv_names:
-            # Zeroed (calloc: pages are touched only when written): stale NaN patterns must not reach a kernel.
-            zeros = np.zeros(shape, dtype=self._dtype)
-            pool.append(zeros if self._device == "cpu" else
-                        ort.OrtValue.ortvalue_from_numpy(zeros, self._device, self._device_id))
+            if self._device == "cpu":
+                # Written now, not left to calloc's lazy zero pages: GroupQueryAttention touches a slot's whole
+                # row on its first run, which cost a newcomer 1.4 s per GiB of row (measured, 4096-token
+                # slots of the 0.95B model) inside its time to first token; and the memory the log reports
+                # is then really held, so the server cannot run out of it later. Zeros: stale NaN patterns
+                # must not reach a kernel.
+                buffer = np.empty(shape, dtype=self._dtype)
+                buffer.fill(0)
+                pool.append(buffer)
+            else:
+                pool.append(ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self._dtype), self._device,
+                                                             self._device_id))
+        log.debug("KV pool written in %.1f s", time.perf_counter() - started)
         return pool
 
     def _binding(self, lo: int, hi: int) -> Any:
@@ -459,6 +482,8 @@ class Scheduler:
 
     def _sample(self, request: Request, logits: np.ndarray) -> None:
         assert request.sampler is not None and request.assembler is not None
+        if request.finish is not None:  # finished while this step ran (closed, or its sink failed)
+            return
         scores = logits[None]
         if request.counts is not None:
             scores = scores - (request.frequency_penalty * request.counts

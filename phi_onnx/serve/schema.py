@@ -10,12 +10,25 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
 MAX_STOPS = 4
 #: Fields OpenAI's API documents as "or null" whose default here is not None: null means the default.
 NULLABLE = frozenset({"stream", "n", "presence_penalty", "frequency_penalty", "logprobs", "include_usage", "echo",
                       "min_tokens", "ignore_eos"})
+
+
+def _not_text(value: Any) -> Any:
+    # Lax mode would read "5" as 5, "0.7" as 0.7 and true as 1; OpenAI's API rejects them, and a client
+    # that sends one has a bug it should hear about.
+    if isinstance(value, str | bytes | bool):
+        raise ValueError(f"Input should be a number, not {type(value).__name__} {value!r}")
+    return value
+
+
+#: Numbers: an int field still takes 1.0 (lax), never "1".
+Int = Annotated[int, BeforeValidator(_not_text)]
+Float = Annotated[float, BeforeValidator(_not_text)]
 
 
 class ApiError(Exception):
@@ -55,17 +68,17 @@ class _Sampling(_Body):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    top_k: Annotated[int, Field(ge=0)] | None = None
-    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+    temperature: Annotated[Float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[Float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[Int, Field(ge=0)] | None = None
+    seed: Annotated[Int, Field(ge=0, lt=2**63)] | None = None
     stop: str | list[str] | None = None
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
-    repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None
-    min_tokens: Annotated[int, Field(ge=0)] = 0
+    presence_penalty: Annotated[Float, Field(ge=-2, le=2)] = 0.0
+    frequency_penalty: Annotated[Float, Field(ge=-2, le=2)] = 0.0
+    repetition_penalty: Annotated[Float, Field(gt=0, le=10)] | None = None
+    min_tokens: Annotated[Int, Field(ge=0)] = 0
     ignore_eos: StrictBool = False
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[Int, Field(ge=1)] | None = None
     user: str | None = None
 
     def stops(self) -> tuple[str, ...]:
@@ -95,16 +108,16 @@ class ChatMessage(_Body):
 
 class ChatRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[Int, Field(ge=1)] | None = None
     logprobs: StrictBool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: Annotated[Int, Field(ge=0, le=20)] | None = None
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] | \
+    prompt: str | Annotated[list[Annotated[Int, Field(ge=0)]], Field(min_length=1)] | \
         Annotated[list[str], Field(min_length=1, max_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
-    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    max_tokens: Annotated[Int, Field(ge=1)] | None = 16  # OpenAI's default for completions
+    logprobs: Annotated[Int, Field(ge=0, le=5)] | None = None
     echo: Literal[False] = False
     suffix: None = None
 
@@ -120,7 +133,8 @@ def parse(kind: type[_Sampling], data: Any) -> Any:
         # Union members add their type names to the location; keep only the field path.
         path = [str(p) for p in first["loc"] if isinstance(p, int) or p in _FIELDS]
         param = ".".join(path) or None
-        raise ApiError(400, f"Invalid value for '{param}': {first['msg']}.", param=param,
+        message = first["msg"].removeprefix("Value error, ")
+        raise ApiError(400, f"Invalid value for '{param}': {message}.", param=param,
                        code="invalid_value" if first["type"] != "missing" else "missing_required_parameter") \
             from None
 

@@ -105,6 +105,23 @@ def test_cancel_frees_the_slot_and_queue_is_bounded(models):
     assert second.finish is not None and second.finish.reason == "cancelled"
 
 
+def test_a_request_cancelled_while_queued_leaves_the_queue_at_the_next_step(models):
+    model = models("phi3-mha")
+    scheduler = Scheduler(model, max_batch=1, max_queue=1)
+    long = model.options(max_new_tokens=200, min_new_tokens=200)
+    first = scheduler.submit([5, 6, 7], long)
+    scheduler.step()
+    queued = scheduler.submit([8, 9], long)
+    queued.cancel()
+    scheduler.step()
+    assert queued.finish is not None and queued.finish.reason == "cancelled"
+    assert scheduler.queued == 0 and scheduler.slots[0] is first and first.finish is None
+    third = scheduler.submit([10], long)  # its place in the queue is free again
+    assert scheduler.queued == 1
+    scheduler.close()
+    assert third.finish is not None and third.finish.reason == "cancelled"
+
+
 def test_logprobs_and_bad_requests(models):
     model = models("phi3-mha")
     scheduler = Scheduler(model, max_batch=2, capacity=64)
@@ -167,3 +184,46 @@ def test_a_sink_that_raises_cancels_only_its_own_request(models):
     assert bad.finish is not None and bad.finish.reason == "cancelled"
     assert good.result()[0] == solo(model, [8, 9], 6)
     scheduler.close()
+
+
+def test_the_kv_pool_is_resident_from_the_start(models):
+    """The pool is written at start (not calloc's lazy pages): its memory is held before any request."""
+    def rss() -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * 4096
+
+    model = models("phi3-gqa")
+    before = rss()
+    scheduler = Scheduler(model, max_batch=16, capacity=model.folder.context_length)
+    grown = rss() - before
+    assert scheduler.pool_bytes >= 32 * 2**20  # large enough that the check means something
+    assert grown >= 0.9 * scheduler.pool_bytes, (grown, scheduler.pool_bytes)
+    assert all(not buffer.any() for buffer in scheduler._pool)
+    scheduler.close()
+
+
+def test_close_during_a_step_longer_than_its_timeout_leaves_the_cancelling_to_that_step(models, monkeypatch):
+    model = models("phi3-mha")
+    scheduler = Scheduler(model, max_batch=2, capacity=64)
+    in_run, release = threading.Event(), threading.Event()
+    run = scheduler._run
+
+    def slow_run(*args: Any) -> Any:
+        in_run.set()
+        assert release.wait(10)
+        return run(*args)
+
+    monkeypatch.setattr(scheduler, "_run", slow_run)
+    events: list[Any] = []
+    request = scheduler.submit([5, 6, 7], model.options(max_new_tokens=20), sink=events.append)
+    scheduler.start()
+    assert in_run.wait(10)
+    scheduler.close(timeout=0.05)  # the step is still running: close must not finish requests under it
+    assert request.finish is None
+    release.set()
+    thread = scheduler._thread
+    assert thread is not None
+    thread.join(10)
+    assert not thread.is_alive()
+    assert request.finish is not None and request.finish.reason == "cancelled"
+    assert isinstance(events[-1], FinishEvent) and sum(isinstance(e, FinishEvent) for e in events) == 1

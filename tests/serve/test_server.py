@@ -121,6 +121,9 @@ def test_models_health_and_metrics(client, live_server):
     ({"top_p": 1.5}, 400, "top_p"),
     ({"n": 2}, 400, "n"),
     ({"max_tokens": "many"}, 400, "max_tokens"),
+    ({"max_tokens": "5"}, 400, "max_tokens"),  # numbers in strings are a client bug, as in OpenAI's API
+    ({"temperature": "0.5"}, 400, "temperature"),
+    ({"seed": True}, 400, "seed"),
     ({"messages": []}, 400, "messages"),
     ({"messages": [{"role": "user"}], "stop": 3}, 400, "stop"),
     ({"model": "gpt-9"}, 404, "model"),
