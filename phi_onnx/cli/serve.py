@@ -105,10 +105,13 @@ def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int,
     import phi_onnx
     from phi_onnx.runtime.folder import read_folder
     from phi_onnx.runtime.providers import resolve_device
+    from phi_onnx.runtime.scheduler import check_pool_memory, pool_bytes
     from phi_onnx.serve import create_app
 
-    checked = read_folder(folder)  # a bad folder or device is an error now, not a failed /health later
-    resolve_device(device, checked.export_device)
+    checked = read_folder(folder)  # a bad folder, device or pool size is an error now, not a failed /health later
+    if resolve_device(device, checked.export_device).kind == "cpu":
+        tokens, nbytes = pool_bytes(checked, max_batch, max_context)
+        check_pool_memory(nbytes, max_batch, tokens)
     logger = logging.getLogger("phi_onnx")
     if not logger.handlers and not logging.getLogger().handlers:
         logging.basicConfig(format="%(levelname)s: %(message)s")

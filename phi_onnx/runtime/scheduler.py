@@ -45,6 +45,7 @@ from phi_onnx.runtime.logits_to_keep import INPUT as LOGITS_TO_KEEP
 from phi_onnx.runtime.sampling import GenerationOptions, Sampler
 
 if TYPE_CHECKING:
+    from phi_onnx.runtime.folder import ModelFolder
     from phi_onnx.runtime.model import Model
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,35 @@ log = logging.getLogger(__name__)
 CHUNK = 256
 #: Most top_logprobs a request may ask for (OpenAI's limit).
 MAX_TOP_LOGPROBS = 20
+
+
+def pool_bytes(folder: ModelFolder, max_batch: int, capacity: int | None = None) -> tuple[int, int]:
+    """(tokens per slot, bytes) of the KV pool a Scheduler over `folder` allocates."""
+    tokens = min(capacity or folder.default_max_length, folder.context_length)
+    per_token = 2 * folder.num_layers * folder.num_kv_heads * folder.head_size * np.dtype(folder.kv_dtype).itemsize
+    return tokens, per_token * tokens * max_batch
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_pool_memory(nbytes: int, max_batch: int, capacity: int) -> None:
+    """Raise OptionsError when a CPU KV pool of `nbytes` would not fit in the memory available now."""
+    available = available_memory()
+    if available is not None and nbytes > 0.9 * available:
+        raise OptionsError(
+            f"The KV cache for {max_batch} requests of {capacity} tokens needs {nbytes / 2**30:.1f} GiB, "
+            f"but only {available / 2**30:.1f} GiB of memory is available.",
+            hint="Lower --max-batch or --max-context (max_batch=/capacity= in create_app).")
 
 
 class QueueFullError(PhiOnnxError):
@@ -168,10 +198,12 @@ class Scheduler:
         self._dtype = np.dtype(folder.kv_dtype)
         self._row_shape = [folder.num_kv_heads, self.capacity, folder.head_size]
         self._row_bytes = int(np.prod(self._row_shape)) * self._dtype.itemsize
+        self.pool_bytes = self._row_bytes * max_batch * len(self.kv_names)
+        if self._device == "cpu":
+            check_pool_memory(self.pool_bytes, max_batch, self.capacity)
         self._pool = self._allocate()
         self._bases = [int(b.ctypes.data if isinstance(b, np.ndarray) else b.data_ptr()) for b in self._pool]
         self._bindings: dict[tuple[int, int], Any] = {}
-        self.pool_bytes = self._row_bytes * max_batch * len(self.kv_names)
         log.info("KV pool: %d slots x %d tokens, %d buffers, %.1f MiB on %s", max_batch, self.capacity,
                  len(self.kv_names), self.pool_bytes / 2**20, self._device)
         self.slots: list[Request | None] = [None] * max_batch

@@ -227,3 +227,13 @@ def test_close_during_a_step_longer_than_its_timeout_leaves_the_cancelling_to_th
     assert not thread.is_alive()
     assert request.finish is not None and request.finish.reason == "cancelled"
     assert isinstance(events[-1], FinishEvent) and sum(isinstance(e, FinishEvent) for e in events) == 1
+
+
+def test_pool_bytes_is_what_the_scheduler_allocates(models):
+    from phi_onnx.runtime.scheduler import pool_bytes
+
+    model = models("phi3-gqa")
+    scheduler = Scheduler(model, max_batch=3, capacity=40)
+    assert pool_bytes(model.folder, 3, 40) == (40, scheduler.pool_bytes)
+    assert scheduler.pool_bytes == sum(buffer.nbytes for buffer in scheduler._pool)
+    scheduler.close()

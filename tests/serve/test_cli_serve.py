@@ -98,3 +98,12 @@ def test_serve_a_name_exports_it_into_the_store_once(monkeypatch: Any, tmp_path:
         while client.get("/health").status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.1)  # the model loads in the background; /health is 503 until then
         assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny-phi3"]
+
+
+def test_serve_refuses_a_kv_pool_larger_than_the_memory_available(monkeypatch: Any, tiny_export: Path) -> None:
+    import phi_onnx.runtime.scheduler as scheduler
+
+    monkeypatch.setattr(scheduler, "available_memory", lambda: 2**20)  # 1 MiB left
+    result = CliRunner().invoke(main, ["serve", str(tiny_export), "--max-batch", "4", "--port", "0"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "KV cache for 4 requests" in result.output and "--max-batch or --max-context" in result.output
