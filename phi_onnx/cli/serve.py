@@ -105,13 +105,26 @@ def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int,
     import phi_onnx
     from phi_onnx.runtime.folder import read_folder
     from phi_onnx.runtime.providers import resolve_device
-    from phi_onnx.runtime.scheduler import check_pool_memory, pool_bytes
+    from phi_onnx.runtime.scheduler import available_memory, check_pool_memory, pool_bytes
     from phi_onnx.serve import create_app
 
     checked = read_folder(folder)  # a bad folder, device or pool size is an error now, not a failed /health later
     if resolve_device(device, checked.export_device).kind == "cpu":
         tokens, nbytes = pool_bytes(checked, max_batch, max_context)
-        check_pool_memory(nbytes, max_batch, tokens)
+        available = available_memory()
+        if max_context is None and available is not None and nbytes > available // 2:
+            # The default is the export's max_length, the model's whole context: often more than fits
+            # (Phi-3-mini: 8 x 4096 tokens are 24 GiB); shorter slots serve, a refusal would not.
+            per_token = nbytes // (tokens * max_batch)  # bytes of one token in one slot
+            fitted = (available // 2 // (per_token * max_batch)) // 256 * 256
+            if fitted >= 256:
+                click.echo(f"Warning: {max_batch} slots of {tokens} tokens would need {nbytes / 2**30:.1f} GiB of "
+                           f"the {available / 2**30:.1f} GiB available; serving {fitted} tokens per slot "
+                           "(set --max-context or --max-batch to choose).", err=True)
+                tokens = fitted
+                app_options["capacity"] = fitted
+                nbytes = per_token * fitted * max_batch
+        check_pool_memory(nbytes, max_batch, tokens, hint="Lower --max-batch or --max-context.")
     logger = logging.getLogger("phi_onnx")
     if not logger.handlers and not logging.getLogger().handlers:
         logging.basicConfig(format="%(levelname)s: %(message)s")

@@ -75,14 +75,15 @@ def available_memory() -> int | None:
     return None
 
 
-def check_pool_memory(nbytes: int, max_batch: int, capacity: int) -> None:
+def check_pool_memory(nbytes: int, max_batch: int, capacity: int,
+                      hint: str = "Lower max_batch or capacity (create_app / Scheduler).") -> None:
     """Raise OptionsError when a CPU KV pool of `nbytes` would not fit in the memory available now."""
     available = available_memory()
     if available is not None and nbytes > 0.9 * available:
         raise OptionsError(
             f"The KV cache for {max_batch} requests of {capacity} tokens needs {nbytes / 2**30:.1f} GiB, "
             f"but only {available / 2**30:.1f} GiB of memory is available.",
-            hint="Lower --max-batch or --max-context (max_batch=/capacity= in create_app).")
+            hint=hint)
 
 
 class QueueFullError(PhiOnnxError):

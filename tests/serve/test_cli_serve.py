@@ -106,4 +106,29 @@ def test_serve_refuses_a_kv_pool_larger_than_the_memory_available(monkeypatch: A
     monkeypatch.setattr(scheduler, "available_memory", lambda: 2**20)  # 1 MiB left
     result = CliRunner().invoke(main, ["serve", str(tiny_export), "--max-batch", "4", "--port", "0"])
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert "KV cache for 4 requests" in result.output and "--max-batch or --max-context" in result.output
+    assert "KV cache for 4 requests" in result.output and "Lower --max-batch or --max-context." in result.output
+
+
+def test_serve_shortens_default_slots_to_fit_memory_but_never_an_explicit_max_context(monkeypatch: Any,
+                                                                                    tiny_export: Path) -> None:
+    import phi_onnx.runtime.scheduler as scheduler
+    import phi_onnx.serve
+    from phi_onnx.runtime.folder import read_folder
+
+    folder = read_folder(tiny_export)
+    per_token = scheduler.pool_bytes(folder, 4, 1)[1] // 4
+    assert folder.default_max_length >= 1024  # else there is nothing to shorten
+    monkeypatch.setattr(scheduler, "available_memory", lambda: 2 * per_token * 4 * 600)  # half fits 600 tokens/slot
+    seen: dict[str, Any] = {}
+
+    def fake_create_app(load: Any, **options: Any) -> Any:
+        seen.update(options)
+        raise SystemExit(0)  # stop before uvicorn starts
+
+    monkeypatch.setattr(phi_onnx.serve, "create_app", fake_create_app)
+    result = CliRunner().invoke(main, ["serve", str(tiny_export), "--max-batch", "4", "--port", "0"])
+    assert result.exit_code == 0, result.output
+    assert seen["capacity"] == 512 and "serving 512 tokens per slot" in result.output
+    explicit = CliRunner().invoke(main, ["serve", str(tiny_export), "--max-batch", "4", "--port", "0",
+                                         "--max-context", str(folder.default_max_length)])
+    assert explicit.exit_code == 2 and "KV cache for 4 requests" in explicit.output
