@@ -112,6 +112,8 @@ def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int,
     if resolve_device(device, checked.export_device).kind == "cpu":
         tokens, nbytes = pool_bytes(checked, max_batch, max_context)
         available = available_memory()
+        if available is not None:  # the weights load before the pool is allocated (Scheduler checks again then)
+            available = max(available - checked.weight_bytes, 0)
         if max_context is None and available is not None and nbytes > available // 2:
             # The default is the export's max_length, the model's whole context: often more than fits
             # (Phi-3-mini: 8 x 4096 tokens are 24 GiB); shorter slots serve, a refusal would not.
@@ -119,12 +121,13 @@ def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int,
             fitted = (available // 2 // (per_token * max_batch)) // 256 * 256
             if fitted >= 256:
                 click.echo(f"Warning: {max_batch} slots of {tokens} tokens would need {nbytes / 2**30:.1f} GiB of "
-                           f"the {available / 2**30:.1f} GiB available; serving {fitted} tokens per slot "
-                           "(set --max-context or --max-batch to choose).", err=True)
+                           f"the {available / 2**30:.1f} GiB available beside the weights; serving {fitted} tokens "
+                           "per slot (set --max-context or --max-batch to choose).", err=True)
                 tokens = fitted
                 app_options["capacity"] = fitted
                 nbytes = per_token * fitted * max_batch
-        check_pool_memory(nbytes, max_batch, tokens, hint="Lower --max-batch or --max-context.")
+        check_pool_memory(nbytes, max_batch, tokens, hint="Lower --max-batch or --max-context.",
+                          reserved=checked.weight_bytes)
     logger = logging.getLogger("phi_onnx")
     if not logger.handlers and not logging.getLogger().handlers:
         logging.basicConfig(format="%(levelname)s: %(message)s")

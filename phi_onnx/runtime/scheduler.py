@@ -26,6 +26,7 @@ never its KV buffers, so library calls on the same Model keep working alongside 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import queue
@@ -63,26 +64,48 @@ def pool_bytes(folder: ModelFolder, max_batch: int, capacity: int | None = None)
     return tokens, per_token * tokens * max_batch
 
 
+#: The machine's memory; then a container's limit (cgroup v2, v1): limit, usage, stat file, its inactive-file key.
+MEMINFO = "/proc/meminfo"
+CGROUPS = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat",
+            "inactive_file"),
+           ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+            "/sys/fs/cgroup/memory/memory.stat", "total_inactive_file"))
+
+
 def available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
+    """Bytes of memory available now: MemAvailable from /proc/meminfo, or less where a container's
+    memory limit leaves less (in a container /proc/meminfo shows the host's). None where neither is readable."""
+    found = []
     try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+        with open(MEMINFO) as meminfo:
+            found += [int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:")]
     except OSError:
         pass
-    return None
+    for limit_path, usage_path, stat_path, inactive in CGROUPS:
+        try:
+            with open(limit_path) as limit, open(usage_path) as usage:
+                cap, used = limit.read().strip(), int(usage.read())
+        except (OSError, ValueError):
+            continue
+        if cap.isdigit():
+            # Reclaimable page cache counts as used in usage; the kernel drops it before an OOM kill.
+            with contextlib.suppress(OSError, ValueError), open(stat_path) as stat:
+                used -= next((int(line.split()[1]) for line in stat if line.split()[0] == inactive), 0)
+            found.append(max(int(cap) - used, 0))
+        break
+    return min(found) if found else None
 
 
 def check_pool_memory(nbytes: int, max_batch: int, capacity: int,
-                      hint: str = "Lower max_batch or capacity (create_app / Scheduler).") -> None:
-    """Raise OptionsError when a CPU KV pool of `nbytes` would not fit in the memory available now."""
+                      hint: str = "Lower max_batch or capacity (create_app / Scheduler).", reserved: int = 0) -> None:
+    """Raise OptionsError when a CPU KV pool of `nbytes` would not fit in the memory available now,
+    less `reserved` bytes still to be loaded (the weights, when checked before the model loads)."""
     available = available_memory()
-    if available is not None and nbytes > 0.9 * available:
+    if available is not None and nbytes > 0.9 * (available - reserved):
+        beside = f" beside the model's {reserved / 2**30:.1f} GiB of weights" if reserved else ""
         raise OptionsError(
             f"The KV cache for {max_batch} requests of {capacity} tokens needs {nbytes / 2**30:.1f} GiB, "
-            f"but only {available / 2**30:.1f} GiB of memory is available.",
+            f"but only {max(available - reserved, 0) / 2**30:.1f} GiB of memory is available{beside}.",
             hint=hint)
 
 
@@ -346,9 +369,15 @@ class Scheduler:
         for request in [r for r in self.slots if r is not None and r.cancelled]:
             self._finish(request, "cancelled")
         if any(r.cancelled for r in self.waiting):  # a client gone while queued frees its place now
-            for request in [r for r in self.waiting if r.cancelled]:
-                self._finish(request, "cancelled")
-            self.waiting = deque(r for r in self.waiting if not r.cancelled)
+            # One read of `cancelled` per request: a client thread may set it between two reads, and a
+            # request dropped from the queue unfinished would never get its FinishEvent.
+            kept: deque[Request] = deque()
+            for request in self.waiting:
+                if request.cancelled:
+                    self._finish(request, "cancelled")
+                else:
+                    kept.append(request)
+            self.waiting = kept
         for slot in range(self.max_batch):
             while self.slots[slot] is None and self.waiting:
                 request = self.waiting.popleft()

@@ -67,7 +67,7 @@ class _Sampling(_Body):
     model: str | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    n: Literal[1] = 1
+    n: Annotated[Literal[1], BeforeValidator(_not_text)] = 1  # lax Literal[1] takes true
     temperature: Annotated[Float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[Float, Field(gt=0, le=1)] | None = None
     top_k: Annotated[Int, Field(ge=0)] | None = None

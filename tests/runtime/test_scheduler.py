@@ -10,7 +10,7 @@ from helpers import random_ids
 
 from phi_onnx.errors import OptionsError
 from phi_onnx.runtime.errors import PromptTooLongError
-from phi_onnx.runtime.scheduler import FinishEvent, QueueFullError, Scheduler, SchedulerClosedError, TokenEvent
+from phi_onnx.runtime.scheduler import FinishEvent, QueueFullError, Request, Scheduler, SchedulerClosedError, TokenEvent
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +124,7 @@ def test_a_request_cancelled_while_queued_leaves_the_queue_at_the_next_step(mode
 
 def test_logprobs_and_bad_requests(models):
     model = models("phi3-mha")
+    others = set(threading.enumerate())  # e.g. tests/serve's session-wide live server's scheduler
     scheduler = Scheduler(model, max_batch=2, capacity=64)
     handle = scheduler.submit([5, 6, 7], model.options(max_new_tokens=3), logprobs=2)
     while handle.finish is None:
@@ -140,7 +141,7 @@ def test_logprobs_and_bad_requests(models):
     with pytest.raises(OptionsError, match="empty"):
         scheduler.submit([])
     scheduler.close()
-    assert not any(t.name == "phi-onnx-scheduler" for t in threading.enumerate())
+    assert not any(t.name == "phi-onnx-scheduler" for t in set(threading.enumerate()) - others)
 
 
 class _Boom(BaseException):
@@ -236,4 +237,49 @@ def test_pool_bytes_is_what_the_scheduler_allocates(models):
     scheduler = Scheduler(model, max_batch=3, capacity=40)
     assert pool_bytes(model.folder, 3, 40) == (40, scheduler.pool_bytes)
     assert scheduler.pool_bytes == sum(buffer.nbytes for buffer in scheduler._pool)
+    scheduler.close()
+
+
+def test_available_memory_is_the_containers_limit_when_that_is_lower(tmp_path, monkeypatch):
+    """In a container /proc/meminfo shows the host: the cgroup limit (less its working set) is what fits."""
+    import phi_onnx.runtime.scheduler as scheduler
+
+    (tmp_path / "meminfo").write_text("MemTotal: 67108864 kB\nMemAvailable: 33554432 kB\n")  # 32 GiB
+    (tmp_path / "max").write_text(f"{4 * 2**30}\n")
+    (tmp_path / "current").write_text(f"{3 * 2**30}\n")  # of which 1 GiB is reclaimable page cache
+    (tmp_path / "stat").write_text(f"anon 123\ninactive_file {2**30}\n")
+    cgroup = (str(tmp_path / "max"), str(tmp_path / "current"), str(tmp_path / "stat"), "inactive_file")
+    monkeypatch.setattr(scheduler, "MEMINFO", str(tmp_path / "meminfo"))
+    monkeypatch.setattr(scheduler, "CGROUPS", (cgroup,))
+    assert scheduler.available_memory() == 2 * 2**30
+    (tmp_path / "max").write_text("max\n")  # no limit: the machine's
+    assert scheduler.available_memory() == 32 * 2**30
+    monkeypatch.setattr(scheduler, "MEMINFO", str(tmp_path / "absent"))
+    assert scheduler.available_memory() is None
+
+
+def test_a_request_cancelled_during_admission_is_finished_or_kept_never_lost(models):
+    """Clients cancel from other threads, without the lock: `cancelled` may turn True between two reads."""
+    model = models("phi3-mha")
+    scheduler = Scheduler(model, max_batch=1, max_queue=2)
+    long = model.options(max_new_tokens=50, min_new_tokens=50)
+    scheduler.submit([5, 6, 7], long)
+    scheduler.step()
+    queued = scheduler.submit([8, 9], long)
+    reads = iter([True, False])  # then True: cancelled by its client while the scheduler looks at the queue
+
+    class Racing(Request):
+        @property  # type: ignore[override]
+        def cancelled(self) -> bool:
+            return next(reads, True)
+
+        @cancelled.setter
+        def cancelled(self, value: bool) -> None:
+            pass
+
+    queued.__class__ = Racing
+    scheduler.step()
+    assert queued.finish is not None or queued in scheduler.waiting
+    scheduler.step()
+    assert queued.finish is not None and queued.finish.reason == "cancelled"
     scheduler.close()

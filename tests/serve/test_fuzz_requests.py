@@ -49,3 +49,15 @@ def test_chat_request_parsing_never_raises_anything_else(data: Any) -> None:
 @given(bodies)
 def test_completion_request_parsing_never_raises_anything_else(data: Any) -> None:
     _check(CompletionRequest, data)
+
+
+def test_json_numbers_stay_valid_where_strings_and_booleans_are_not() -> None:
+    """What OpenAI's clients send (JSON numbers, 1.0 for an int, token ids) parses; "5", true do not."""
+    chat = parse(ChatRequest, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5.0, "seed": 7,
+                               "temperature": 1, "top_logprobs": 2, "logprobs": True, "n": 1.0})
+    assert (chat.max_tokens, chat.seed, chat.temperature, chat.top_logprobs, chat.n) == (5, 7, 1.0, 2, 1)
+    completion = parse(CompletionRequest, {"prompt": [1.0, 2], "logprobs": 0, "max_tokens": None})
+    assert (completion.prompt, completion.logprobs, completion.max_tokens) == ([1, 2], 0, None)
+    for field, value in [("n", True), ("max_tokens", "5"), ("logprobs", True), ("top_p", b"1")]:
+        with pytest.raises(ApiError, match=field):
+            parse(CompletionRequest, {"prompt": "x", field: value})

@@ -124,6 +124,7 @@ def test_models_health_and_metrics(client, live_server):
     ({"max_tokens": "5"}, 400, "max_tokens"),  # numbers in strings are a client bug, as in OpenAI's API
     ({"temperature": "0.5"}, 400, "temperature"),
     ({"seed": True}, 400, "seed"),
+    ({"n": True}, 400, "n"),
     ({"messages": []}, 400, "messages"),
     ({"messages": [{"role": "user"}], "stop": 3}, 400, "stop"),
     ({"model": "gpt-9"}, 404, "model"),
