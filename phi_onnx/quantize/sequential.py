@@ -38,7 +38,7 @@ from phi_onnx.export.options import ExportOptions
 from phi_onnx.export.weights import Linear, Weights
 from phi_onnx.quantize.calibration import Calibration
 from phi_onnx.quantize.clip import quantize_clip
-from phi_onnx.quantize.gptq import DAMP, LAZY_BATCH, Hessian, quantize_gptq
+from phi_onnx.quantize.gptq import DAMP, LAZY_BATCH, Factor, Hessian, gptq_factor, quantize_gptq
 from phi_onnx.quantize.int4 import Int4Weight
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,11 @@ log = logging.getLogger(__name__)
 #: Pick each GPTQ block's range by the clip search. On tiny-phi3 block 128 (benchmarks/int4_quality.py):
 #: KLD 3.79e-3 against 3.84e-3 with the blocks' extremes, top-1 gain over rtn-32 +1.85 against +1.52 pt.
 GPTQ_SEARCH = True
+#: Act-order with static groups (`quantize_gptq(act_order=True)`): off, the evidence is mixed. On tiny-phi3
+#: block 128 (benchmarks/int4_quality.py) KLD / rtn-32 0.628 (SE 0.013) against 0.661 (0.012) in natural
+#: order, top-1 gain +1.81 against +1.69 pt, block 32 unchanged (0.468 against 0.469); but on the random
+#: tiny Phi-3 of tests/quantize/test_families_gptq.py the logit error / rtn rises from 0.68 to 0.87.
+GPTQ_ACT_ORDER = False
 RUN_TOKENS = 2048  #: tokens per ONNX Runtime call (bounds activation memory)
 
 
@@ -204,12 +209,15 @@ class _Stage:
     def quantize(self, hessians: dict[str, Hessian], options: ExportOptions, scale_dtype: type,
                  damp: float) -> None:
         """Quantize this stage's linears and keep the results."""
+        factors: dict[int, Factor] = {}  # by Hessian: linears reading the same input share its factor
         for lin in self.linears:
             weight = lin.load()
             h = hessians[lin.key]
             if options.algo == "gptq":
-                q = quantize_gptq(weight, h.h, options.block_size, options.symmetric, damp=damp,
-                                  scale_dtype=scale_dtype, search=GPTQ_SEARCH)
+                if id(h) not in factors:
+                    factors[id(h)] = gptq_factor(h.sum32, options.block_size, damp, act_order=GPTQ_ACT_ORDER)
+                q = quantize_gptq(weight, None, options.block_size, options.symmetric, scale_dtype=scale_dtype,
+                                  search=GPTQ_SEARCH, factor=factors[id(h)])
             else:
                 q = quantize_clip(weight, options.block_size, options.symmetric, importance=np.diag(h.mean),
                                   scale_dtype=scale_dtype)
@@ -253,7 +261,8 @@ def prepare_int4(builder: Any, source: Path) -> dict[str, Any] | None:
     builder.w.spill = spill  # keeps the results' folder until the weights are written
     record["calibration"] = calibration.record()
     if opts.algo == "gptq":
-        record.update(damp=DAMP, order="natural", lazy_batch=LAZY_BATCH)
+        record.update(damp=DAMP, order="act-order, static groups" if GPTQ_ACT_ORDER else "natural",
+                      lazy_batch=LAZY_BATCH)
     return record
 
 

@@ -8,6 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from phi_onnx.quantize import Hessian, dequantize_int4, quantize_clip, quantize_gptq, quantize_int4
+from phi_onnx.quantize.gptq import gptq_factor, upper_inverse_factor
 from phi_onnx.quantize.int4 import Int4Weight
 
 
@@ -86,11 +87,12 @@ def test_clip_never_worse_than_rtn_per_block(symmetric):
     assert clip.sum() < 0.95 * rtn.sum()  # measured 0.92 (asymmetric) and lower (symmetric)
 
 
-def reference_gptq(w: np.ndarray, h: np.ndarray, block: int, symmetric: bool,
-                   damp: float = 0.01) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def reference_gptq(w: np.ndarray, h: np.ndarray, block: int, symmetric: bool, damp: float = 0.01,
+                   act_order: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GPTQ written plainly in float64 (the OBQ form: no Cholesky, no lazy batches): quantize column j
-    with its block's grid, spread its error over the later columns by H^-1's row j, then remove
-    column j from H^-1 by one step of Gaussian elimination."""
+    with its block's grid, spread its error over the columns not yet quantized by H^-1's row j, then
+    remove column j from H^-1 by one step of Gaussian elimination (its row is zero from then on).
+    With `act_order`, columns by decreasing diag H and every grid from the unmodified weights."""
     w = w.astype(np.float64).copy()
     n, k = w.shape
     h = h.astype(np.float64).copy()
@@ -99,20 +101,25 @@ def reference_gptq(w: np.ndarray, h: np.ndarray, block: int, symmetric: bool,
     codes = np.zeros((n, k))
     scales = np.zeros((n, k // block))
     zeros = np.zeros((n, k // block))
-    for j in range(k):
-        if j % block == 0:
-            group = w[:, j:j + block]
-            if symmetric:
-                extreme = group[np.arange(n), np.abs(group).argmax(1)]
-                s, z = (extreme / -8.0).astype(np.float32).astype(np.float64), np.full(n, 8.0)
-            else:
-                lo, hi = np.minimum(group.min(1), 0), np.maximum(group.max(1), 0)
-                s = ((hi - lo) / 15.0).astype(np.float32).astype(np.float64)
-                z = np.clip(np.round(-lo / s), 0, 15)
-            scales[:, j // block], zeros[:, j // block] = s, z
+
+    def grid(group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if symmetric:
+            extreme = group[np.arange(n), np.abs(group).argmax(1)]
+            return (extreme / -8.0).astype(np.float32).astype(np.float64), np.full(n, 8.0)
+        lo, hi = np.minimum(group.min(1), 0), np.maximum(group.max(1), 0)
+        s = ((hi - lo) / 15.0).astype(np.float32).astype(np.float64)
+        return s, np.clip(np.round(-lo / s), 0, 15)
+
+    if act_order:
+        for b in range(k // block):
+            scales[:, b], zeros[:, b] = grid(w[:, b * block:(b + 1) * block])
+    for j in np.argsort(-np.diag(h), kind="stable") if act_order else range(k):
+        if not act_order and j % block == 0:
+            scales[:, j // block], zeros[:, j // block] = grid(w[:, j:j + block])
+        s, z = scales[:, j // block], zeros[:, j // block]
         codes[:, j] = np.clip(np.round(w[:, j] / s) + z, 0, 15)
         err = (w[:, j] - (codes[:, j] - z) * s) / h_inv[j, j]
-        w[:, j:] -= np.outer(err, h_inv[j, j:])
+        w -= np.outer(err, h_inv[j])
         h_inv = h_inv - np.outer(h_inv[:, j], h_inv[j, :]) / h_inv[j, j]
     return codes, scales, zeros
 
@@ -124,23 +131,41 @@ def unpacked_codes(q: Int4Weight) -> np.ndarray:
     return values.reshape(q.n, -1)
 
 
-@pytest.mark.parametrize(("symmetric", "block", "lazy"), [(True, 16, 32), (False, 32, 64), (True, 64, 64)])
-def test_gptq_equals_plain_float64_reference(symmetric, block, lazy):
+@pytest.mark.parametrize(("symmetric", "block", "lazy", "k", "act_order"),
+                         [(True, 16, 32, 128, False), (False, 32, 64, 128, False), (True, 64, 64, 128, False),
+                          (False, 32, 128, 544, False),  # K > 256: H^-1's factor by blocks, two levels deep
+                          (True, 32, 64, 128, True), (False, 16, 32, 128, True), (True, 32, 128, 544, True)])
+def test_gptq_equals_plain_float64_reference(symmetric, block, lazy, k, act_order):
     rng = np.random.default_rng(block)
-    k = 128
     w = rng.standard_normal((24, k))
     x = correlated_inputs(k, 300, seed=1).astype(np.float64)
     h = x.T @ x
-    want_codes, want_scales, want_zeros = reference_gptq(w, h, block, symmetric)
-    q = quantize_gptq(w, h, block, symmetric, lazy_batch=lazy, dtype=np.float64)
+    want_codes, want_scales, want_zeros = reference_gptq(w, h, block, symmetric, act_order=act_order)
+    q = quantize_gptq(w, h, block, symmetric, lazy_batch=lazy, dtype=np.float64, act_order=act_order)
     assert np.array_equal(unpacked_codes(q), want_codes)
     np.testing.assert_allclose(q.scales.reshape(24, -1), want_scales, rtol=1e-6)
     if not symmetric:
         zp = q.zero_points.reshape(24, -1)
         assert np.array_equal(np.stack([zp & 15, zp >> 4], 2).reshape(24, -1)[:, : k // block], want_zeros)
+    # A factor computed once for linears that share their inputs gives the same codes.
+    shared = gptq_factor(h, block, dtype=np.float64, act_order=act_order)
+    q_shared = quantize_gptq(w, None, block, symmetric, lazy_batch=lazy, dtype=np.float64, factor=shared)
+    assert np.array_equal(unpacked_codes(q_shared), want_codes)
     # The float32 working precision used on real models takes the same decisions almost everywhere.
-    q32 = quantize_gptq(w.astype(np.float32), h, block, symmetric, lazy_batch=lazy)
+    q32 = quantize_gptq(w.astype(np.float32), h, block, symmetric, lazy_batch=lazy, act_order=act_order)
     assert (unpacked_codes(q32) == want_codes).mean() > 0.99
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_upper_inverse_factor_by_blocks(dtype):
+    """U^T U is the damped inverse and U upper triangular at sizes the blocked inverse splits unevenly."""
+    x = correlated_inputs(700, 900, seed=3).astype(np.float64)
+    h = x.T @ x
+    u = upper_inverse_factor(h, 0.01, dtype)
+    assert u.dtype == dtype and np.array_equal(u, np.triu(u))
+    damped = h + 0.01 * np.mean(np.diag(h)) * np.eye(700)
+    residual = np.abs(u.astype(np.float64).T @ u.astype(np.float64) @ damped - np.eye(700)).max()
+    assert residual < (1e-9 if dtype == np.float64 else 1e-3)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])

@@ -28,8 +28,8 @@ from helpers import heldout_windows_of, kl_and_top1, window_log_probs
 from phi_onnx.export import ExportOptions, export
 from phi_onnx.tiny import TINY_PHI3_DIR
 
-GPTQ128_KLD_RATIO_MAX = 0.75  # measured 0.655 +- 0.012
-GPTQ128_TOP1_GAIN_MIN = 0.008  # measured +0.0168 +- 0.0022
+GPTQ128_KLD_RATIO_MAX = 0.75  # measured 0.661 +- 0.012
+GPTQ128_TOP1_GAIN_MIN = 0.008  # measured +0.0169 +- 0.0021
 CLIP_KLD_RATIO_MAX = 0.93  # measured 0.882 +- 0.006 (block 32) and 0.901 (block 128, against rtn 128)
 
 
