@@ -14,11 +14,8 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed_runners import Figures, figures, genai_runner, phi_onnx_runner
@@ -26,25 +23,8 @@ from speed_runners import Figures, figures, genai_runner, phi_onnx_runner
 
 def genai_batch_runner(folder: Path, batch: int, prompt_tokens: int, new_tokens: int) -> Callable[[], Figures]:
     """Raw onnxruntime-genai decoding `batch` equal prompts together."""
-    import onnxruntime_genai as og
-
-    model = og.Model(str(folder))
-    prompts = np.tile(np.arange(100, 100 + prompt_tokens, dtype=np.int32), (batch, 1))
-    total = prompt_tokens + new_tokens
-
-    def run() -> Figures:
-        params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=total, min_length=total, batch_size=batch)
-        generator = og.Generator(model, params)
-        started = time.perf_counter()
-        generator.append_tokens(prompts)
-        generator.generate_next_token()
-        first = time.perf_counter() - started
-        while not generator.is_done():
-            generator.generate_next_token()
-        return _batched(figures(prompt_tokens, new_tokens, first, time.perf_counter() - started), batch)
-
-    return run
+    run_one = genai_runner(folder, prompt_tokens, new_tokens, batch=batch)
+    return lambda: _batched(run_one(), batch)
 
 
 def ort_batch_runner(folder: Path, batch: int, prompt_tokens: int, new_tokens: int,

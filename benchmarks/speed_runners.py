@@ -33,17 +33,19 @@ def figures(prompt_tokens: int, new_tokens: int, first_token_seconds: float, sec
             "decode_tokens_per_second": (new_tokens - 1) / (seconds - first_token_seconds)}
 
 
-def genai_runner(folder: Path, prompt_tokens: int, new_tokens: int) -> Callable[[], Figures]:
-    """Raw onnxruntime-genai on `folder`, with the genai_config found there."""
+def genai_runner(folder: Path, prompt_tokens: int, new_tokens: int, *, batch: int = 1) -> Callable[[], Figures]:
+    """Raw onnxruntime-genai on `folder`, with the genai_config found there; `batch` equal prompts decode
+    together (the figures are then one row's: tokens/s of the batch are `batch` times them)."""
     import onnxruntime_genai as og
 
     model = og.Model(str(folder))
-    prompt = np.arange(100, 100 + prompt_tokens, dtype=np.int32)[None]
+    prompt = np.tile(np.arange(100, 100 + prompt_tokens, dtype=np.int32), (batch, 1))
     total = prompt_tokens + new_tokens
+    search = {"batch_size": batch} if batch > 1 else {}
 
     def run() -> Figures:
         params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=total, min_length=total)
+        params.set_search_options(do_sample=False, max_length=total, min_length=total, **search)
         generator = og.Generator(model, params)
         started = time.perf_counter()
         generator.append_tokens(prompt)
