@@ -216,13 +216,12 @@ class Scheduler:
         self.eos = tuple(folder.eos_token_ids)
         self.pad = folder.pad_token_id
         self.max_batch, self.max_queue, self.chunk = max_batch, max_queue, chunk
-        self.capacity = min(capacity or folder.default_max_length, folder.context_length)
+        self.capacity, self.pool_bytes = pool_bytes(folder, max_batch, capacity)
         self._device = "cuda" if model.device.kind == "cuda" else "cpu"
         self._device_id = model.device.device_id if self._device == "cuda" else 0
         self._dtype = np.dtype(folder.kv_dtype)
         self._row_shape = [folder.num_kv_heads, self.capacity, folder.head_size]
-        self._row_bytes = int(np.prod(self._row_shape)) * self._dtype.itemsize
-        self.pool_bytes = self._row_bytes * max_batch * len(self.kv_names)
+        self._row_bytes = int(np.prod(self._row_shape)) * self._dtype.itemsize  # a slot's offset in a buffer
         if self._device == "cpu":
             check_pool_memory(self.pool_bytes, max_batch, self.capacity)
         self._pool = self._allocate()
@@ -263,11 +262,15 @@ class Scheduler:
             self._thread = None
         self._cancel_all()  # also when never started
 
+    def _finish_all(self, reason: str, error: str | None = None) -> None:
+        """Finish every waiting and running request (call with the condition held)."""
+        for request in list(self.waiting) + [r for r in self.slots if r is not None]:
+            self._finish(request, reason, error=error)
+        self.waiting.clear()
+
     def _cancel_all(self) -> None:
         with self._cond:
-            for request in list(self.waiting) + [r for r in self.slots if r is not None]:
-                self._finish(request, "cancelled")
-            self.waiting.clear()
+            self._finish_all("cancelled")
 
     @property
     def active(self) -> int:
@@ -343,9 +346,7 @@ class Scheduler:
             with self._cond:
                 self.failure = f"{type(error).__name__}: {error}"
                 self._stopping = True
-                for request in list(self.waiting) + [r for r in self.slots if r is not None]:
-                    self._finish(request, "error", error=self.failure)
-                self.waiting.clear()
+                self._finish_all("error", error=self.failure)
 
     def _serve(self) -> None:
         while True:
