@@ -118,7 +118,8 @@ def parse_variant(spec: str | dict[str, Any]) -> ExportOptions:
     if isinstance(spec, dict):
         overrides = dict(spec)
         text = overrides.pop("variant", None)
-        unknown = sorted(set(overrides) - set(OPTION_KEYS))
+        # YAML keys need not be strings (`0:`, `? 08`, a bare `?` is None): name them as written.
+        unknown = sorted(str(key) for key in set(overrides) - set(OPTION_KEYS))
         if unknown:
             raise RecipeError(f"Unknown variant option(s): {', '.join(unknown)}.",
                               hint=f"Variant options are: variant, {', '.join(OPTION_KEYS)}.")
