@@ -200,3 +200,30 @@ def test_fp16_scales_are_the_grid_used():
     blocks = w.reshape(16, 2, 32)
     s = rtn16.scales.reshape(16, 2)
     assert np.array_equal(unpacked_codes(rtn16).reshape(16, 2, 32), np.clip(np.round(blocks / s[..., None]) + 8, 0, 15))
+
+
+def test_factor_falls_back_to_float64_where_float32_rounding_breaks_it():
+    """Positive definite in float64, singular once rounded to float32: the factor is still computed."""
+    h = np.array([[1.0, 1 - 1e-9], [1 - 1e-9, 1.0]])
+    with pytest.raises(np.linalg.LinAlgError):
+        upper_inverse_factor(h, 0.0, np.float32)
+    factor = gptq_factor(h, 16, damp=0.0)
+    exact = gptq_factor(h, 16, damp=0.0, dtype=np.float64)
+    u = exact.u[:2, :2]
+    np.testing.assert_allclose(u.T @ u @ h, np.eye(2), atol=1e-6)
+    assert factor.u.dtype == np.float32 and np.array_equal(factor.u, exact.u.astype(np.float32))
+
+
+def test_hessian_sums_rows_in_parts(monkeypatch):
+    """Rows kept back and summed in one product, in several flushes, give X^T X."""
+    monkeypatch.setattr(Hessian, "PENDING_ROWS", 100)
+    x = correlated_inputs(64, 450, seed=4)
+    hessian = Hessian(64)
+    for part in np.array_split(x, 7):
+        hessian.add(part)
+    assert hessian.tokens == 450
+    want = x.astype(np.float64).T @ x.astype(np.float64)
+    np.testing.assert_allclose(hessian.h, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    hessian.add(x[:10])  # after the sum is read, more rows still add
+    np.testing.assert_allclose(hessian.h, want + x[:10].astype(np.float64).T @ x[:10], rtol=1e-4,
+                               atol=1e-4 * np.abs(want).max())
