@@ -55,6 +55,8 @@ def _show_steps(logger_name: str) -> None:
                    "gptq layer-by-layer GPTQ on calibration text (best quality, slower).")
 @click.option("--calibration", type=click.Path(dir_okay=False), default=None,
               help="Calibration text file for --algo gptq/clip (default for gptq: a built-in text).")
+@click.option("--calibration-tokens", type=int, default=None,
+              help="At most this many calibration tokens (default 4096; more takes longer).")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--verify", "run_verify", is_flag=True,
@@ -64,8 +66,8 @@ def _show_steps(logger_name: str) -> None:
 @user_errors
 def export(source: str, output: str, precision: str, device: str, block_size: int, symmetric: bool,
            accuracy_level: int | None, max_length: int | None, embeddings: str, lm_head_bits: str,
-           algo: str, calibration: str | None, revision: str | None, overwrite: bool, run_verify: bool,
-           as_json: bool) -> None:
+           algo: str, calibration: str | None, calibration_tokens: int | None, revision: str | None,
+           overwrite: bool, run_verify: bool, as_json: bool) -> None:
     """Export SOURCE (short name, hub id or local folder) to an ONNX model folder."""
     from phi_onnx.export import ExportOptions
     from phi_onnx.export import export as run_export
@@ -73,7 +75,8 @@ def export(source: str, output: str, precision: str, device: str, block_size: in
     options = ExportOptions(precision=precision, device=device, block_size=block_size,  # type: ignore[arg-type]
                             symmetric=symmetric, accuracy_level=accuracy_level, max_length=max_length,
                             embeddings=embeddings, lm_head_bits=int(lm_head_bits),  # type: ignore[arg-type]
-                            algo=algo, calibration=calibration)  # type: ignore[arg-type]
+                            algo=algo, calibration=calibration,  # type: ignore[arg-type]
+                            calibration_tokens=calibration_tokens)
     if run_verify:
         from phi_onnx.verify import require_reference_extra
 

@@ -22,10 +22,12 @@ from phi_onnx.cli.errors import user_errors
               help="MatMulNBits accuracy level (default: 4 for fp32 models, 0 for fp16).")
 @click.option("--calibration", type=click.Path(dir_okay=False), default=None,
               help="Calibration text file for --algo gptq (default: a built-in text).")
+@click.option("--calibration-tokens", type=int, default=None,
+              help="At most this many calibration tokens for --algo gptq (default 4096).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @user_errors(interrupted="Interrupted; the output folder was not created.")
 def quantize(source: str, output: str, algo: str, block_size: int, symmetric: bool, accuracy_level: int | None,
-             calibration: str | None, as_json: bool) -> None:
+             calibration: str | None, calibration_tokens: int | None, as_json: bool) -> None:
     """Write an int4 copy of the ONNX model in SOURCE into the new folder OUTPUT.
 
     Every MatMul with a constant weight becomes MatMulNBits; SOURCE is never modified, and OUTPUT
@@ -34,7 +36,8 @@ def quantize(source: str, output: str, algo: str, block_size: int, symmetric: bo
     from phi_onnx.quantize.onnx_model import quantize_folder
 
     result = quantize_folder(source, output, algo=algo, block_size=block_size, symmetric=symmetric,
-                             accuracy_level=accuracy_level, calibration=calibration)
+                             accuracy_level=accuracy_level, calibration=calibration,
+                             calibration_tokens=calibration_tokens)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return

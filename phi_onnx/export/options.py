@@ -42,6 +42,8 @@ class ExportOptions:
         calibration: calibration text for "gptq" (and for "clip", which then weights its search by
             activation statistics): a text file's path, or a tuple of texts. None: the built-in text
             under "gptq", no data under "clip".
+        calibration_tokens: at most this many calibration tokens (whole 256-token windows); None:
+            4096. Calibration time grows with it.
     """
 
     precision: Precision = "int4"
@@ -54,6 +56,7 @@ class ExportOptions:
     lm_head_bits: int = 4
     algo: Algo = "rtn"
     calibration: str | tuple[str, ...] | None = None
+    calibration_tokens: int | None = None
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -82,6 +85,15 @@ class ExportOptions:
         if self.calibration is not None and self.algo == "rtn":
             raise OptionsError("Calibration text was given, but round-to-nearest (--algo rtn) uses none.",
                                hint="Pass --algo gptq (or --algo clip) to use it, or drop --calibration.")
+        if self.calibration_tokens is not None:
+            if self.algo == "rtn" or (self.algo == "clip" and self.calibration is None):
+                raise OptionsError(f"A calibration token count was given, but --algo {self.algo} without "
+                                   "--calibration uses no calibration.",
+                                   hint="Pass --algo gptq (or --calibration FILE with clip), or drop "
+                                        "--calibration-tokens.")
+            if self.calibration_tokens < 64:
+                raise OptionsError(f"Invalid calibration token count {self.calibration_tokens}.",
+                                   hint="Use at least 64 tokens (a few thousand calibrate well).")
         if isinstance(self.calibration, list):
             object.__setattr__(self, "calibration", tuple(self.calibration))  # hashable, like the rest
         if self.max_length is not None and self.max_length < 1:
@@ -136,7 +148,7 @@ class ExportOptions:
 _TYPES: dict[str, tuple[type, bool]] = {
     "precision": (str, False), "device": (str, False), "block_size": (int, False), "symmetric": (bool, False),
     "accuracy_level": (int, True), "max_length": (int, True), "algo": (str, False), "embeddings": (str, False),
-    "lm_head_bits": (int, False),
+    "lm_head_bits": (int, False), "calibration_tokens": (int, True),
 }
 
 

@@ -51,8 +51,10 @@ class QuantizeResult:
 
 def quantize_folder(source: str | Path, output: str | Path, *, algo: str = "rtn", block_size: int = 32,
                     symmetric: bool = True, accuracy_level: int | None = None,
-                    calibration: str | None = None) -> QuantizeResult:
+                    calibration: str | None = None, calibration_tokens: int | None = None) -> QuantizeResult:
     """Write an int4 copy of the model folder `source` into the new folder `output`.
+
+    `calibration` and `calibration_tokens` are `ExportOptions`' (for `gptq`, which re-exports).
 
     Raises:
         OptionsError, UnsupportedModelError, OutputExistsError: with the reason; nothing is written.
@@ -67,7 +69,8 @@ def quantize_folder(source: str | Path, output: str | Path, *, algo: str = "rtn"
         raise OptionsError(f"{src} has no model.onnx.", hint="Pass a folder holding an fp32 or fp16 ONNX model.")
     if algo not in ALGOS:
         raise OptionsError(f"Unknown int4 algorithm {algo!r}.", hint=f"Choose one of: {', '.join(ALGOS)}.")
-    ExportOptions(block_size=block_size, accuracy_level=accuracy_level)  # the same validation as export
+    ExportOptions(block_size=block_size, accuracy_level=accuracy_level, algo=algo,  # type: ignore[arg-type]
+                  calibration=calibration, calibration_tokens=calibration_tokens)  # export's validation
     if target == src or src in target.parents:
         raise OptionsError(f"The output {target} is inside the input folder.", hint="Choose a new folder elsewhere.")
     manifest = read_manifest(src)
@@ -76,8 +79,9 @@ def quantize_folder(source: str | Path, output: str | Path, *, algo: str = "rtn"
     except OutputExistsError as error:  # its hint is export's --overwrite, which quantize does not have
         raise OutputExistsError(error.message, hint="Choose a new output folder; quantize never replaces one."
                                 ) from None
-    if algo == "gptq" or calibration is not None:
-        return _reexport(src, target, manifest, algo, block_size, symmetric, accuracy_level, calibration)
+    if algo == "gptq" or calibration is not None or calibration_tokens is not None:
+        return _reexport(src, target, manifest, algo, block_size, symmetric, accuracy_level, calibration,
+                         calibration_tokens)
     model = ir.load(src / "model.onnx")
     if any(n.op_type == "MatMulNBits" for n in model.graph):
         raise UnsupportedModelError(f"{src / 'model.onnx'} is already quantized (it has MatMulNBits).",
@@ -204,7 +208,8 @@ def _write_manifest(staging: Path, manifest: dict[str, Any], src: Path, algo: st
 
 
 def _reexport(src: Path, target: Path, manifest: Any, algo: str, block_size: int, symmetric: bool,
-              accuracy_level: int | None, calibration: str | None) -> QuantizeResult:
+              accuracy_level: int | None, calibration: str | None,
+              calibration_tokens: int | None = None) -> QuantizeResult:
     """GPTQ (or calibrated clip) through export, from the checkpoint the manifest names."""
     from phi_onnx.export import ExportOptions, export
     from phi_onnx.export.output import is_export_manifest
@@ -229,6 +234,7 @@ def _reexport(src: Path, target: Path, manifest: Any, algo: str, block_size: int
     options = ExportOptions(precision="int4", algo=algo, block_size=block_size, symmetric=symmetric,  # type: ignore[arg-type]
                             accuracy_level=accuracy_level, device=old.get("device", "cpu"),
                             max_length=old.get("max_length"), calibration=calibration,
+                            calibration_tokens=calibration_tokens,
                             embeddings="full")  # as the graph path: the embedding table is left as it was
     export(checkpoint, target, options)
     return QuantizeResult(target, algo, reexported=True)

@@ -242,7 +242,7 @@ def prepare_int4(builder: Any, source: Path) -> dict[str, Any] | None:
 
     The results go into `builder.w.precomputed`, read when the model is written.
     """
-    from phi_onnx.quantize.calibration import load_calibration
+    from phi_onnx.quantize.calibration import MAX_TOKENS, load_calibration
 
     opts: ExportOptions = builder.options
     if opts.precision != "int4":
@@ -252,7 +252,8 @@ def prepare_int4(builder: Any, source: Path) -> dict[str, Any] | None:
         return record
     converted = Path(tempfile.mkdtemp(prefix="phi-onnx-tokenizer-"))
     try:
-        calibration = load_calibration(opts.calibration, _tokenizer_json(builder, source, converted))
+        calibration = load_calibration(opts.calibration, _tokenizer_json(builder, source, converted),
+                                       opts.calibration_tokens or MAX_TOKENS)
     finally:
         shutil.rmtree(converted, ignore_errors=True)
     log.info("Calibrating %s int4 on %d tokens (%s)", opts.algo, calibration.tokens, calibration.source)

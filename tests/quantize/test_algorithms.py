@@ -227,3 +227,35 @@ def test_hessian_sums_rows_in_parts(monkeypatch):
     hessian.add(x[:10])  # after the sum is read, more rows still add
     np.testing.assert_allclose(hessian.h, want + x[:10].astype(np.float64).T @ x[:10], rtol=1e-4,
                                atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_block_search_keeps_the_ratio_with_least_weighted_error(monkeypatch, symmetric):
+    """Each output's block grid is the shrink ratio (of SEARCH_RATIOS) with the least cost-weighted squared
+    error, written here directly from grid_params, also when the outputs are searched in pieces."""
+    from phi_onnx.quantize import gptq
+    from phi_onnx.quantize.int4 import grid_params
+
+    monkeypatch.setattr(gptq, "CHUNK", 32 * 100)  # pieces of 100 outputs
+    rng = np.random.default_rng(9)
+    rows = (rng.standard_normal((32, 300)) * rng.random(300) * 0.1).astype(np.float32)  # [position, output]
+    rows[rng.integers(32, size=40), rng.integers(300, size=40)] *= 6  # outliers the search may clip
+    rows[:, 7] = 0.0  # an all-zero block
+    cost = rng.random(32).astype(np.float32) + 0.1
+    scales, zeros = gptq._searched_params(rows, cost, symmetric, np.float32)
+    blocks = rows.T.astype(np.float64)
+    errors, grids = [], []
+    for ratio in gptq.SEARCH_RATIOS:
+        s, z = grid_params(rows.T, symmetric, np.float32, ratio)
+        codes = np.clip(np.round(rows.T / s[:, None]) + z[:, None], 0, 15)
+        errors.append(((codes - z[:, None]) * s[:, None] - blocks) ** 2 @ cost)
+        grids.append((s, z))
+    errors = np.array(errors)
+    best = errors.argmin(axis=0)
+    ordered = np.sort(errors, axis=0)
+    clear = (ordered[1] - ordered[0]) > 1e-4 * ordered[1]  # no near-tie that float rounding could flip
+    assert clear.mean() > 0.9 and len(set(best[clear])) > 2  # several ratios win somewhere
+    want_s = np.array([grids[b][0][i] for i, b in enumerate(best)])
+    want_z = np.array([grids[b][1][i] for i, b in enumerate(best)])
+    assert np.array_equal(scales[clear], want_s[clear]) and np.array_equal(zeros[clear], want_z[clear])
+    assert np.isfinite(scales).all() and scales[7] == grids[0][0][7]  # the zero block keeps ratio 1.0's grid

@@ -77,6 +77,10 @@ def test_builtin_calibration_is_disjoint_from_evaluation_texts(tmp_path):
 def test_calibration_errors(tmp_path, make_checkpoint):
     with pytest.raises(OptionsError, match="round-to-nearest"):
         ExportOptions(algo="rtn", calibration="x.txt")
+    for algo in ("rtn", "clip"):  # neither calibrates without a text
+        with pytest.raises(OptionsError, match="calibration token count"):
+            ExportOptions(algo=algo, calibration_tokens=512)  # type: ignore[arg-type]
+    assert ExportOptions(algo="clip", calibration="x.txt", calibration_tokens=512).calibration_tokens == 512
     with pytest.raises(OptionsError, match="Unknown int4 algorithm"):
         ExportOptions(algo="awq")  # type: ignore[arg-type]
     with pytest.raises(OptionsError, match="does not exist"):
@@ -97,11 +101,19 @@ def test_cli_export_algo_and_calibration(make_checkpoint, tmp_path):
     text.write_text("\n\n".join(TEXTS))
     out = tmp_path / "cli"
     result = CliRunner().invoke(main, ["export", str(make_checkpoint("phi3-mha")), "-o", str(out), "--algo", "gptq",
-                                       "--block-size", "64", "--calibration", str(text)])
+                                       "--block-size", "64", "--calibration", str(text), "--calibration-tokens", "128"])
     assert result.exit_code == 0, result.output
     assert "gptq-block-64" in result.output
-    record = json.loads((out / "phi_onnx.json").read_text())["quantization"]
+    manifest = json.loads((out / "phi_onnx.json").read_text())
+    record = manifest["quantization"]
     assert record["calibration"]["source"] == str(text.resolve())
+    whole = load_calibration(str(text), make_checkpoint("phi3-mha") / "tokenizer.json")
+    assert whole.tokens > 128 and record["calibration"]["tokens"] == 128  # the text, cut to the budget
+    assert manifest["options"]["calibration_tokens"] == 128
+    few = CliRunner().invoke(main, ["export", str(make_checkpoint("phi3-mha")), "-o", str(tmp_path / "few"),
+                                    "--algo", "gptq", "--calibration-tokens", "10"])
+    assert few.exit_code == 2 and "calibration token count 10" in few.output and "Traceback" not in few.output
+    assert not (tmp_path / "few").exists()
     bad = CliRunner().invoke(main, ["export", str(make_checkpoint("phi3-mha")), "-o", str(tmp_path / "bad"),
                                     "--calibration", str(text)])
     assert bad.exit_code == 2 and "round-to-nearest" in bad.output and "Traceback" not in bad.output
