@@ -23,7 +23,7 @@ from phi_onnx.cli.errors import user_errors
 @click.option("--calibration", type=click.Path(dir_okay=False), default=None,
               help="Calibration text file for --algo gptq (default: a built-in text).")
 @click.option("--calibration-tokens", type=int, default=None,
-              help="At most this many calibration tokens for --algo gptq (default 4096).")
+              help="At most this many calibration tokens for --algo gptq or --calibration (default 4096).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @user_errors(interrupted="Interrupted; the output folder was not created.")
 def quantize(source: str, output: str, algo: str, block_size: int, symmetric: bool, accuracy_level: int | None,

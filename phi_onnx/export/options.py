@@ -141,6 +141,13 @@ class ExportOptions:
             data["calibration"] = f"<{len(self.calibration)} texts>"
         data["io_dtype"] = self.io_dtype
         data["embeddings"] = self.resolved_embeddings
+        # Only where calibration runs: an rtn export's record (and its store key) is what it was before
+        # the option existed.
+        del data["calibration_tokens"]
+        if self.algo == "gptq" or (self.algo == "clip" and self.calibration is not None):
+            from phi_onnx.quantize.calibration import MAX_TOKENS
+
+            data["calibration_tokens"] = self.calibration_tokens or MAX_TOKENS
         return data
 
 

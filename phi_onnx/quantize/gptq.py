@@ -50,8 +50,8 @@ class Hessian:
         self.tokens = 0
 
     def add(self, x: np.ndarray) -> None:
-        """Add inputs `x` [..., K] (any leading shape)."""
-        rows = np.asarray(x, dtype=np.float32).reshape(-1, self.k)
+        """Add inputs `x` [..., K] (any leading shape); the rows are copied, so `x` may be reused."""
+        rows = np.array(x, dtype=np.float32).reshape(-1, self.k)
         self._pending.append(rows)
         self._pending_rows += rows.shape[0]
         self.tokens += rows.shape[0]
@@ -258,7 +258,8 @@ def _searched_params(rows: np.ndarray, cost: np.ndarray, symmetric: bool,
                      scale_dtype: type) -> tuple[np.ndarray, np.ndarray]:
     """The block grid whose shrink ratio (of `SEARCH_RATIOS`) gives the least error weighted by `cost`.
 
-    Each ratio's grid is `grid_params`' for that ratio (the clip search's `_grid`). The block stays in
+    Each ratio's grid is `grid_params`' for that ratio (the clip search's `_grid`, with the ratios in
+    float32: float64 weights may get scales one float32 rounding away from `grid_params`'). The block stays in
     GPTQ's [position, output] layout, cut into cache-sized pieces of outputs: no transposed copy, and
     every operation runs along contiguous rows.
     """

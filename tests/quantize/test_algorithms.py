@@ -259,3 +259,15 @@ def test_gptq_block_search_keeps_the_ratio_with_least_weighted_error(monkeypatch
     want_z = np.array([grids[b][1][i] for i, b in enumerate(best)])
     assert np.array_equal(scales[clear], want_s[clear]) and np.array_equal(zeros[clear], want_z[clear])
     assert np.isfinite(scales).all() and scales[7] == grids[0][0][7]  # the zero block keeps ratio 1.0's grid
+
+
+def test_hessian_copies_the_rows_it_keeps():
+    """A caller may refill one buffer between calls: the kept rows are copies."""
+    rng = np.random.default_rng(2)
+    buffer = np.empty((10, 4), np.float32)
+    hessian, want = Hessian(4), np.zeros((4, 4))
+    for _ in range(3):
+        buffer[:] = rng.standard_normal((10, 4))
+        hessian.add(buffer)
+        want += buffer.astype(np.float64).T @ buffer
+    np.testing.assert_allclose(hessian.h, want, rtol=1e-5, atol=1e-5)

@@ -35,10 +35,13 @@ def test_gptq_export_records_calibration_and_runs(make_checkpoint, tmp_path):
     assert record["calibration"]["sha256"] == hashlib.sha256("\n\n".join(TEXTS).encode()).hexdigest()
     assert record["calibration"]["tokens"] == int(np.prod(record["calibration"]["windows"])) >= 64
     assert manifest["options"]["algo"] == "gptq" and manifest["variant"] == "cpu-int4-gptq-block-32"
+    assert manifest["options"]["calibration_tokens"] == 4096  # the default budget, resolved
     logits = OnnxLM(out)(random_ids(12, seed=3))
     assert np.isfinite(logits).all()
     rtn = tmp_path / "rtn"
     export(source, rtn, ExportOptions(block_size=32, embeddings="full"))
+    # no calibration, no budget: rtn's record (and its store key) is what it was before the option existed
+    assert "calibration_tokens" not in json.loads((rtn / "phi_onnx.json").read_text())["options"]
     ours, theirs = int4_weights(out), int4_weights(rtn)
     assert ours.keys() == theirs.keys() and len(ours) == 2 * 4 + 1  # qkv, o, gate_up, down per layer; lm_head
     changed = [np.mean(ours[k] != theirs[k]) for k in ours]
