@@ -175,7 +175,7 @@ def parse_recipe(data: Any, file: Path, output: str | os.PathLike[str] | None = 
         raise RecipeError(f"{file}: unknown key(s) {unknown}.", hint=RECIPE_HINT)
     base = file.parent
     out_spec = output or data.get("output") or "out"
-    if not isinstance(out_spec, (str, os.PathLike)):
+    if not isinstance(out_spec, (str, os.PathLike)) or "\0" in os.fspath(out_spec):
         raise RecipeError(f"`output` must be a folder path, not {out_spec!r}.", hint=RECIPE_HINT)
     out = Path(out_spec).expanduser()
     default_variants = _list(data.get("variants"), "`variants`")

@@ -63,6 +63,8 @@ def _check(recipe: Recipe) -> None:
 
 @FUZZ
 @given(recipes())
+# Found by this test: an output path with a NUL byte (a ValueError from the OS path functions).
+@example(data={"models": [{"name": "a", "source": "tiny-phi3"}], "variants": ["cpu-fp32"], "output": "\x00"})
 def test_recipe_structures(tmp_path_factory, data):
     base = tmp_path_factory.getbasetemp() / "fuzz-recipe"
     (base / "ckpt").mkdir(parents=True, exist_ok=True)
