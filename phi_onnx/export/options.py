@@ -86,7 +86,7 @@ class ExportOptions:
             raise OptionsError("Calibration text was given, but round-to-nearest (--algo rtn) uses none.",
                                hint="Pass --algo gptq (or --algo clip) to use it, or drop --calibration.")
         if self.calibration_tokens is not None:
-            if self.algo == "rtn" or (self.algo == "clip" and self.calibration is None):
+            if not self.calibrates:
                 raise OptionsError(f"A calibration token count was given, but --algo {self.algo} without "
                                    "--calibration uses no calibration.",
                                    hint="Pass --algo gptq (or --calibration FILE with clip), or drop "
@@ -120,6 +120,18 @@ class ExportOptions:
         return 4 if self.device == "cpu" else 0
 
     @property
+    def calibrates(self) -> bool:
+        """Whether the int4 algorithm runs on calibration text: `gptq` always, `clip` when a text is given."""
+        return self.algo == "gptq" or (self.algo == "clip" and self.calibration is not None)
+
+    @property
+    def resolved_calibration_tokens(self) -> int:
+        """The calibration token budget, the default filled in (used where `calibrates`)."""
+        from phi_onnx.quantize.calibration import MAX_TOKENS
+
+        return self.calibration_tokens or MAX_TOKENS
+
+    @property
     def resolved_embeddings(self) -> str:
         """The embedding setting with "auto" resolved: int4 for int4 exports, full otherwise."""
         if self.embeddings != "auto":
@@ -144,10 +156,8 @@ class ExportOptions:
         # Only where calibration runs: an rtn export's record (and its store key) is what it was before
         # the option existed.
         del data["calibration_tokens"]
-        if self.algo == "gptq" or (self.algo == "clip" and self.calibration is not None):
-            from phi_onnx.quantize.calibration import MAX_TOKENS
-
-            data["calibration_tokens"] = self.calibration_tokens or MAX_TOKENS
+        if self.calibrates:
+            data["calibration_tokens"] = self.resolved_calibration_tokens
         return data
 
 

@@ -82,6 +82,11 @@ class Hessian:
         return self.sum32.astype(np.float64)
 
     @property
+    def mean_square(self) -> np.ndarray:
+        """Each input's mean square, diag(H) / tokens, float64 [K] (without H's float64 copy)."""
+        return np.diag(self.sum32).astype(np.float64) / max(self.tokens, 1)
+
+    @property
     def mean(self) -> np.ndarray:
         """H / tokens: the mean outer product of the inputs."""
         return self.h / max(self.tokens, 1)

@@ -69,8 +69,8 @@ def quantize_folder(source: str | Path, output: str | Path, *, algo: str = "rtn"
         raise OptionsError(f"{src} has no model.onnx.", hint="Pass a folder holding an fp32 or fp16 ONNX model.")
     if algo not in ALGOS:
         raise OptionsError(f"Unknown int4 algorithm {algo!r}.", hint=f"Choose one of: {', '.join(ALGOS)}.")
-    ExportOptions(block_size=block_size, accuracy_level=accuracy_level, algo=algo,  # type: ignore[arg-type]
-                  calibration=calibration, calibration_tokens=calibration_tokens)  # export's validation
+    checked = ExportOptions(block_size=block_size, accuracy_level=accuracy_level, algo=algo,  # type: ignore[arg-type]
+                            calibration=calibration, calibration_tokens=calibration_tokens)  # export's validation
     if target == src or src in target.parents:
         raise OptionsError(f"The output {target} is inside the input folder.", hint="Choose a new folder elsewhere.")
     manifest = read_manifest(src)
@@ -79,7 +79,7 @@ def quantize_folder(source: str | Path, output: str | Path, *, algo: str = "rtn"
     except OutputExistsError as error:  # its hint is export's --overwrite, which quantize does not have
         raise OutputExistsError(error.message, hint="Choose a new output folder; quantize never replaces one."
                                 ) from None
-    if algo == "gptq" or calibration is not None or calibration_tokens is not None:
+    if checked.calibrates:
         return _reexport(src, target, manifest, algo, block_size, symmetric, accuracy_level, calibration,
                          calibration_tokens)
     model = ir.load(src / "model.onnx")

@@ -219,7 +219,7 @@ class _Stage:
                 q = quantize_gptq(weight, None, options.block_size, options.symmetric, scale_dtype=scale_dtype,
                                   search=GPTQ_SEARCH, factor=factors[id(h)])
             else:
-                q = quantize_clip(weight, options.block_size, options.symmetric, importance=np.diag(h.mean),
+                q = quantize_clip(weight, options.block_size, options.symmetric, importance=h.mean_square,
                                   scale_dtype=scale_dtype)
             self.spill.put(lin.key, q)
             del weight
@@ -242,18 +242,18 @@ def prepare_int4(builder: Any, source: Path) -> dict[str, Any] | None:
 
     The results go into `builder.w.precomputed`, read when the model is written.
     """
-    from phi_onnx.quantize.calibration import MAX_TOKENS, load_calibration
+    from phi_onnx.quantize.calibration import load_calibration
 
     opts: ExportOptions = builder.options
     if opts.precision != "int4":
         return None
     record: dict[str, Any] = {"algo": opts.algo, "block_size": opts.block_size, "symmetric": opts.symmetric}
-    if opts.algo == "rtn" or (opts.algo == "clip" and opts.calibration is None):
+    if not opts.calibrates:
         return record
     converted = Path(tempfile.mkdtemp(prefix="phi-onnx-tokenizer-"))
     try:
         calibration = load_calibration(opts.calibration, _tokenizer_json(builder, source, converted),
-                                       opts.calibration_tokens or MAX_TOKENS)
+                                       opts.resolved_calibration_tokens)
     finally:
         shutil.rmtree(converted, ignore_errors=True)
     log.info("Calibrating %s int4 on %d tokens (%s)", opts.algo, calibration.tokens, calibration.source)
