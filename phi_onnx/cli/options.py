@@ -25,7 +25,7 @@ def dataclass_options(cls: type, **defaults: Any) -> Callable[[F], F]:
 
     An option is unset (None, or () for a tuple field, which becomes a repeatable option) unless
     `defaults` names it: then it gets that default, shown in --help. Help text comes from the field's
-    `metadata["help"]`.
+    `metadata["help"]`; a field whose metadata has `"cli": False` gets no option. A bool field is a flag.
     """
     hints = typing.get_type_hints(cls)
     unknown = set(defaults) - {f.name for f in dataclasses.fields(cls)}
@@ -35,7 +35,10 @@ def dataclass_options(cls: type, **defaults: Any) -> Callable[[F], F]:
     def option(item: dataclasses.Field[Any]) -> Callable[[F], F]:
         kind = _click_type(hints[item.name])
         settings: dict[str, Any] = {"help": item.metadata.get("help")}
-        if kind is tuple:
+        if kind is bool:
+            settings["is_flag"] = True
+            settings["default"] = None
+        elif kind is tuple:
             settings["multiple"] = True
         else:
             settings["type"] = kind
@@ -45,7 +48,8 @@ def dataclass_options(cls: type, **defaults: Any) -> Callable[[F], F]:
 
     def decorate(func: F) -> F:
         for item in reversed(dataclasses.fields(cls)):  # click lists options in the order they were applied last
-            func = option(item)(func)
+            if item.metadata.get("cli", True):  # e.g. callables: library only
+                func = option(item)(func)
         return func
 
     return decorate

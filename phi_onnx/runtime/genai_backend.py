@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from phi_onnx.runtime.engine import CachedEngine, round_capacity
+from phi_onnx.runtime.engine import round_capacity
 from phi_onnx.runtime.errors import DeviceError, ModelFolderError
 from phi_onnx.runtime.folder import REEXPORT_HINT, ModelFolder
+from phi_onnx.runtime.longrope import LongRope
 from phi_onnx.runtime.providers import CPU, CUDA, DeviceChoice
 
 log = logging.getLogger(__name__)
@@ -36,16 +37,19 @@ def genai_available() -> bool:
     return True
 
 
-class GenaiEngine(CachedEngine):
-    """One onnxruntime-genai Generator per KV allocation, driven token by token."""
+class GenaiEngine:
+    """One onnxruntime-genai Generator per KV allocation, driven token by token (batch 1)."""
 
     backend = "genai"
-    max_batch = 1
+    max_batch: int | None = 1
 
     def __init__(self, folder: ModelFolder, device: DeviceChoice, *, threads: int | None = None) -> None:
         import onnxruntime_genai as og
 
-        super().__init__(folder.long_context_threshold)
+        self.rope = LongRope(folder.long_context_threshold)
+        self.held: list[int] = []  # tokens whose keys/values the generator holds
+        self.long = False  # whether those entries were computed with LongRoPE's long factors
+        self.recomputes = 0
         self.og = og
         self.folder = folder
         config = og.Config(str(folder.path))
@@ -68,10 +72,8 @@ class GenaiEngine(CachedEngine):
         self.generator: Any = None
         self.capacity = 0
 
-    def prepare(self, batch: int, capacity: int) -> None:
+    def _prepare(self, capacity: int) -> None:
         """A new Generator (empty cache) when `capacity` exceeds the current one's max_length."""
-        if batch != 1:
-            raise ValueError("the genai backend runs one sequence at a time")
         if self.generator is not None and capacity <= self.capacity:
             return
         capacity = round_capacity(capacity, self.folder.context_length)
@@ -79,18 +81,49 @@ class GenaiEngine(CachedEngine):
         params.set_search_options(max_length=capacity, do_sample=False, batch_size=1)
         self.generator = self.og.Generator(self.model, params)
         self.capacity = capacity
-        self.forget()
+        self.held, self.long = [], False
 
-    def _forward(self, tokens: Sequence[int], past: int) -> np.ndarray:
-        generator = self.generator
-        if generator.token_count() != past:
-            generator.rewind_to(past)
-        generator.append_tokens(np.asarray(tokens, dtype=np.int32))
-        return np.asarray(generator.get_logits(), dtype=np.float32).reshape(-1, self.folder.vocab_size)[-1]
+    def start(self, prompts: Sequence[Sequence[int]], capacity: int) -> tuple[np.ndarray, int]:
+        """Run one prompt, reusing the prefix the generator holds; (last logits [1, vocab], cached tokens)."""
+        if len(prompts) != 1:
+            raise ValueError("the genai backend runs one sequence at a time")  # Model runs batches one by one
+        self._prepare(capacity)
+        prompt = prompts[0]
+        cached = self.rope.reusable(self.held, self.long, prompt)
+        if not cached and self.held and self.rope.must_recompute(self.long, len(prompt)):
+            self.recomputes += 1
+        return self._extend(prompt, cached)[None], cached
+
+    def step(self, tokens: Mapping[int, int]) -> Mapping[int, np.ndarray]:
+        """Add one token; a sequence crossing the LongRoPE switch runs again from empty (long factors)."""
+        sequence = [*self.held, tokens[0]]
+        past = len(self.held)
+        if self.rope.must_recompute(self.long, len(sequence)):
+            self.recomputes += 1
+            log.debug("LongRoPE: %d tokens pass the original context %s; recomputing the cache with the "
+                      "long factors", len(sequence), self.rope.threshold)
+            past = 0
+        return {0: self._extend(sequence, past)}
+
+    def _extend(self, tokens: Sequence[int], past: int) -> np.ndarray:
+        """Run `tokens[past:]` after the first `past` held ones; the last logits [vocab]."""
+        try:
+            generator = self.generator
+            if generator.token_count() != past:
+                generator.rewind_to(past)
+            generator.append_tokens(np.asarray(tokens[past:], dtype=np.int32))
+            logits = np.asarray(generator.get_logits(), dtype=np.float32).reshape(-1, self.folder.vocab_size)[-1]
+        except BaseException:
+            self.forget()  # an interrupted run may have written part of the cache
+            raise
+        if not past:
+            self.long = self.rope.is_long(len(tokens))
+        self.held = [int(t) for t in tokens]
+        return logits
 
     def forget(self) -> None:
-        """Drop the cached tokens (the next run rewinds the generator to 0)."""
-        super().forget()
+        """Drop the held tokens (the next run rewinds the generator to 0)."""
+        self.held, self.long = [], False
         if getattr(self, "generator", None) is not None and self.generator.token_count():
             try:
                 self.generator.rewind_to(0)
@@ -102,4 +135,4 @@ class GenaiEngine(CachedEngine):
         """Release the generator and model."""
         self.generator = None
         self.capacity = 0
-        super().forget()
+        self.held, self.long = [], False

@@ -1,25 +1,26 @@
-"""The decoding loop both backends share: prefill, pick, stop, stream.
+"""The library's decoding loop, on either backend: start (prefill), then step (decode) until every row ends.
 
-One `Generation` runs one prompt (or a batch on the ort backend). Each step asks the engine for
-the last logits, picks the next token with the `Sampler`, and checks, per row, EOS ids, stop
-strings and the token budget. Text is decoded incrementally; while the end of the text could
-still be the start of a stop string it is held back, so streamed pieces never show a stop string.
+One `Generation` runs one prompt (or a static batch on the ort backend) on the caller's thread.
+Each row is a `SequenceState` (sampler, finish rule, incremental text: `runtime/sequence.py`), the
+same object the server's `Scheduler` drives; the engine (`runtime/engine.py`) runs the model.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from phi_onnx.runtime.engine import CachedEngine
-from phi_onnx.runtime.errors import OptionsError, PromptTooLongError
-from phi_onnx.runtime.sampling import GenerationOptions, Sampler
+from phi_onnx.runtime.engine import Engine
+from phi_onnx.runtime.sampling import GenerationOptions
+from phi_onnx.runtime.sequence import SequenceState, TextAssembler, TokenEvent, check_prompt
 from phi_onnx.runtime.tokenizer import TextTokenizer
+
+__all__ = ["Generation", "GenerationResult", "TextAssembler", "TextStream"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ class GenerationResult:
             "interrupted".
         first_token_seconds: time to the first token (prompt processing); `seconds` is the total.
         cached_tokens: prompt tokens whose KV cache was reused from the previous call.
+        logprobs: with the `logprobs` option, one TokenEvent per generated token (its logprob and,
+            with `top_logprobs`, the alternatives); else None.
     """
 
     text: str
@@ -47,6 +50,7 @@ class GenerationResult:
     backend: str
     cached_tokens: int = 0
     recomputes: int = 0
+    logprobs: list[TokenEvent] | None = None
 
     @property
     def new_tokens(self) -> int:
@@ -64,92 +68,34 @@ class GenerationResult:
         return {"text": self.text, "token_ids": self.token_ids, "provider": self.provider, "backend": self.backend,
                 "prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
                 "seconds": round(self.seconds, 4), "first_token_seconds": round(self.first_token_seconds, 4),
-                "finish_reason": self.finish_reason}
+                "finish_reason": self.finish_reason,
+                **({"logprobs": [{"token_id": e.token_id, "logprob": e.logprob,
+                                  "top_logprobs": [list(pair) for pair in e.top_logprobs]} for e in self.logprobs]}
+                   if self.logprobs is not None else {})}
 
     def __str__(self) -> str:
         return self.text
 
 
-class TextAssembler:
-    """Incremental text of one reply, cut at the first stop string, holding back possible stop prefixes."""
-
-    def __init__(self, tokenizer: TextTokenizer, stops: Sequence[str]) -> None:
-        self._stream = tokenizer.stream()
-        self.stops = tuple(stops)
-        self.text = ""
-        self.emitted = 0
-        self.stopped = False
-
-    def push(self, token_id: int) -> str:
-        """Add a token; returns the text that is now safe to show."""
-        self.text += self._stream.step(token_id)
-        hold = 0
-        if self.stops:
-            # A stop string cannot start before `emitted`: any prefix of one at the end was held back.
-            hits = [i for stop in self.stops if (i := self.text.find(stop, self.emitted)) >= 0]
-            if hits:
-                self.text = self.text[: min(hits)]
-                self.stopped = True
-                return self.flush()
-            hold = self._held()
-        piece = self.text[self.emitted: len(self.text) - hold]
-        self.emitted += len(piece)
-        return piece
-
-    def _held(self) -> int:
-        tail = self.text[self.emitted:]
-        for size in range(min(len(tail), max(map(len, self.stops)) - 1), 0, -1):
-            if any(stop.startswith(tail[-size:]) for stop in self.stops):
-                return size
-        return 0
-
-    def flush(self) -> str:
-        """Everything not shown yet."""
-        piece = self.text[self.emitted:]
-        self.emitted = len(self.text)
-        return piece
-
-
-@dataclass
-class _Row:
-    prompt: list[int]
-    budget: int
-    assembler: TextAssembler
-    generated: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-
-
 class Generation:
-    """One run of the loop over one prompt (any backend) or a batch (engines with max_batch > 1)."""
+    """One run of the loop over one prompt (any backend) or a static batch (engines with max_batch != 1)."""
 
-    def __init__(self, engine: CachedEngine, tokenizer: TextTokenizer, prompts: Sequence[Sequence[int]],
+    def __init__(self, engine: Engine, tokenizer: TextTokenizer, prompts: Sequence[Sequence[int]],
                  options: GenerationOptions, eos_token_ids: Sequence[int], context_length: int,
                  vocab_size: int) -> None:
         self.engine = engine
         self.options = options
-        self.eos = frozenset(eos_token_ids)
-        self.context_length = context_length
         rows = []
         for i, prompt in enumerate(prompts):
-            if not prompt:
-                raise OptionsError("The prompt is empty (0 tokens).", hint="Pass some text to continue.")
-            if len(prompt) >= context_length:
-                which = f"Prompt {i}" if len(prompts) > 1 else "The prompt"
-                raise PromptTooLongError(
-                    f"{which} has {len(prompt)} tokens; the model's context is {context_length} tokens, "
-                    "so no room is left for a reply.",
-                    hint=f"Shorten it to at most {context_length - 1} tokens (fewer to leave room for the reply).")
-            bad = [t for t in prompt if not 0 <= int(t) < vocab_size]
-            if bad:
-                raise OptionsError(f"Token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1}).",
-                                   hint="Pass token ids from this model's tokenizer.")
-            budget = min(options.max_new_tokens, context_length - len(prompt))
+            ids = [int(t) for t in prompt]
+            check_prompt(ids, vocab_size, context_length, what=f"Prompt {i}" if len(prompts) > 1 else "The prompt")
+            budget = min(options.max_new_tokens, context_length - len(ids))
             if budget < options.max_new_tokens:
                 log.info("Only %d of max_new_tokens=%d fit the %d-token context after the %d-token prompt.",
-                         budget, options.max_new_tokens, context_length, len(prompt))
-            rows.append(_Row([int(t) for t in prompt], budget, TextAssembler(tokenizer, options.stop)))
+                         budget, options.max_new_tokens, context_length, len(ids))
+            rows.append(SequenceState(ids, options, budget, tokenizer=tokenizer, eos_token_ids=eos_token_ids,
+                                      vocab_size=vocab_size))
         self.rows = rows
-        self.sampler = Sampler(options, sorted(self.eos), [r.prompt for r in rows], vocab_size)
         self.started = 0.0
         self.first_token_at = 0.0
         self.ended = 0.0
@@ -160,65 +106,33 @@ class Generation:
         """Run the loop, yielding row 0's text as it becomes final."""
         engine, rows = self.engine, self.rows
         self.started = time.perf_counter()
-        if len(rows) == 1:
-            row = rows[0]
-            engine.prepare(1, len(row.prompt) + row.budget)
-            self.cached_tokens = engine.reusable(row.prompt)
-            logits = engine.extend(row.prompt)[None]
-        else:
-            # Finished rows keep being fed (their output ignored), so every row needs the longest run.
-            engine.prepare(len(rows), max(len(r.prompt) for r in rows) + max(r.budget for r in rows))
-            logits = engine.forward_rows([r.prompt for r in rows], [0] * len(rows))
-        fed = np.array([len(r.prompt) for r in rows])
-        step = 0
+        # Rows that end early stay in their slots (not run), so each slot needs its own longest run.
+        logits, self.cached_tokens = engine.start([r.prompt for r in rows],
+                                                  max(len(r.prompt) + r.budget for r in rows))
+        out: Mapping[int, np.ndarray] = dict(enumerate(logits))
         while True:
-            chosen = self.sampler(logits, step)
-            if step == 0:
+            pieces = {b: rows[b].step(row_logits).text for b, row_logits in out.items()}
+            if not self.first_token_at:
                 self.first_token_at = time.perf_counter()
-            step += 1
-            self.sampler.observe(chosen)
-            for b, row in enumerate(rows):
-                if row.finish_reason is None:
-                    piece = self._add(row, int(chosen[b]))
-                    if b == 0 and piece:
-                        yield piece
-            if all(r.finish_reason for r in rows):
+            if pieces.get(0):
+                yield pieces[0]
+            going = {b: row.generated[-1] for b, row in enumerate(rows) if not row.done}
+            if not going:
                 break
-            if len(rows) == 1:
-                logits = engine.extend(rows[0].prompt + rows[0].generated)[None]
-            else:
-                logits = engine.forward_rows([[int(t)] for t in chosen], fed.tolist())
-                fed += 1
+            out = engine.step(going)
         self.ended = time.perf_counter()
-
-    def _add(self, row: _Row, token: int) -> str:
-        row.generated.append(token)
-        if token in self.eos:
-            row.finish_reason = "eos"
-            return row.assembler.flush()
-        piece = row.assembler.push(token)
-        if row.assembler.stopped:
-            row.finish_reason = "stop"
-        elif len(row.generated) >= row.budget:
-            row.finish_reason = "length"
-            piece += row.assembler.flush()
-        return piece
 
     def results(self) -> list[GenerationResult]:
         """One result per prompt; rows still running (an interrupted stream) end as "interrupted"."""
         ended = self.ended or time.perf_counter()
         first = self.first_token_at or ended
-        out = []
-        for row in self.rows:
-            done = row.finish_reason is not None
-            text = row.assembler.text if done else row.assembler.text[: row.assembler.emitted]
-            out.append(GenerationResult(
-                text=text, token_ids=list(row.generated), prompt_tokens=len(row.prompt),
-                finish_reason=row.finish_reason or "interrupted", seconds=ended - self.started,
-                first_token_seconds=first - self.started, provider=self.engine.provider,
-                backend=self.engine.backend, cached_tokens=self.cached_tokens,
-                recomputes=self.engine.recomputes - self.recomputes_before))
-        return out
+        return [GenerationResult(
+            text=row.text(finished=row.done), token_ids=list(row.generated), prompt_tokens=len(row.prompt),
+            finish_reason=row.finish_reason or "interrupted", seconds=ended - self.started,
+            first_token_seconds=first - self.started, provider=self.engine.provider,
+            backend=self.engine.backend, cached_tokens=self.cached_tokens,
+            recomputes=self.engine.recomputes - self.recomputes_before,
+            logprobs=list(row.events) if self.options.logprobs else None) for row in self.rows]
 
 
 class TextStream:

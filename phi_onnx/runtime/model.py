@@ -9,13 +9,13 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
 from phi_onnx.errors import OptionsError
 from phi_onnx.runtime.chat import ChatSession, ChatTemplate, Message, check_messages, fit_chat, load_chat_template
-from phi_onnx.runtime.engine import CachedEngine
+from phi_onnx.runtime.engine import Engine
 from phi_onnx.runtime.errors import ModelFolderError
 from phi_onnx.runtime.folder import ModelFolder, check_vocabulary, read_folder
 from phi_onnx.runtime.genai_backend import genai_available
@@ -23,6 +23,9 @@ from phi_onnx.runtime.generation import Generation, GenerationResult, TextStream
 from phi_onnx.runtime.providers import DeviceChoice, resolve_device
 from phi_onnx.runtime.sampling import GenerationOptions
 from phi_onnx.runtime.tokenizer import TextTokenizer
+
+if TYPE_CHECKING:
+    from phi_onnx.runtime.core import DecodeCore
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +82,7 @@ def load(path: str | os.PathLike[str], device: str = "auto", backend: str = "aut
                                hint="pip install onnxruntime-genai (or onnxruntime-genai-cuda), or use backend='ort'.")
         from phi_onnx.runtime.genai_backend import GenaiEngine
 
-        engine: CachedEngine = GenaiEngine(folder, choice, threads=threads)
+        engine: Engine = GenaiEngine(folder, choice, threads=threads)
     else:
         from phi_onnx.runtime.ort_backend import OrtEngine
 
@@ -157,7 +160,7 @@ class Model:
     finish or close streams promptly. `lock` is that lock, for code that drives `engine` directly.
     """
 
-    def __init__(self, folder: ModelFolder, tokenizer: TextTokenizer, engine: CachedEngine, device: DeviceChoice,
+    def __init__(self, folder: ModelFolder, tokenizer: TextTokenizer, engine: Engine, device: DeviceChoice,
                  defaults: GenerationOptions | None = None) -> None:
         self.folder = folder
         self.tokenizer = tokenizer
@@ -178,6 +181,15 @@ class Model:
     def backend(self) -> str:
         """"genai" or "ort"."""
         return self.engine.backend
+
+    @property
+    def core(self) -> DecodeCore:
+        """The ort backend's decode core (its session, run, prefill and decode), which the Scheduler drives too."""
+        core = getattr(self.engine, "core", None)
+        if core is None:
+            raise OptionsError(f"This model runs on the {self.backend} backend, which has no decode core to share.",
+                               hint='Load it with phi_onnx.load(path, backend="ort").')
+        return core
 
     @property
     def device_reason(self) -> str:
@@ -261,7 +273,7 @@ class Model:
         with self.lock.held():
             if not batched:
                 return self._run(prompts, opts)[0]
-            if self.engine.max_batch == 1 or not self._batchable(prompts, opts):
+            if self.engine.max_batch == 1:
                 return [self._run([p], opts)[0] for p in prompts]
             return self._run(prompts, opts)
 
@@ -365,23 +377,6 @@ class Model:
         for _ in generation.pieces():
             pass
         return generation.results()
-
-    def _batchable(self, prompts: list[list[int]], opts: GenerationOptions) -> bool:
-        """Rows batch only when each row's LongRoPE regime would be the same alone as in the batch.
-
-        The graph picks the rotary factors from the batch's mask width (its longest row), so a
-        LongRoPE batch runs together only if every row stays within the original context, or every
-        row's prompt alone is already past it.
-        """
-        threshold = self.folder.long_context_threshold
-        if threshold is None:
-            return True
-        longest = max(len(p) for p in prompts) + opts.max_new_tokens
-        if longest <= threshold or all(len(p) > threshold for p in prompts):
-            return True
-        log.info("Running the %d prompts one at a time: they would cross the LongRoPE switch at different "
-                 "steps (original context %d).", len(prompts), threshold)
-        return False
 
 
 def _items(prompt: Any, what: str = "a prompt") -> list[Any]:

@@ -7,12 +7,22 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from phi_onnx.errors import OptionsError
 
 DEFAULT_MAX_NEW_TOKENS = 256
+#: Most alternatives `top_logprobs` may ask for (OpenAI's limit).
+MAX_TOP_LOGPROBS = 20
+#: OpenAI's range for logit_bias values and presence/frequency penalties.
+MAX_BIAS = 100.0
+MAX_PENALTY = 2.0
+
+#: A logits processor: (token ids so far — prompt and generated —, scores [vocab]) -> scores. It may
+#: change `scores` in place and return it. Grammars (constrained decoding) plug in here.
+LogitsProcessor = Callable[[list[int], Any], Any]
 
 
 @dataclass(frozen=True)
@@ -31,6 +41,15 @@ class GenerationOptions:
         repetition_penalty: transformers' penalty on every token already in the sequence (1.0: off).
         seed: seeds the sampler for reproducible sampled runs (None: random).
         stop: strings that end the reply; the reply's text ends before the first one.
+        presence_penalty: OpenAI's: subtracted once from every token already generated (-2..2).
+        frequency_penalty: OpenAI's: subtracted per occurrence in the generated tokens (-2..2).
+        logit_bias: {token id: bias} added to those logits (-100..100), as OpenAI's; also accepted as
+            "ID=BIAS" strings (the CLI's --logit-bias).
+        logprobs: report each chosen token's log-probability (of the model's distribution, before
+            penalties and temperature).
+        top_logprobs: also report the k most likely tokens at each step (0..20; implies logprobs).
+        logits_processors: callables applied, in order, to each step's scores before sampling
+            (`LogitsProcessor`); library only.
     """
 
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
@@ -41,6 +60,13 @@ class GenerationOptions:
     repetition_penalty: float = field(default=1.0, metadata={"help": "transformers' penalty (1.0: off)."})
     seed: int | None = field(default=None, metadata={"help": "Seed for reproducible sampling."})
     stop: tuple[str, ...] = field(default=(), metadata={"help": "Stop string (repeatable); the reply ends before it."})
+    presence_penalty: float = field(default=0.0, metadata={"help": "OpenAI's presence penalty (-2..2)."})
+    frequency_penalty: float = field(default=0.0, metadata={"help": "OpenAI's frequency penalty (-2..2)."})
+    logit_bias: tuple[tuple[int, float], ...] = field(
+        default=(), metadata={"help": "ID=BIAS added to that token's logit (repeatable; -100..100)."})
+    logprobs: bool = field(default=False, metadata={"help": "Report each token's log-probability."})
+    top_logprobs: int = field(default=0, metadata={"help": "Also report the k most likely tokens (0..20)."})
+    logits_processors: tuple[LogitsProcessor, ...] = field(default=(), compare=False, metadata={"cli": False})
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -50,6 +76,14 @@ class GenerationOptions:
         else:
             raise OptionsError(f"stop must be a string or a list of strings (got {type(self.stop).__name__} "
                                f"{self.stop!r}).", hint="Use e.g. stop=['\\n\\n'] or --stop '\\n\\n'.")
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
+        processors = self.logits_processors
+        if callable(processors):
+            processors = (processors,)
+        _check(isinstance(processors, (list, tuple)) and all(callable(p) for p in processors),
+               f"logits_processors must be a list of callables (got {processors!r:.80}).",
+               "Pass e.g. logits_processors=[my_processor], each called as f(token_ids, scores) -> scores.")
+        object.__setattr__(self, "logits_processors", tuple(processors))
         _check(_whole(self.max_new_tokens) and self.max_new_tokens >= 1,
                f"max_new_tokens must be a whole number of at least 1 (got {self.max_new_tokens!r}).",
                "Use e.g. max_new_tokens=64 (--max-new-tokens 64).")
@@ -70,6 +104,17 @@ class GenerationOptions:
                f"seed must be a non-negative integer (got {self.seed!r}).", "Use e.g. --seed 0.")
         _check(all(isinstance(s, str) and s for s in self.stop),
                f"stop strings must be non-empty strings (got {list(self.stop)!r}).", "Use e.g. --stop '\\n\\n'.")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(_finite(value) and abs(value) <= MAX_PENALTY,
+                   f"{name} must be a number in -2..2 (got {value!r}).", f"Use e.g. {name}=0.5 (0 is off).")
+        _check(isinstance(self.logprobs, bool), f"logprobs must be True or False (got {self.logprobs!r}).",
+               "Use logprobs=True.")
+        _check(_whole(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+               f"top_logprobs must be a whole number in 0..{MAX_TOP_LOGPROBS} (got {self.top_logprobs!r}).",
+               "Ask for at most 20 alternatives.")
+        if self.top_logprobs:
+            object.__setattr__(self, "logprobs", True)
 
     @property
     def do_sample(self) -> bool:
@@ -84,9 +129,39 @@ class GenerationOptions:
         if unknown:
             raise OptionsError(f"Unknown generation option(s): {', '.join(unknown)}.",
                                hint=f"Valid options: {', '.join(sorted(names))}.")
-        values = asdict(base) if base else {}
+        # Not dataclasses.asdict: it deep-copies, and a logits processor may hold state (a grammar's).
+        values = {f.name: getattr(base, f.name) for f in fields(cls)} if base else {}
         values.update({k: v for k, v in kwargs.items() if v is not None})
         return cls(**values)
+
+
+def _bias_pairs(value: Any) -> tuple[tuple[int, float], ...]:
+    """logit_bias as sorted (id, bias) pairs, from a mapping, pairs, or "ID=BIAS" strings; checked."""
+    hint = "Use e.g. logit_bias={50256: -100} (or --logit-bias 50256=-100)."
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, (list, tuple)):
+        items = []
+        for item in value:
+            if isinstance(item, str):
+                key, sep, bias = item.partition("=")
+                try:
+                    items.append((int(key), float(bias)) if sep else (item, None))
+                except ValueError:
+                    items.append((item, None))
+            elif isinstance(item, (list, tuple)) and len(item) == 2:
+                items.append((item[0], item[1]))
+            else:
+                items.append((item, None))
+    else:
+        raise OptionsError(f"logit_bias must map token ids to numbers (got {type(value).__name__}).", hint=hint)
+    pairs: dict[int, float] = {}
+    for key, bias in items:
+        token = int(key) if isinstance(key, str) and key.strip().isdigit() else key
+        _check(_whole(token) and token >= 0 and _finite(bias) and abs(bias) <= MAX_BIAS,
+               f"logit_bias takes token ids >= 0 with biases in -100..100 (got {key!r}: {bias!r}).", hint)
+        pairs[int(token)] = float(bias)
+    return tuple(sorted(pairs.items()))
 
 
 def _whole(value: Any) -> bool:

@@ -1,41 +1,69 @@
-"""The next-token choice (numpy), in transformers' order and semantics (the options: runtime/options.py).
+"""Where a token is chosen: one sequence's next token from its logits (numpy).
 
-Order, as in `GenerationMixin`: repetition penalty, then min_new_tokens (EOS suppressed), then —
-only when sampling — temperature, top-k, top-p, and a draw from the softmax. Greedy is argmax.
-Both backends use this sampler, so a seeded sampled run gives the same tokens on either.
+Order, as in transformers' `GenerationMixin` with OpenAI's knobs added where vLLM adds them:
+repetition penalty, presence/frequency penalties, logit bias, the request's logits processors
+(grammars plug in there), min_new_tokens (EOS suppressed), then — only when sampling —
+temperature, top-k, top-p, and a draw from the softmax. Greedy is argmax. Log-probabilities are
+those of the model's own distribution (before any of this), as OpenAI reports them.
+
+Every backend and both drivers (`Model` and the `Scheduler`) use this sampler, one per sequence,
+each with its own random generator: a seeded sequence gets the same tokens alone, in a static
+batch, in the server, on either backend.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from phi_onnx.runtime.errors import NonFiniteLogitsError
+from phi_onnx.runtime.errors import NonFiniteLogitsError, OptionsError
 from phi_onnx.runtime.options import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
 
-__all__ = ["DEFAULT_MAX_NEW_TOKENS", "GenerationOptions", "Sampler"]
+__all__ = ["DEFAULT_MAX_NEW_TOKENS", "Choice", "GenerationOptions", "Sampler"]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A chosen token, with its log-probability and the top alternatives when the options ask for them."""
+
+    token: int
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
 
 
 class Sampler:
-    """Chooses the next token of each row from its logits."""
+    """Chooses one sequence's tokens. `prompt` seeds the repetition penalty's set of seen ids."""
 
-    def __init__(self, options: GenerationOptions, eos_token_ids: Sequence[int], prompts: Sequence[Sequence[int]],
+    def __init__(self, options: GenerationOptions, eos_token_ids: Sequence[int], prompt: Sequence[int],
                  vocab_size: int) -> None:
         self.options = options
-        self.eos = np.asarray(sorted(set(eos_token_ids)), dtype=np.int64)
+        self.vocab = vocab_size
+        self.eos = np.asarray(sorted(t for t in set(eos_token_ids) if t < vocab_size), dtype=np.int64)
         self.rng = np.random.default_rng(options.seed)
         self.seen: np.ndarray | None = None
         if options.repetition_penalty != 1.0:
-            self.seen = np.zeros((len(prompts), vocab_size), dtype=bool)
-            for row, ids in enumerate(prompts):
-                self.seen[row, np.asarray(ids, dtype=np.int64)] = True
+            self.seen = np.zeros(vocab_size, dtype=bool)
+            self.seen[np.asarray(prompt, dtype=np.int64)] = True
+        self.counts: np.ndarray | None = None
+        if options.presence_penalty or options.frequency_penalty:
+            self.counts = np.zeros(vocab_size, dtype=np.float32)
+        self.bias: tuple[np.ndarray, np.ndarray] | None = None
+        if options.logit_bias:
+            ids = np.array([t for t, _ in options.logit_bias], dtype=np.int64)
+            if ids.max() >= vocab_size:
+                raise OptionsError(f"logit_bias names token {int(ids.max())}, outside the vocabulary "
+                                   f"(0..{vocab_size - 1}).", hint="Use token ids of this model's tokenizer.")
+            self.bias = ids, np.array([b for _, b in options.logit_bias], dtype=np.float32)
 
-    def __call__(self, logits: np.ndarray, generated: int) -> np.ndarray:
-        """Next ids [batch] from `logits` [batch, vocab]; `generated` = tokens made so far per row."""
+    def __call__(self, logits: np.ndarray, tokens: list[int], generated: int) -> Choice:
+        """The next token from `logits` [vocab]; `tokens` is the sequence so far (prompt and generated),
+        `generated` how many of them were generated."""
+        opts = self.options
         scores = np.array(logits, dtype=np.float32)  # a copy: the engine may reuse its buffer
         if not np.isfinite(scores).all() and (np.isnan(scores).any() or np.isposinf(scores).any()
-                                              or np.isneginf(scores).all(axis=-1).any()):
+                                              or np.isneginf(scores).all()):
             # argmax of NaNs is 0, so without this a broken model "generates" token 0 forever;
             # -inf alone is a mask (some ids are never chosen), but not on every id
             raise NonFiniteLogitsError(
@@ -43,19 +71,40 @@ class Sampler:
                 "its weights are corrupt or overflow.",
                 hint="Check the export (`phi-onnx verify FOLDER`) or export it again with --overwrite.")
         if self.seen is not None:
-            penalty = np.float32(self.options.repetition_penalty)
-            hit = scores[self.seen[: len(scores)]]
-            scores[self.seen[: len(scores)]] = np.where(hit < 0, hit * penalty, hit / penalty)
-        if generated < self.options.min_new_tokens and self.eos.size:
-            scores[:, self.eos[self.eos < scores.shape[1]]] = -np.inf
-        if not self.options.do_sample:
-            return np.argmax(scores, axis=-1)
-        return np.array([self._draw(row) for row in scores], dtype=np.int64)
+            penalty = np.float32(opts.repetition_penalty)
+            hit = scores[self.seen]
+            scores[self.seen] = np.where(hit < 0, hit * penalty, hit / penalty)
+        if self.counts is not None:
+            scores -= np.float32(opts.frequency_penalty) * self.counts + \
+                np.float32(opts.presence_penalty) * (self.counts > 0)
+        if self.bias is not None:
+            scores[self.bias[0]] += self.bias[1]
+        for processor in opts.logits_processors:
+            scores = processor(tokens, scores)
+        if generated < opts.min_new_tokens and self.eos.size:
+            scores[self.eos] = -np.inf
+        if not np.isfinite(scores).any():
+            raise OptionsError("Every token was ruled out (by logit_bias, a logits processor or min_new_tokens).",
+                               hint="Loosen the constraint so that at least one token stays possible.")
+        token = int(np.argmax(scores)) if not opts.do_sample else self._draw(scores)
+        return self._observe(token, logits)
 
-    def observe(self, tokens: np.ndarray) -> None:
-        """Record the chosen ids so the repetition penalty sees them."""
+    def _observe(self, token: int, logits: np.ndarray) -> Choice:
         if self.seen is not None:
-            self.seen[np.arange(len(tokens)), tokens] = True
+            self.seen[token] = True
+        if self.counts is not None:
+            self.counts[token] += 1
+        if not self.options.logprobs:
+            return Choice(token)
+        shifted = logits.astype(np.float64) - logits.max()
+        logp = shifted - np.log(np.exp(shifted).sum())
+        top: tuple[tuple[int, float], ...] = ()
+        k = self.options.top_logprobs
+        if k:
+            best = np.argpartition(-logp, k - 1)[:k]
+            best = best[np.argsort(-logp[best], kind="stable")]
+            top = tuple((int(t), float(logp[t])) for t in best)
+        return Choice(token, float(logp[token]), top)
 
     def _draw(self, scores: np.ndarray) -> int:
         opts = self.options

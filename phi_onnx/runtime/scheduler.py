@@ -1,32 +1,24 @@
 """Continuous batching on the ort backend: many requests, one model, the tokens each would get alone.
 
-A `Scheduler` thread owns a fixed KV pool: per layer and key/value one buffer
-[max_batch, kv_heads, capacity, head_dim], allocated once. Row b of it is one request's cache
-("slot"); a row is contiguous, so a run over rows [lo, hi) binds that part of the buffer by
-pointer offset, with no copy. Each step:
+A `Scheduler` thread drives the model's `DecodeCore` (runtime/core.py) over a `KVPool` of its own
+(`max_batch` slots of `capacity` tokens, allocated and written once). Each step:
 
 1. drops cancelled requests and admits waiting ones into free slots (lowest first);
 2. prefills: batch-1 runs bound to one slot's row, at most `chunk` prompt tokens per step in all,
-   so a newcomer stalls the running streams by at most one chunk;
-3. decodes: ONE batched run over the active slots, each row at its own position
-   (GroupQueryAttention reads a per-row `seqlens_k` from the attention mask), then samples each
-   request with its own options and random generator, and streams its tokens.
+   so a newcomer stalls the running streams by at most one chunk (`DecodeCore.prefill`);
+3. decodes: one new token for every request whose prompt is done (`DecodeCore.decode`: as few runs
+   as the LongRoPE run keys allow, each row at its own position), then each request's
+   `SequenceState` samples with its own options and random generator (a seeded request gives
+   the same tokens whatever else runs) and applies the finish rule; its events go to its sink.
 
-LongRoPE: the graph picks short or long rotary factors from the run's mask width, so a run never
-mixes rows of both regimes: rows whose cache holds long-factor entries decode in a run of their
-own (a second run in that step). A request whose sequence passes `original_max_position_embeddings`
-recomputes its whole cache once, batch 1, as `Model.generate` does alone (and transformers does);
-that run is as long as the sequence (the prefill of about `original_max_position_embeddings`
-tokens) and stalls the other streams for its length. For the same reason the first prefill chunk
-of a prompt longer than the original context covers the whole original context.
-
-The scheduler reuses the Model's InferenceSession (ONNX Runtime sessions allow concurrent runs) but
-never its KV buffers, so library calls on the same Model keep working alongside it.
+A request whose sampling fails (its own logits processor, say) ends with "error" alone; the others
+in the step go on. The scheduler shares the Model's InferenceSession (ONNX Runtime sessions allow
+concurrent runs) but never its KV pool, so library calls on the same Model keep working alongside it.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import itertools
 import logging
 import queue
@@ -40,73 +32,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from phi_onnx.errors import OptionsError, PhiOnnxError
-from phi_onnx.runtime.errors import PromptTooLongError
-from phi_onnx.runtime.generation import TextAssembler
-from phi_onnx.runtime.logits_to_keep import INPUT as LOGITS_TO_KEEP
-from phi_onnx.runtime.sampling import GenerationOptions, Sampler
+from phi_onnx.runtime.kv_pool import CGROUPS, MEMINFO, available_memory, check_pool_memory, pool_bytes
+from phi_onnx.runtime.options import MAX_TOP_LOGPROBS, GenerationOptions
+from phi_onnx.runtime.sequence import Event, FinishEvent, SequenceState, TokenEvent, check_length, check_prompt
 
 if TYPE_CHECKING:
-    from phi_onnx.runtime.folder import ModelFolder
     from phi_onnx.runtime.model import Model
+
+__all__ = ["CGROUPS", "CHUNK", "MAX_TOP_LOGPROBS", "MEMINFO", "Event", "FinishEvent", "QueueFullError", "Request",
+           "Scheduler", "SchedulerClosedError", "TokenEvent", "available_memory", "check_pool_memory", "pool_bytes"]
 
 log = logging.getLogger(__name__)
 
 #: Most prompt tokens prefilled per step: the longest a newcomer stalls the running streams.
 CHUNK = 256
-#: Most top_logprobs a request may ask for (OpenAI's limit).
-MAX_TOP_LOGPROBS = 20
-
-
-def pool_bytes(folder: ModelFolder, max_batch: int, capacity: int | None = None) -> tuple[int, int]:
-    """(tokens per slot, bytes) of the KV pool a Scheduler over `folder` allocates."""
-    tokens = min(capacity or folder.default_max_length, folder.context_length)
-    per_token = 2 * folder.num_layers * folder.num_kv_heads * folder.head_size * np.dtype(folder.kv_dtype).itemsize
-    return tokens, per_token * tokens * max_batch
-
-
-#: The machine's memory; then a container's limit (cgroup v2, v1): limit, usage, stat file, its inactive-file key.
-MEMINFO = "/proc/meminfo"
-CGROUPS = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat",
-            "inactive_file"),
-           ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-            "/sys/fs/cgroup/memory/memory.stat", "total_inactive_file"))
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available now: MemAvailable from /proc/meminfo, or less where a container's
-    memory limit leaves less (in a container /proc/meminfo shows the host's). None where neither is readable."""
-    found = []
-    try:
-        with open(MEMINFO) as meminfo:
-            found += [int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:")]
-    except OSError:
-        pass
-    for limit_path, usage_path, stat_path, inactive in CGROUPS:
-        try:
-            with open(limit_path) as limit, open(usage_path) as usage:
-                cap, used = limit.read().strip(), int(usage.read())
-        except (OSError, ValueError):
-            continue
-        if cap.isdigit():
-            # Reclaimable page cache counts as used in usage; the kernel drops it before an OOM kill.
-            with contextlib.suppress(OSError, ValueError), open(stat_path) as stat:
-                used -= next((int(line.split()[1]) for line in stat if line.split()[0] == inactive), 0)
-            found.append(max(int(cap) - used, 0))
-        break
-    return min(found) if found else None
-
-
-def check_pool_memory(nbytes: int, max_batch: int, capacity: int,
-                      hint: str = "Lower max_batch or capacity (create_app / Scheduler).", reserved: int = 0) -> None:
-    """Raise OptionsError when a CPU KV pool of `nbytes` would not fit in the memory available now,
-    less `reserved` bytes still to be loaded (the weights, when checked before the model loads)."""
-    available = available_memory()
-    if available is not None and nbytes > 0.9 * (available - reserved):
-        beside = f" beside the model's {reserved / 2**30:.1f} GiB of weights" if reserved else ""
-        raise OptionsError(
-            f"The KV cache for {max_batch} requests of {capacity} tokens needs {nbytes / 2**30:.1f} GiB, "
-            f"but only {max(available - reserved, 0) / 2**30:.1f} GiB of memory is available{beside}.",
-            hint=hint)
 
 
 class QueueFullError(PhiOnnxError):
@@ -117,30 +56,6 @@ class SchedulerClosedError(PhiOnnxError):
     """The scheduler has stopped and accepts no more requests."""
 
 
-@dataclass(frozen=True)
-class TokenEvent:
-    """One generated token: its id, the text it makes visible (may be ""), and optional log-probabilities."""
-
-    token_id: int
-    text: str
-    logprob: float | None = None
-    top_logprobs: tuple[tuple[int, float], ...] = ()
-
-
-@dataclass(frozen=True)
-class FinishEvent:
-    """The end of a request. reason: "eos", "stop" (a stop string), "length", "cancelled" or "error"."""
-
-    reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    text: str
-    error: str | None = None
-
-
-Event = TokenEvent | FinishEvent
-
-
 @dataclass(eq=False)
 class Request:
     """A submitted request; iterate it for its events (blocking), or give `submit` a `sink`."""
@@ -149,41 +64,57 @@ class Request:
     prompt: list[int]
     options: GenerationOptions
     budget: int
-    logprobs: int | None
-    presence_penalty: float
-    frequency_penalty: float
     sink: Callable[[Event], None]
     submitted_at: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-    generated: list[int] = field(default_factory=list)
+    admitted_at: float | None = None
     finish: FinishEvent | None = None
     cancelled: bool = False
-    # scheduler state
     slot: int | None = None
-    long: bool = False  # whether the cache holds LongRoPE long-factor entries
-    sampler: Sampler | None = field(default=None, repr=False)
-    assembler: TextAssembler | None = field(default=None, repr=False)
-    counts: np.ndarray | None = field(default=None, repr=False)
+    seq: SequenceState | None = field(default=None, repr=False)
     _events: queue.Queue[Event] | None = field(default=None, repr=False)
+    _drained: bool = field(default=False, repr=False)
+
+    @property
+    def generated(self) -> list[int]:
+        """The ids generated so far."""
+        return self.seq.generated if self.seq is not None else []
+
+    @property
+    def first_token_at(self) -> float | None:
+        """When the first token was chosen (perf_counter), or None."""
+        return self.seq.first_token_at if self.seq is not None else None
 
     def cancel(self) -> None:
         """Stop this request at the next step (its slot is freed then)."""
         self.cancelled = True
 
     def __iter__(self) -> Iterator[Event]:
+        """The request's events up to its FinishEvent; once that was read, iterating again yields nothing."""
         if self._events is None:
-            raise RuntimeError("this request streams to its sink; it cannot be iterated")
-        while True:
+            raise OptionsError("This request streams to its sink; it cannot be iterated.",
+                               hint="Read the events in the sink, or submit without one.")
+        while not self._drained:
             event = self._events.get()
-            yield event
             if isinstance(event, FinishEvent):
-                return
+                self._drained = True
+            yield event
 
     def result(self) -> tuple[list[int], FinishEvent]:
-        """Block until the end; (generated ids, the finish event)."""
-        tokens = [e.token_id for e in self if isinstance(e, TokenEvent)]
+        """Block until the end; (generated ids, the finish event). May be called again afterwards."""
+        for _ in self:
+            pass
         assert self.finish is not None
-        return tokens, self.finish
+        return list(self.generated), self.finish
+
+
+def _count(value: Any, name: str, low: int, high: int | None = None) -> int:
+    """A whole-number argument, checked (OptionsError naming it, not a TypeError later)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or \
+            (high is not None and value > high):
+        span = f"{low}..{high}" if high is not None else f">= {low}"
+        raise OptionsError(f"{name} must be a whole number {span} (got {value!r}).",
+                           hint="Use e.g. Scheduler(model, max_batch=8, max_queue=64).")
+    return int(value)
 
 
 class Scheduler:
@@ -199,38 +130,31 @@ class Scheduler:
 
     def __init__(self, model: Model, *, max_batch: int = 8, max_queue: int = 64, capacity: int | None = None,
                  chunk: int = CHUNK) -> None:
-        engine = model.engine
-        if getattr(engine, "session", None) is None or model.backend != "ort":
+        from phi_onnx.runtime.model import Model
+
+        if not isinstance(model, Model):
+            raise OptionsError(f"Scheduler() takes a loaded Model, not {type(model).__name__}.",
+                               hint='Use Scheduler(phi_onnx.load(path, backend="ort")).')
+        if model.backend != "ort":
             raise OptionsError(f"Continuous batching needs the ort backend; this model runs on {model.backend}.",
                                hint='Load it with phi_onnx.load(path, backend="ort").')
-        if not 1 <= max_batch <= 256 or max_queue < 0 or chunk < 1:
-            raise OptionsError(f"max_batch must be 1..256 and max_queue >= 0 (got {max_batch}, {max_queue}).",
-                               hint="Use e.g. max_batch=8, max_queue=64.")
+        max_batch, max_queue = _count(max_batch, "max_batch", 1, 256), _count(max_queue, "max_queue", 0)
+        chunk = _count(chunk, "chunk", 1)
+        if capacity is not None:
+            capacity = _count(capacity, "capacity", 2, model.folder.context_length)
         folder = model.folder
         self.model = model
-        self.session = engine.session
-        self.kv_names: list[tuple[str, str]] = list(engine.kv_names)
-        self.keeps_logits: bool = bool(engine.keeps_logits)
-        self.threshold = folder.long_context_threshold
+        self.core = model.core
         self.vocab = folder.vocab_size
         self.eos = tuple(folder.eos_token_ids)
-        self.pad = folder.pad_token_id
         self.max_batch, self.max_queue, self.chunk = max_batch, max_queue, chunk
         self.capacity, self.pool_bytes = pool_bytes(folder, max_batch, capacity)
-        self._device = "cuda" if model.device.kind == "cuda" else "cpu"
-        self._device_id = model.device.device_id if self._device == "cuda" else 0
-        self._dtype = np.dtype(folder.kv_dtype)
-        self._row_shape = [folder.num_kv_heads, self.capacity, folder.head_size]
-        self._row_bytes = int(np.prod(self._row_shape)) * self._dtype.itemsize  # a slot's offset in a buffer
-        if self._device == "cpu":
+        if model.device.kind != "cuda":
             check_pool_memory(self.pool_bytes, max_batch, self.capacity)
-        self._pool = self._allocate()
-        self._bases = [int(b.ctypes.data if isinstance(b, np.ndarray) else b.data_ptr()) for b in self._pool]
-        self._bindings: dict[tuple[int, int], Any] = {}
+        self.pool = self.core.pool(max_batch, self.capacity, prefault=True)
         log.info("KV pool: %d slots x %d tokens, %d buffers, %.1f MiB on %s", max_batch, self.capacity,
-                 len(self.kv_names), self.pool_bytes / 2**20, self._device)
+                 len(self.pool.buffers), self.pool_bytes / 2**20, self.pool.device)
         self.slots: list[Request | None] = [None] * max_batch
-        self.filled = [0] * max_batch  # tokens whose keys/values each slot holds
         self.waiting: deque[Request] = deque()
         self.recomputes = 0
         self.steps = 0
@@ -282,41 +206,58 @@ class Scheduler:
         """Requests waiting for a slot."""
         return len(self.waiting)
 
+    @property
+    def held_tokens(self) -> int:
+        """Tokens whose keys and values the pool holds, over every slot."""
+        return sum(self.pool.filled(s) for s in range(self.max_batch))
+
     def check(self, prompt_tokens: int, max_new_tokens: int | None = None) -> None:
         """Raise PromptTooLongError unless `prompt_tokens` (+ `max_new_tokens`) fit one slot."""
-        need = prompt_tokens + (max_new_tokens or 1)
-        if prompt_tokens < 1 or need > self.capacity:
-            raise PromptTooLongError(
-                f"This server's context is {self.capacity} tokens; the request needs {need} "
-                f"({prompt_tokens} in the prompt + {max_new_tokens or 1} to generate).",
-                hint="Shorten the prompt or lower max_tokens.")
+        check_length(prompt_tokens, self.capacity, max_new_tokens, where="this server's context")
 
     def submit(self, prompt: Sequence[int], options: GenerationOptions | None = None, *,
-               logprobs: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-               sink: Callable[[Event], None] | None = None) -> Request:
+               logprobs: int | None = None, presence_penalty: float | None = None,
+               frequency_penalty: float | None = None, sink: Callable[[Event], None] | None = None) -> Request:
         """Queue a request (token ids); returns its handle. Events go to `sink` (called on the
         scheduler thread, so it must be quick and thread-safe) or, without one, to the handle's iterator.
 
+        `logprobs` (top alternatives, or 0 for the chosen token's only), `presence_penalty` and
+        `frequency_penalty` are GenerationOptions fields now; the keywords remain for older callers.
+
         Raises OptionsError / PromptTooLongError for a bad request, QueueFullError when the queue is full.
         """
-        options = options or self.model.defaults
-        ids = [int(t) for t in prompt]
-        if not ids:
-            raise OptionsError("The prompt is empty (0 tokens).", hint="Pass some text to continue.")
-        bad = [t for t in ids if not 0 <= t < self.vocab]
-        if bad:
-            raise OptionsError(f"Token id {bad[0]} is outside the vocabulary (0..{self.vocab - 1}).",
-                               hint="Pass token ids from this model's tokenizer.")
-        self.check(len(ids))
-        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
-            raise OptionsError(f"top_logprobs must be 0..{MAX_TOP_LOGPROBS} (got {logprobs}).",
-                               hint="Ask for at most 20 alternatives.")
+        options = self.model.defaults if options is None else options
+        if not isinstance(options, GenerationOptions):
+            raise OptionsError(f"options must be GenerationOptions, not {type(options).__name__}.",
+                               hint="Use model.options(max_new_tokens=..., ...).")
+        extra: dict[str, Any] = {}
+        if logprobs is not None:
+            extra.update(logprobs=True, top_logprobs=logprobs)
+        if presence_penalty is not None:
+            extra["presence_penalty"] = presence_penalty
+        if frequency_penalty is not None:
+            extra["frequency_penalty"] = frequency_penalty
+        if extra:
+            options = dataclasses.replace(options, **extra)  # validated by GenerationOptions
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, (Sequence, np.ndarray)):
+            raise OptionsError(f"submit() takes a list of token ids, not {type(prompt).__name__}.",
+                               hint="Encode text first: model.encode(text).")
+        items = prompt.tolist() if isinstance(prompt, np.ndarray) else list(prompt)
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in items):
+            bad = next(t for t in items if not isinstance(t, (int, np.integer)) or isinstance(t, bool))
+            raise OptionsError(f"Token ids must be integers (got {bad!r}).",
+                               hint="Pass ids from model.encode(), not floats or strings.")
+        ids = [int(t) for t in items]
+        check_prompt(ids, self.vocab, self.capacity, where="this server's context")
+        if sink is not None and not callable(sink):
+            raise OptionsError(f"sink must be callable (got {type(sink).__name__}).",
+                               hint="Pass a function taking one event, or no sink to iterate the request.")
         events: queue.Queue[Event] | None = None
         if sink is None:
             events = queue.Queue()
             sink = events.put
         request = Request(next(self._ids), ids, options, min(options.max_new_tokens, self.capacity - len(ids)),
-                          logprobs, float(presence_penalty), float(frequency_penalty), sink, _events=events)
+                          sink, _events=events)
         with self._cond:
             if self.failure is not None:
                 raise SchedulerClosedError(f"The scheduler has failed ({self.failure}).",
@@ -385,14 +326,22 @@ class Scheduler:
                 if request.cancelled:
                     self._finish(request, "cancelled")
                     continue
-                request.slot, self.slots[slot], self.filled[slot] = slot, request, 0
-                request.sampler = Sampler(request.options, self.eos, [request.prompt], self.vocab)
-                request.assembler = TextAssembler(self.model.tokenizer, request.options.stop)
-                if request.presence_penalty or request.frequency_penalty:
-                    request.counts = np.zeros(self.vocab, dtype=np.float32)
+                try:
+                    request.seq = SequenceState(request.prompt, request.options, request.budget,
+                                                tokenizer=self.model.tokenizer, eos_token_ids=self.eos,
+                                                vocab_size=self.vocab)
+                except PhiOnnxError as error:  # e.g. a logit_bias id outside the vocabulary
+                    self._finish(request, "error", error=error.message)
+                    continue
+                request.slot, request.admitted_at = slot, time.perf_counter()
+                self.slots[slot] = request
+                self.pool.clear(slot)
 
     def step(self) -> None:
-        """One scheduling step on the caller's thread (for tests and tools; `start()` runs them in a loop)."""
+        """One scheduling step on the caller's thread (for tests and tools, when `start()` was not called)."""
+        if self._thread is not None:
+            raise OptionsError("step() cannot run while the scheduler thread runs (start() was called).",
+                               hint="Use either start() or step(), not both.")
         with self._cond:
             self._admit()
         self._step()
@@ -403,195 +352,67 @@ class Scheduler:
         for request in [r for r in self.slots if r is not None]:
             if budget <= 0:
                 break
-            slot = request.slot
-            assert slot is not None
-            if self.filled[slot] < len(request.prompt):
+            if request.seq is not None and self.pool.filled(request.slot or 0) < len(request.prompt):
                 budget -= self._prefill(request, budget)
         self._decode()
 
-    def _is_long(self, length: int) -> bool:
-        return self.threshold is not None and length > self.threshold
-
     def _prefill(self, request: Request, budget: int) -> int:
-        """Run the next prompt chunk of `request` (at most `budget` tokens, except a first chunk that must
-        cross the LongRoPE switch); sample its first token when the prompt is done. Returns tokens run."""
+        """Run the next prompt chunk of `request`; sample its first token when the prompt is done. Returns
+        tokens run."""
         slot = request.slot
         assert slot is not None
-        start, total = self.filled[slot], len(request.prompt)
-        end = min(total, start + budget)
-        if start == 0 and self._is_long(total) and self.threshold is not None:
-            end = max(end, self.threshold + 1)
-            request.long = True
-        logits = self._run(slot, slot + 1, np.asarray(request.prompt[start:end], dtype=np.int64)[None],
-                           np.array([end]))
-        self.filled[slot] = end
-        if end == total:
-            self._sample(request, logits[0])
-        return end - start
-
-    def _recompute(self, request: Request) -> None:
-        """LongRoPE crossing: run the whole sequence again from an empty cache with the long factors."""
-        self.recomputes += 1
-        tokens = request.prompt + request.generated
-        free = [s for s in range(self.max_batch) if self.slots[s] is None]
-        if free:  # move next to the other long rows (the high slots), so decode runs stay contiguous
-            old = request.slot
-            assert old is not None
-            self.slots[old], self.filled[old] = None, 0
-            request.slot = free[-1]
-            self.slots[free[-1]] = request
-        slot = request.slot
-        assert slot is not None and self.threshold is not None
-        start, logits = 0, None
-        while start < len(tokens):
-            end = min(len(tokens), max(start + self.chunk, self.threshold + 1 if start == 0 else 0))
-            logits = self._run(slot, slot + 1, np.asarray(tokens[start:end], dtype=np.int64)[None],
-                               np.array([end]))
-            start = end
-        assert logits is not None
-        request.long = True
-        self.filled[slot] = len(tokens)
-        self._sample(request, logits[0])
+        before = self.pool.filled(slot)
+        logits = self.core.prefill(self.pool, slot, request.prompt, limit=budget)
+        if logits is not None:
+            self._sample(request, logits)
+        return self.pool.filled(slot) - before
 
     def _decode(self) -> None:
-        """One decode run per same-regime stretch of slots (one run unless LongRoPE rows of both regimes)."""
-        decoding = {r.slot for r in self.slots if r is not None and r.generated and r.finish is None
-                    and self.filled[r.slot or 0] == len(r.prompt) + len(r.generated) - 1}
-        for slot in sorted(s for s in decoding if s is not None):
+        """One new token for every request whose prompt is done and that has not finished."""
+        tokens = {}
+        for slot, request in enumerate(self.slots):
+            seq = request.seq if request is not None else None
+            if seq is not None and seq.generated and not seq.done and \
+                    self.pool.filled(slot) == len(seq.prompt) + len(seq.generated) - 1:
+                tokens[slot] = seq.generated[-1]
+        if not tokens:
+            return
+        before = self.core.recomputes
+        out = self.core.decode(self.pool, tokens)
+        self.recomputes += self.core.recomputes - before
+        for slot, logits in out.items():
             request = self.slots[slot]
             assert request is not None
-            if not request.long and self._is_long(self.filled[slot] + 1):
-                decoding.discard(slot)
-                self._recompute(request)
-        regime = [None if r is None else r.long for r in self.slots]
-        runs: list[list[int]] = []
-        for slot in sorted(s for s in decoding if s is not None):
-            if runs and all(regime[s] in (None, regime[slot]) for s in range(runs[-1][-1] + 1, slot)) \
-                    and regime[runs[-1][0]] == regime[slot]:
-                runs[-1].append(slot)
-            else:
-                runs.append([slot])
-        for run in runs:
-            lo, hi = run[0], run[-1] + 1
-            ids = np.full((hi - lo, 1), self.pad, dtype=np.int64)
-            for slot in run:
-                request = self.slots[slot]
-                assert request is not None
-                ids[slot - lo, 0] = request.generated[-1]
-            # Rows not decoding (free, or mid-prefill) write one throw-away entry at their next
-            # position, which their own next run overwrites.
-            valid = np.array([self.filled[s] + 1 for s in range(lo, hi)])
-            logits = self._run(lo, hi, ids, valid)
-            for slot in run:
-                request = self.slots[slot]
-                assert request is not None
-                self.filled[slot] += 1
-                self._sample(request, logits[slot - lo])
+            self._sample(request, logits)
 
-    # -- one run, sampling, events --------------------------------------------------------------
-    def _allocate(self) -> list[Any]:
-        import onnxruntime as ort
-
-        shape = [self.max_batch, *self._row_shape]
-        pool = []
-        started = time.perf_counter()
-        for _ in self.kv_names:
-            if self._device == "cpu":
-                # Written now, not left to calloc's lazy zero pages: GroupQueryAttention touches a slot's whole
-                # row on its first run, which cost a newcomer 1.4 s per GiB of row (measured, 4096-token
-                # slots of the 0.95B model) inside its time to first token; and the memory the log reports
-                # is then really held, so the server cannot run out of it later. Zeros: stale NaN patterns
-                # must not reach a kernel.
-                buffer = np.empty(shape, dtype=self._dtype)
-                buffer.fill(0)
-                pool.append(buffer)
-            else:
-                pool.append(ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self._dtype), self._device,
-                                                             self._device_id))
-        log.debug("KV pool written in %.1f s", time.perf_counter() - started)
-        return pool
-
-    def _binding(self, lo: int, hi: int) -> Any:
-        """An IO binding with rows [lo, hi) of every pool buffer as past and present (kept per range)."""
-        binding = self._bindings.get((lo, hi))
-        if binding is None:
-            binding = self.session.io_binding()
-            shape = [hi - lo, *self._row_shape]
-            for (past, present), base in zip(self.kv_names, self._bases, strict=True):
-                pointer = base + lo * self._row_bytes
-                # Past and present are the same memory: GroupQueryAttention writes the new entries in place.
-                binding.bind_input(past, self._device, self._device_id, self._dtype.type, shape, pointer)
-                binding.bind_output(present, self._device, self._device_id, self._dtype.type, shape, pointer)
-            self._bindings[lo, hi] = binding
-        return binding
-
-    def _run(self, lo: int, hi: int, input_ids: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """One session run over slots [lo, hi); returns the last position's logits per row [rows, vocab]."""
-        rows, seq = input_ids.shape
-        width = int(valid.max())
-        if width > self.capacity:
-            raise RuntimeError(f"slot of {self.capacity} tokens cannot hold {width}")  # a bug, not user error
-        binding = self._binding(lo, hi)
-        mask = (np.arange(width)[None, :] < valid[:, None]).astype(np.int64)
-        keep = 1 if self.keeps_logits else seq
-        logits = np.empty((rows, keep, self.vocab), dtype=np.float32)
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        binding.bind_cpu_input("attention_mask", mask)
-        if self.keeps_logits:
-            binding.bind_cpu_input(LOGITS_TO_KEEP, np.array(keep, dtype=np.int64))
-        binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
-        self.session.run_with_iobinding(binding)
-        return logits[:, -1]
-
+    # -- sampling, events -----------------------------------------------------------------------
     def _sample(self, request: Request, logits: np.ndarray) -> None:
-        assert request.sampler is not None and request.assembler is not None
+        seq = request.seq
+        assert seq is not None
         if request.finish is not None:  # finished while this step ran (closed, or its sink failed)
             return
-        scores = logits[None]
-        if request.counts is not None:
-            scores = scores - (request.frequency_penalty * request.counts
-                               + request.presence_penalty * (request.counts > 0))
-        token = int(request.sampler(scores, len(request.generated))[0])
-        request.sampler.observe(np.array([token]))
-        if request.counts is not None:
-            request.counts[token] += 1
-        logprob, top = None, ()
-        if request.logprobs is not None:
-            shifted = logits.astype(np.float64) - logits.max()
-            logp = shifted - np.log(np.exp(shifted).sum())
-            logprob = float(logp[token])
-            if request.logprobs:
-                best = np.argpartition(-logp, request.logprobs - 1)[: request.logprobs]
-                best = best[np.argsort(-logp[best], kind="stable")]
-                top = tuple((int(t), float(logp[t])) for t in best)
-        if request.first_token_at is None:
-            request.first_token_at = time.perf_counter()
-        request.generated.append(token)
-        reason = None
-        if token in self.eos:
-            piece, reason = request.assembler.flush(), "eos"
-        else:
-            piece = request.assembler.push(token)
-            if request.assembler.stopped:
-                reason = "stop"
-            elif len(request.generated) >= request.budget:
-                reason = "length"
-                piece += request.assembler.flush()
-        self._emit(request, TokenEvent(token, piece, logprob, top))
-        if reason:
+        try:
+            event = seq.step(logits)
+        except Exception as error:  # this request's sampling (its logits processor, its numbers): it alone ends
+            log.warning("request %d: sampling failed: %s", request.id, error)
             with self._cond:
-                self._finish(request, reason)
+                self._finish(request, "error", error=getattr(error, "message", None) or str(error))
+            return
+        self._emit(request, event)
+        if seq.done:
+            with self._cond:
+                self._finish(request, seq.finish_reason or "stop")
 
     def _finish(self, request: Request, reason: str, error: str | None = None) -> None:
         """Free the request's slot and send its FinishEvent (call with the condition held)."""
         if request.finish is not None:
             return
         if request.slot is not None and self.slots[request.slot] is request:
-            self.slots[request.slot], self.filled[request.slot] = None, 0
+            self.slots[request.slot] = None
+            self.pool.clear(request.slot)
         request.slot = None
-        text = request.assembler.text if request.assembler is not None else ""
-        if reason in ("cancelled", "error") and request.assembler is not None:
-            text = request.assembler.text[: request.assembler.emitted]
+        seq = request.seq
+        text = seq.text(finished=reason not in ("cancelled", "error")) if seq is not None else ""
         request.finish = FinishEvent(reason, len(request.prompt), len(request.generated), text, error)
         self._emit(request, request.finish)
         self._cond.notify_all()

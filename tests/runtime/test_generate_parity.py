@@ -37,13 +37,12 @@ def naive_cached_greedy(folder, prompt: np.ndarray, new_tokens: int, penalty: fl
     """A loop that never recomputes its cache (what onnxruntime-genai's own loop does)."""
     lm = OnnxLM(folder)
     sampler = Sampler(GenerationOptions(repetition_penalty=penalty, min_new_tokens=new_tokens,
-                                        max_new_tokens=new_tokens), [], [prompt[0].tolist()], 1040)
+                                        max_new_tokens=new_tokens), [], prompt[0].tolist(), 1040)
     logits, out = lm(prompt)[:, -1], []
     for step in range(new_tokens):
-        token = sampler(logits, step)
-        sampler.observe(token)
-        out.append(int(token[0]))
-        logits = lm(token[None].astype(np.int64))[:, -1]
+        token = sampler(logits[0], [], step).token
+        out.append(token)
+        logits = lm(np.array([[token]], dtype=np.int64))[:, -1]
     return out
 
 
@@ -93,7 +92,7 @@ def test_batched_prompts_with_padding_equal_single_runs(loaded, make_checkpoint,
     for prompt, result in zip(prompts, batched, strict=True):
         assert result.token_ids == transformers_greedy(reference, np.array([prompt]), 12)
         assert result.prompt_tokens == len(prompt)
-    assert model.engine.batch == 3  # ran as one padded batch
+    assert model.engine.pool.slots == 3  # ran as one padded batch
 
 
 def test_batched_rows_stop_independently(loaded):
@@ -133,9 +132,9 @@ def test_chunked_prefill_keeps_longrope_factors_consistent(prompt_len, new_token
                                                            reference_model):
     """Prompts run in chunks; from an empty cache the first chunk already crosses the switch."""
     model = phi_onnx.load(make_export("phi4mini"), device="cpu", backend="ort")
-    model.engine.chunk = 16
-    assert model.engine._chunks(0, 70) == [(0, 65), (65, 70)]
-    assert model.engine._chunks(0, 40) == [(0, 16), (16, 32), (32, 40)]
+    model.core.chunk = 16
+    assert model.core.rope.chunks(0, 70, 16) == [(0, 65), (65, 70)]
+    assert model.core.rope.chunks(0, 40, 16) == [(0, 16), (16, 32), (32, 40)]
     prompt = random_ids(prompt_len, seed=prompt_len)
     expected = transformers_greedy(reference_model(make_checkpoint("phi4mini")), prompt, new_tokens,
                                    repetition_penalty=10.0)

@@ -64,9 +64,9 @@ def test_ort_backend_uses_it_and_the_export_is_untouched(make_export):
 
 
 def test_falls_back_to_the_file_when_the_copy_cannot_load(make_export, monkeypatch):
-    import phi_onnx.runtime.ort_backend as ort_backend
+    import phi_onnx.runtime.core as core
 
-    monkeypatch.setattr(ort_backend, "add_logits_to_keep", lambda path: b"not an onnx model")
+    monkeypatch.setattr(core, "add_logits_to_keep", lambda path: b"not an onnx model")
     folder = make_export("phi3-mha")
     model = phi_onnx.load(folder, backend="ort", device="cpu")
     try:

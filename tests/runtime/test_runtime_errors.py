@@ -107,11 +107,11 @@ def test_normal_temperatures_draw_as_before():
     """The overflow guard leaves ordinary sampling bit-identical to the plain formula."""
     logits = np.random.default_rng(0).normal(size=(1, 1040)).astype(np.float32)
     for temperature in (0.3, 0.7, 1.5):
-        sampler = Sampler(GenerationOptions(temperature=temperature, seed=11), [3], [[1]], 1040)
+        sampler = Sampler(GenerationOptions(temperature=temperature, seed=11), [3], [1], 1040)
         rng = np.random.default_rng(11)
         got, want = [], []
         for step in range(20):
-            got.append(int(sampler(logits, step)[0]))
+            got.append(sampler(logits[0], [], step).token)
             scores = logits[0] / np.float32(temperature)
             probs = np.exp((scores - scores.max()).astype(np.float64))
             cumulative = np.cumsum(probs)
@@ -121,17 +121,17 @@ def test_normal_temperatures_draw_as_before():
 
 @pytest.mark.parametrize(("position", "bad"), [(5, np.nan), (5, np.inf), (slice(None), -np.inf)])
 def test_non_finite_logits_stop_the_sampler(position, bad):
-    logits = np.zeros((2, 16), dtype=np.float32)
-    logits[1, position] = bad
+    logits = np.zeros(16, dtype=np.float32)
+    logits[position] = bad
     with pytest.raises(NonFiniteLogitsError, match="non-finite logits"):
-        Sampler(GenerationOptions(), [3], [[1], [1]], 16)(logits, 0)
+        Sampler(GenerationOptions(), [3], [1], 16)(logits, [], 0)
 
 
 def test_a_masked_logit_is_not_an_error():
     logits = np.zeros((1, 16), dtype=np.float32)
     logits[0, :8] = -np.inf  # e.g. unused ids masked by the graph
     logits[0, 9] = 1.0
-    assert Sampler(GenerationOptions(), [3], [[1]], 16)(logits, 0).tolist() == [9]
+    assert Sampler(GenerationOptions(), [3], [1], 16)(logits[0], [], 0).token == 9
 
 
 @pytest.mark.parametrize("backend", ["ort", "genai"])

@@ -55,8 +55,8 @@ def test_sampler_warpers_match_transformers():
     for warper in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(40), TopPLogitsWarper(0.8)):
         scores = warper(None, scores)
     expected = set(np.flatnonzero(np.isfinite(scores.numpy()[0])))
-    sampler = Sampler(GenerationOptions(temperature=0.7, top_k=40, top_p=0.8, seed=0), [], [[]], 300)
-    drawn = {int(sampler(logits, 5)[0]) for _ in range(400)}
+    sampler = Sampler(GenerationOptions(temperature=0.7, top_k=40, top_p=0.8, seed=0), [], [], 300)
+    drawn = {sampler(logits[0], [], 5).token for _ in range(400)}
     assert drawn <= expected and len(drawn) > len(expected) // 2
 
 
@@ -71,7 +71,7 @@ def test_repetition_penalty_matches_transformers():
         expected = int(RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor(seen), torch.from_numpy(logits.copy()))
                        .argmax())
         changed += expected != int(logits.argmax())
-        assert int(Sampler(GenerationOptions(repetition_penalty=1.7), [], seen, 50)(logits, 0)[0]) == expected
+        assert Sampler(GenerationOptions(repetition_penalty=1.7), [], seen[0], 50)(logits[0], [], 0).token == expected
     assert changed  # the penalty did move the choice in some cases
 
 

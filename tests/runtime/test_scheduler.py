@@ -206,8 +206,8 @@ def test_the_kv_pool_is_resident_from_the_start(models):
     model = models("phi3-gqa")
     scheduler = Scheduler(model, max_batch=16, capacity=model.folder.context_length)
     assert scheduler.pool_bytes >= 32 * 2**20  # large enough that lazily mapped pages would show
-    assert min(resident_fraction(buffer) for buffer in scheduler._pool) > 0.99
-    assert all(not buffer.any() for buffer in scheduler._pool)
+    assert min(resident_fraction(buffer) for buffer in scheduler.pool.buffers) > 0.99
+    assert all(not buffer.any() for buffer in scheduler.pool.buffers)
     scheduler.close()
 
 
@@ -215,14 +215,14 @@ def test_close_during_a_step_longer_than_its_timeout_leaves_the_cancelling_to_th
     model = models("phi3-mha")
     scheduler = Scheduler(model, max_batch=2, capacity=64)
     in_run, release = threading.Event(), threading.Event()
-    run = scheduler._run
+    run = scheduler.core.run
 
     def slow_run(*args: Any) -> Any:
         in_run.set()
         assert release.wait(10)
         return run(*args)
 
-    monkeypatch.setattr(scheduler, "_run", slow_run)
+    monkeypatch.setattr(scheduler.core, "run", slow_run)
     events: list[Any] = []
     request = scheduler.submit([5, 6, 7], model.options(max_new_tokens=20), sink=events.append)
     scheduler.start()
@@ -244,13 +244,13 @@ def test_pool_bytes_is_what_the_scheduler_allocates(models):
     model = models("phi3-gqa")
     scheduler = Scheduler(model, max_batch=3, capacity=40)
     assert pool_bytes(model.folder, 3, 40) == (40, scheduler.pool_bytes)
-    assert scheduler.pool_bytes == sum(buffer.nbytes for buffer in scheduler._pool)
+    assert scheduler.pool_bytes == sum(buffer.nbytes for buffer in scheduler.pool.buffers)
     scheduler.close()
 
 
 def test_available_memory_is_the_containers_limit_when_that_is_lower(tmp_path, monkeypatch):
     """In a container /proc/meminfo shows the host: the cgroup limit (less its working set) is what fits."""
-    import phi_onnx.runtime.scheduler as scheduler
+    import phi_onnx.runtime.kv_pool as scheduler
 
     (tmp_path / "meminfo").write_text("MemTotal: 67108864 kB\nMemAvailable: 33554432 kB\n")  # 32 GiB
     (tmp_path / "max").write_text(f"{4 * 2**30}\n")

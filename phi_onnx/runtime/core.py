@@ -1,0 +1,230 @@
+"""The decode core of the ort backend: one session, one way to run it, prefill and decode over a KVPool.
+
+`Model` (one request or a static batch, on the caller's thread) and the `Scheduler` (continuous
+batching on its own thread) both drive a `DecodeCore`; each owns its own `KVPool`. Everything that
+touches ONNX Runtime is here:
+
+- `run`: one session run over slots [lo, hi) of a pool (IO binding, the attention mask from each
+  row's valid length, `logits_to_keep`, logits to the host);
+- `prefill`: a slot's next prompt chunk(s), batch 1 (GroupQueryAttention needs batch 1 for more than
+  one new token over a past), chunked as the LongRoPE rule says;
+- `prefill_batch`: several empty slots' prompts in one right-padded run (a static batch);
+- `decode`: one new token for each of several slots, rows grouped into runs by their run key
+  (`LongRope.key`) and contiguous slot ranges; a slot that crosses the LongRoPE switch is
+  recomputed from empty first.
+
+Which tokens each slot holds is the pool's bookkeeping (`KVPool.held`), updated here after each run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from phi_onnx.runtime.errors import DeviceError, ModelFolderError
+from phi_onnx.runtime.folder import REEXPORT_HINT, ModelFolder
+from phi_onnx.runtime.kv_pool import KVLayout, KVPool
+from phi_onnx.runtime.logits_to_keep import INPUT as LOGITS_TO_KEEP
+from phi_onnx.runtime.logits_to_keep import add_logits_to_keep
+from phi_onnx.runtime.longrope import LongRope
+from phi_onnx.runtime.providers import CUDA, INSTALL_CUDA_HINT, DeviceChoice
+
+log = logging.getLogger(__name__)
+
+#: Prompts are run in chunks whose logits stay under this size, for graphs that return every position's.
+LOGITS_BUDGET_BYTES = 256 * 1024 * 1024
+#: Longest prompt chunk: GroupQueryAttention on CPU holds [heads, chunk, total] attention scores.
+MAX_CHUNK = 2048
+
+
+class DecodeCore:
+    """model.onnx in one onnxruntime InferenceSession, run over KV pools.
+
+    Args:
+        folder: the export.
+        device: where to run (a resolved DeviceChoice).
+        threads: intra-op threads (None: ONNX Runtime's default, one per physical core).
+    """
+
+    def __init__(self, folder: ModelFolder, device: DeviceChoice, *, threads: int | None = None) -> None:
+        self.folder = folder
+        self.device = device
+        self.session = _session(folder, device, threads)
+        self.provider: str = self.session.get_providers()[0]
+        if device.kind == "cuda" and self.provider != CUDA:
+            raise DeviceError(f"onnxruntime created the session on {self.provider}, not CUDA.",
+                              hint=INSTALL_CUDA_HINT)
+        names = {i.name for i in self.session.get_inputs()}
+        self.layout = KVLayout.of(folder)
+        missing = [past for past, _ in self.layout.names if past not in names]
+        if missing:
+            raise ModelFolderError(f"model.onnx lacks {missing[0]} although genai_config.json lists "
+                                   f"{folder.num_layers} layers.", hint=REEXPORT_HINT)
+        self.vocab = folder.vocab_size
+        self.pad = folder.pad_token_id
+        self.rope = LongRope(folder.long_context_threshold)
+        self.keeps_logits = LOGITS_TO_KEEP in names
+        self.chunk = MAX_CHUNK if self.keeps_logits else int(
+            np.clip(LOGITS_BUDGET_BYTES // (4 * self.vocab), 64, MAX_CHUNK))
+        self.recomputes = 0  # how many times a LongRoPE switch forced a full recompute
+
+    def pool(self, slots: int, capacity: int, *, prefault: bool = False) -> KVPool:
+        """A new KVPool for this model on its device."""
+        location = "cuda" if self.device.kind == "cuda" else "cpu"
+        return KVPool(self.layout, slots, capacity, location, self.device.device_id if location == "cuda" else 0,
+                      prefault=prefault)
+
+    # -- one run ---------------------------------------------------------------------------------
+    def run(self, pool: KVPool, lo: int, hi: int, input_ids: np.ndarray, valid: np.ndarray,
+            lengths: np.ndarray | None = None) -> np.ndarray:
+        """One session run over slots [lo, hi) of `pool`: row b adds `lengths[b]` tokens (default: all
+        of its `input_ids` row, right-padded) and holds `valid[b]` afterwards. Returns each row's
+        last-new-token logits [rows, vocab]."""
+        rows, seq = input_ids.shape
+        width = int(valid.max())
+        if width > pool.capacity:
+            raise RuntimeError(f"a slot of {pool.capacity} tokens cannot hold {width}")  # a bug, not user error
+        new = np.full(rows, seq) if lengths is None else lengths
+        keep = seq - int(new.min()) + 1 if self.keeps_logits else seq  # from the shortest row's last token on
+        binding = pool.binding(self.session, lo, hi)
+        mask = (np.arange(width)[None, :] < valid[:, None]).astype(np.int64)
+        logits = np.empty((rows, keep, self.vocab), dtype=np.float32)
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", mask)
+        if self.keeps_logits:
+            binding.bind_cpu_input(LOGITS_TO_KEEP, np.array(keep, dtype=np.int64))
+        binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        return logits[np.arange(rows), new - 1 - (seq - keep)]
+
+    # -- prefill and decode ----------------------------------------------------------------------
+    def prefill(self, pool: KVPool, slot: int, tokens: Sequence[int], limit: int | None = None) -> np.ndarray | None:
+        """Run the part of `tokens` that `slot` does not hold yet (it must hold a prefix of them), batch 1:
+        at most `limit` tokens (None: all), except that a first chunk from empty crosses the LongRoPE
+        switch. Returns the last token's logits [vocab] once all of `tokens` are held, else None."""
+        start, total = pool.filled(slot), len(tokens)
+        end = total if limit is None else min(total, start + limit)
+        if start == 0:
+            pool.long[slot] = self.rope.is_long(total)
+            end = self.rope.first_chunk_end(total, end)
+        logits = None
+        ids = np.asarray(tokens, dtype=np.int64)
+        try:
+            for lo, hi in self.rope.chunks(start, end, self.chunk):
+                logits = self.run(pool, slot, slot + 1, ids[None, lo:hi], np.array([hi]))
+                pool.held[slot].extend(int(t) for t in ids[lo:hi])
+        except BaseException:
+            pool.clear(slot)  # an interrupted run may have written part of the row
+            raise
+        return logits[0] if logits is not None and end == total else None
+
+    def prefill_batch(self, pool: KVPool, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """Prefill empty, contiguous `slots` with `prompts` in one right-padded run; last logits [rows, vocab].
+        The rows must share a run key (`batchable`)."""
+        lo, hi = slots[0], slots[-1] + 1
+        if list(slots) != list(range(lo, hi)) or any(pool.filled(s) for s in slots):
+            raise ValueError("prefill_batch takes empty, contiguous slots")  # a bug, not user input
+        lengths = np.array([len(p) for p in prompts])
+        ids = np.full((len(prompts), int(lengths.max())), self.pad, dtype=np.int64)
+        for b, prompt in enumerate(prompts):
+            ids[b, : len(prompt)] = prompt
+        try:
+            logits = self.run(pool, lo, hi, ids, lengths, lengths)
+        except BaseException:
+            for slot in slots:
+                pool.clear(slot)
+            raise
+        for slot, prompt in zip(slots, prompts, strict=True):
+            pool.held[slot] = [int(t) for t in prompt]
+            pool.long[slot] = self.rope.is_long(int(lengths.max()))
+        return logits
+
+    def batchable(self, prompts: Sequence[Sequence[int]]) -> bool:
+        """Whether `prompts` may be prefilled together: one run's width (the longest) picks every row's
+        rotary factors, so each row's own regime must be the same."""
+        return len({self.rope.key(len(p)) for p in prompts}) == 1
+
+    def decode(self, pool: KVPool, tokens: Mapping[int, int]) -> dict[int, np.ndarray]:
+        """Add one token to each slot in `tokens` ({slot: token}); returns {slot: logits [vocab]}.
+
+        A slot whose cache must be recomputed (the LongRoPE switch) is run again from empty, alone.
+        The others run in as few runs as their run keys allow, each over a contiguous slot range; a slot
+        in such a range that is not decoding writes one throw-away entry just past what it holds
+        (which its own next run overwrites), so it may sit in a range only if its width keeps the run's key.
+        """
+        out: dict[int, np.ndarray] = {}
+        rest = []
+        for slot in sorted(tokens):
+            if self.rope.must_recompute(pool.long[slot], pool.filled(slot) + 1):
+                out[slot] = self.recompute(pool, slot, [*pool.held[slot], tokens[slot]])
+            else:
+                rest.append(slot)
+        for run in self._runs(pool, rest):
+            lo, hi = run[0], run[-1] + 1
+            ids = np.full((hi - lo, 1), self.pad, dtype=np.int64)
+            for slot in run:
+                ids[slot - lo, 0] = tokens[slot]
+            valid = np.array([pool.filled(s) + 1 for s in range(lo, hi)])
+            logits = self.run(pool, lo, hi, ids, valid)
+            for slot in run:
+                pool.held[slot].append(int(tokens[slot]))
+                out[slot] = logits[slot - lo]
+        return out
+
+    def _runs(self, pool: KVPool, slots: list[int]) -> list[list[int]]:
+        """Group decoding `slots` (sorted) into runs: equal run keys, and every slot between two of a run
+        (idle ones too, whose throw-away entry widens the mask) compatible with that key."""
+        runs: list[list[int]] = []
+        for slot in slots:
+            key = self.rope.key(pool.filled(slot) + 1)
+            if runs and self.rope.key(pool.filled(runs[-1][0]) + 1) == key and all(
+                    pool.filled(s) < pool.capacity and (key or not self.rope.key(pool.filled(s) + 1))
+                    for s in range(runs[-1][-1] + 1, slot)):
+                runs[-1].append(slot)
+            else:
+                runs.append([slot])
+        return runs
+
+    def recompute(self, pool: KVPool, slot: int, tokens: Sequence[int]) -> np.ndarray:
+        """The LongRoPE crossing: run `tokens` again from an empty slot (long factors); last logits [vocab]."""
+        self.recomputes += 1
+        log.debug("LongRoPE: %d tokens pass the original context %s; recomputing the cache with the long factors",
+                  len(tokens), self.rope.threshold)
+        pool.clear(slot)
+        logits = self.prefill(pool, slot, tokens)
+        assert logits is not None
+        return logits
+
+    def close(self) -> None:
+        """Release the session."""
+        self.session = None
+
+
+def _session(folder: ModelFolder, device: DeviceChoice, threads: int | None) -> Any:
+    """The InferenceSession: the in-memory copy with `logits_to_keep` when it loads, else model.onnx."""
+    import onnxruntime as ort
+
+    def options() -> Any:
+        made = ort.SessionOptions()
+        if threads:
+            made.intra_op_num_threads = threads
+        return made
+
+    try:
+        graph = add_logits_to_keep(folder.model_path)
+        if graph is not None:
+            rewritten = options()
+            # The copy is loaded from memory; its weights stay in the folder's external data.
+            rewritten.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                               str(folder.path))
+            try:
+                return ort.InferenceSession(graph, rewritten, providers=device.ort_providers())
+            except Exception as error:  # e.g. an onnxruntime without that config entry
+                log.debug("the graph with logits_to_keep did not load (%s); using model.onnx as written", error)
+        return ort.InferenceSession(str(folder.model_path), options(), providers=device.ort_providers())
+    except Exception as error:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
+        raise ModelFolderError(f"ONNX Runtime could not load {folder.model_path}: {error}",
+                               hint=REEXPORT_HINT) from error
