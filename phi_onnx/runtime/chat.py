@@ -102,8 +102,13 @@ def _check_amplification(name: str, args: Sequence[Any], kwargs: dict[str, Any])
 def load_chat_template(folder: Path, config: dict[str, Any]) -> str | None:
     """The default chat template: chat_template.jinja wins over tokenizer_config.json (as in transformers)."""
     jinja_file = folder / "chat_template.jinja"
-    if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
+    try:
+        if jinja_file.is_file():
+            return jinja_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ModelFolderError(f"{jinja_file} cannot be read as UTF-8 text ({error}).",
+                               hint="Copy chat_template.jinja from the source checkpoint again, or delete it to "
+                                    "use tokenizer_config.json's chat_template.") from error
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
         named = {item.get("name"): item.get("template") for item in template if isinstance(item, dict)}

@@ -125,7 +125,7 @@ def _read_optional_json(path: Path) -> dict[str, Any]:
         if not path.is_file():
             return {}
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelFolderError(f"{path} is not valid JSON ({error}).",
+    except (OSError, ValueError, RecursionError) as error:  # ValueError: not UTF-8, not JSON, 4,300+ digits
+        raise ModelFolderError(f"{path} is not valid JSON ({str(error)[:200]}).",
                                hint="Copy it from the source checkpoint again.") from error
     return data if isinstance(data, dict) else {}

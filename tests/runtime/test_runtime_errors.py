@@ -94,6 +94,22 @@ def test_bad_folder_settings_are_named(folder, tmp_path, edits, words):
     assert caught.value.hint  # every refusal says what to do
 
 
+@pytest.mark.parametrize(("name", "content", "words"), [
+    ("chat_template.jinja", b"\xff\xfe{{ messages }}", "chat_template.jinja cannot be read as UTF-8 text"),
+    ("tokenizer_config.json", b'{"model_max_length": ' + b"9" * 5000 + b"}", "tokenizer_config.json is not valid JSON"),
+    ("tokenizer_config.json", b"[" * 100_000 + b"]" * 100_000, "tokenizer_config.json is not valid JSON"),
+    ("generation_config.json", b'{"eos_token_id": ' + b"7" * 5000 + b"}", "generation_config.json is not JSON"),
+    ("phi_onnx.json", b"\xff", "phi_onnx.json is not valid JSON"),
+])
+def test_unreadable_side_files_are_folder_errors(folder, tmp_path, name, content, words):
+    bad = edited_copy(folder, tmp_path / "bad")
+    (bad / name).unlink(missing_ok=True)
+    (bad / name).write_bytes(content)
+    with pytest.raises(ModelFolderError) as caught, phi_onnx.load(bad, device="cpu", backend="ort") as loaded:
+        loaded.chat(USER, max_new_tokens=2)
+    assert words in str(caught.value) and caught.value.hint, str(caught.value)
+
+
 def test_bad_context_length_exits_2_from_the_cli(folder, tmp_path):
     bad = edited_copy(folder, tmp_path / "bad", genai_config=with_model_field("context_length", -1))
     result = CliRunner().invoke(main, ["generate", str(bad), "hello", "--backend", "ort"])
