@@ -128,9 +128,10 @@ def _unreadable(folder: Path, error: OSError) -> ModelFolderError:
     """The ModelFolderError for an OSError met while opening `folder` or reading a file in it."""
     name = shown_path(error.filename if isinstance(error.filename, str) else folder)
     code = error.errno
-    if code == errno.ENOENT:
+    the_folder = not isinstance(error.filename, str) or Path(error.filename) == folder
+    if code == errno.ENOENT and the_folder:
         return ModelFolderError(f"{name} is not a folder: nothing is there.", hint=EXPORT_HINT)
-    if code == errno.ENOTDIR:
+    if code == errno.ENOTDIR and the_folder:
         return ModelFolderError(f"{name} is not a folder: a part of that path is a file.", hint=EXPORT_HINT)
     if code == errno.ENAMETOOLONG:
         text = error.filename if isinstance(error.filename, str) else str(folder)
