@@ -16,6 +16,8 @@ def read_json_object(path: Path, error: type[PhiOnnxError], hint: str, object_hi
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as problem:
         raise error(f"{path} is not valid JSON ({problem}).", hint=hint) from problem
+    except (ValueError, RecursionError) as problem:  # a number over 4,300 digits; arrays nested thousands deep
+        raise error(f"{path} is not JSON phi-onnx can read ({str(problem)[:200]}).", hint=hint) from problem
     if not isinstance(data, dict):
         raise error(f"{path} does not hold a JSON object.", hint=object_hint or hint)
     return data

@@ -80,3 +80,29 @@ def generation_kwargs(values: dict[str, Any]) -> dict[str, Any]:
 def to_generation_options(values: dict[str, Any]) -> GenerationOptions:
     """The GenerationOptions the parsed command-line values describe (validated: OptionsError if not)."""
     return GenerationOptions.from_kwargs(None, **generation_kwargs(values))
+
+
+class ThreadCount(click.ParamType):
+    """`--threads`: a whole number from 1 to what `phi_onnx.runtime.providers.check_threads` allows here
+    (4 per CPU core), checked while parsing, so `--threads 1000000` is a usage error (exit 2) before
+    anything is loaded or exported."""
+
+    name = "integer"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        """The thread count, or a click usage error naming the limit."""
+        from phi_onnx.errors import OptionsError
+        from phi_onnx.runtime.providers import check_threads
+
+        count = click.INT.convert(value, param, ctx)
+        if count < 1:
+            self.fail(f"{count} is not a thread count (at least 1; leave --threads out for the default).", param, ctx)
+        try:
+            check_threads(count, "the thread count")
+        except OptionsError as error:
+            self.fail(f"{error.message} {error.hint}", param, ctx)
+        return count
+
+
+#: The type of every command's --threads.
+THREADS = ThreadCount()

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import click
 
 from phi_onnx.cli.errors import cli_wording, user_errors
-from phi_onnx.cli.options import generation_kwargs, generation_options
+from phi_onnx.cli.options import THREADS, generation_kwargs, generation_options
 from phi_onnx.errors import PhiOnnxError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -29,7 +29,7 @@ def _model_options(func: F) -> F:
     func = click.option("--precision", type=click.Choice(["fp32", "fp16", "int4"]), default=None,
                         help="When MODEL is not an export folder: the precision to export it in "
                              "(default int4).")(func)
-    func = click.option("--threads", type=click.IntRange(min=1), default=None,
+    func = click.option("--threads", type=THREADS, default=None,
                         help="Intra-op threads (default: one per physical core).")(func)
     func = click.option("--backend", type=click.Choice(["auto", "genai", "ort"]), default="auto", show_default=True,
                         help="onnxruntime-genai, or phi-onnx's own loop on plain onnxruntime.")(func)

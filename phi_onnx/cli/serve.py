@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from phi_onnx.cli.errors import user_errors
+from phi_onnx.cli.options import THREADS
 
 SERVE_EXTRA = 'Serving needs FastAPI and uvicorn: pip install "phi-onnx[serve]".'
 
@@ -51,7 +52,7 @@ def _loopback(host: str) -> bool:
 @click.option("--precision", type=click.Choice(["int4", "fp32", "fp16"]), default=None,
               help="When MODEL is a name: the precision to export it in (default int4).")
 @click.option("--revision", default=None, help="When MODEL is a hub id: the revision to export.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
+@click.option("--threads", type=THREADS, default=None,
               help="Intra-op threads (default: one per physical core).")
 @click.option("--grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="Seconds running streams get to finish on Ctrl-C / SIGTERM.")

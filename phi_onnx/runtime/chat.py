@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from phi_onnx.runtime.errors import ModelFolderError, OptionsError, PromptTooLongError
+from phi_onnx.runtime.tokenizer import check_text
 
 if TYPE_CHECKING:
     from phi_onnx.runtime.generation import GenerationResult, TextStream
@@ -101,8 +102,13 @@ def _check_amplification(name: str, args: Sequence[Any], kwargs: dict[str, Any])
 def load_chat_template(folder: Path, config: dict[str, Any]) -> str | None:
     """The default chat template: chat_template.jinja wins over tokenizer_config.json (as in transformers)."""
     jinja_file = folder / "chat_template.jinja"
-    if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
+    try:
+        if jinja_file.is_file():
+            return jinja_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ModelFolderError(f"{jinja_file} cannot be read as UTF-8 text ({error}).",
+                               hint="Copy chat_template.jinja from the source checkpoint again, or delete it to "
+                                    "use tokenizer_config.json's chat_template.") from error
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
         named = {item.get("name"): item.get("template") for item in template if isinstance(item, dict)}
@@ -315,6 +321,7 @@ def check_messages(messages: Any) -> list[Message]:
         if not isinstance(role, str) or not role.strip():
             raise OptionsError(f"Message {i} has no role (got {role!r}).",
                                hint='Each message needs a "role": "system", "user", "assistant" or "tool".')
+        check_text(role, f"Message {i}'s role")  # before the role appears in the messages below
         if "content" not in message:
             raise OptionsError(f"Message {i} ({role}) has no content.", hint='Add "content": "..." to it.')
         content = message["content"]
@@ -322,7 +329,50 @@ def check_messages(messages: Any) -> list[Message]:
                 or (isinstance(content, list) and all(isinstance(part, dict) for part in content))):
             raise OptionsError(f"Message {i} ({role}) has content of type {type(content).__name__}.",
                                hint="Content is text (a string), or a list of content-part dicts.")
+        _check_strings(message, f"Message {i}")
     return list(messages)
+
+
+def _check_strings(message: Message, name: str) -> None:
+    """OptionsError naming the first string in `message` (keys and nested parts too) that is not valid
+    Unicode (a lone surrogate): the template would copy it into a prompt nothing can tokenize.
+
+    Walks with a stack, not recursion, and visits each container once: a caller's deeply nested or
+    self-containing content must not raise RecursionError or loop. Each item's place is kept as a link
+    to its parent's (parent, key), so a deep walk stays linear; it is spelled out only for an error.
+    """
+    stack: list[tuple[Any, Any]] = [(message, None)]
+    seen: set[int] = set()
+    while stack:
+        value, place = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                check_text(value, _describe(name, place))
+        elif isinstance(value, (dict, list, tuple)) and id(value) not in seen:
+            seen.add(id(value))
+            items = list(value.items()) if isinstance(value, dict) else list(enumerate(value))
+            for key, item in reversed(items):  # reversed: the first problem is the one reported
+                stack.append((item, (place, key)))
+                if isinstance(key, str) and not key.isascii():
+                    stack.append((key, ((place, key), KEY)))
+
+
+#: Marks a dict key in `_check_strings`' places: a key with a surrogate is named by where it is, not by itself.
+KEY = object()
+
+
+def _describe(name: str, place: Any) -> str:
+    """ "Message 2's content[1].text" for the place (((None, "content"), 1), "text") below message 2."""
+    path: list[Any] = []
+    while place is not None:
+        place, key = place
+        path.append(key)
+    path.reverse()
+    if path and path[-1] is KEY:
+        where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path[:-2]).lstrip(".")
+        return f"A key in {name}'s {where}" if where else f"A key in {name}"
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path).lstrip(".")
+    return f"{name}'s {where}" if where else name
 
 
 def fit_chat(messages: Sequence[Message], prompt_tokens: Callable[[Sequence[Message]], int], context: int,

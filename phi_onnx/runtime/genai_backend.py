@@ -52,14 +52,17 @@ class GenaiEngine:
         self.recomputes = 0
         self.og = og
         self.folder = folder
-        config = og.Config(str(folder.path))
-        config.clear_providers()  # CPU unless we add CUDA: genai_config may target the other one
-        if device.kind == "cuda":
-            config.append_provider("cuda")
-            config.set_provider_option("cuda", "device_id", str(device.device_id))
-        if threads:
-            config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
         try:
+            # In the try too: onnxruntime-genai parses genai_config.json here, strictly (an unknown key
+            # read_folder lets through, for the ort backend, is an error to it).
+            config = og.Config(str(folder.path))
+            config.clear_providers()  # CPU unless we add CUDA: genai_config may target the other one
+            if device.kind == "cuda":
+                config.append_provider("cuda")
+                config.set_provider_option("cuda", "device_id", str(device.device_id))
+            if threads:
+                config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+                    "intra_op_num_threads": threads}}}}))
             self.model = og.Model(config)
         except Exception as error:  # genai raises RuntimeError/OrtException with ORT's message
             if device.kind == "cuda":

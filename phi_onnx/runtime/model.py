@@ -11,8 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
-import numpy as np
-
 from phi_onnx.errors import OptionsError
 from phi_onnx.runtime.chat import ChatSession, ChatTemplate, Message, check_messages, fit_chat, load_chat_template
 from phi_onnx.runtime.engine import Engine
@@ -20,9 +18,9 @@ from phi_onnx.runtime.errors import ModelFolderError
 from phi_onnx.runtime.folder import ModelFolder, check_vocabulary, read_folder
 from phi_onnx.runtime.genai_backend import genai_available
 from phi_onnx.runtime.generation import Generation, GenerationResult, TextStream
-from phi_onnx.runtime.providers import DeviceChoice, resolve_device
+from phi_onnx.runtime.providers import DeviceChoice, check_threads, resolve_device
 from phi_onnx.runtime.sampling import GenerationOptions
-from phi_onnx.runtime.tokenizer import TextTokenizer
+from phi_onnx.runtime.tokenizer import TextTokenizer, check_text, check_token_ids, is_token_id
 
 if TYPE_CHECKING:
     from phi_onnx.runtime.core import DecodeCore
@@ -44,7 +42,7 @@ def load(path: str | os.PathLike[str], device: str = "auto", backend: str = "aut
             "cpu", "cuda" or "cuda:N" (an error, not a fallback, when CUDA cannot run).
         backend: "auto" (onnxruntime-genai when installed, else "ort"), "genai", or "ort" (our own
             loop on plain onnxruntime). Both give identical greedy tokens.
-        threads: intra-op threads (default: ONNX Runtime's, one per physical core).
+        threads: intra-op threads (default: ONNX Runtime's, one per physical core); at most 4 per CPU core.
         check_files: first hash every file and compare with the sha256 in the manifest (reads the whole
             model once; off by default to keep loading fast). Raises IntegrityError naming what changed.
         **defaults: default generation options (max_new_tokens, temperature, stop, ...).
@@ -58,9 +56,7 @@ def load(path: str | os.PathLike[str], device: str = "auto", backend: str = "aut
     if not isinstance(device, str) or not isinstance(backend, str):
         raise OptionsError(f"device and backend are strings (got {device!r}, {backend!r}).",
                            hint=f'Use e.g. device="cpu", backend="ort" (backends: {", ".join(BACKENDS)}).')
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
-        raise OptionsError(f"threads must be a whole number >= 0 (got {threads!r}).",
-                           hint="Use e.g. threads=4, or leave it out for one thread per core.")
+    threads = check_threads(threads)
     if backend not in BACKENDS:
         raise OptionsError(f"Unknown backend {backend!r}.", hint=f"Choose one of: {', '.join(BACKENDS)}.")
     options = GenerationOptions.from_kwargs(None, **defaults)
@@ -225,11 +221,11 @@ class Model:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids` (special tokens dropped)."""
+        """Text of `ids` (special tokens dropped); OptionsError for an id outside the vocabulary, as `generate`."""
         items = _items(ids, "token ids")
-        if not all(_is_id(t) for t in items):
+        if not all(is_token_id(t) for t in items):
             raise OptionsError("decode() takes a list of token ids (integers).", hint="Pass e.g. result.token_ids.")
-        return self.tokenizer.decode([int(t) for t in items])
+        return self.tokenizer.decode(check_token_ids(items, self.folder.vocab_size))
 
     @property
     def chat_template(self) -> ChatTemplate:
@@ -337,21 +333,22 @@ class Model:
     # -- internals -----------------------------------------------------------------------------
     def _prompts(self, prompt: Prompt | Sequence[Prompt]) -> tuple[list[list[int]], bool]:
         """Normalise a prompt or a list of them to token id lists; (prompts, was a list of prompts)."""
+        vocab = self.folder.vocab_size
         if isinstance(prompt, str):
-            return [self.encode(prompt)], False
+            return [self.encode(check_text(prompt, "The prompt"))], False
         items = _items(prompt)
-        if items and all(_is_id(p) for p in items):
-            return [[int(t) for t in items]], False
+        if items and all(is_token_id(p) for p in items):
+            return [check_token_ids(items, vocab)], False
         out = []
-        for p in items:
+        for i, p in enumerate(items):
             if isinstance(p, str):
-                out.append(self.encode(p))
+                out.append(self.encode(check_text(p, f"Prompt {i}")))
             else:
                 ids = _items(p)
-                if not all(_is_id(t) for t in ids):
+                if not all(is_token_id(t) for t in ids):
                     raise OptionsError(f"A prompt's token ids must be integers (got {ids!r:.80}).",
                                        hint="Pass a string, a list of token ids, or a list of those.")
-                out.append([int(t) for t in ids])
+                out.append(check_token_ids(ids, vocab))
         if not out:
             raise OptionsError("No prompt was given.", hint="Pass a string or a list of strings.")
         return out, True
@@ -393,6 +390,3 @@ def _items(prompt: Any, what: str = "a prompt") -> list[Any]:
                            hint="Pass a string, a list of token ids, or a list of those.")
     return list(prompt)
 
-
-def _is_id(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)

@@ -11,11 +11,14 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import numbers
+import os
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from phi_onnx.errors import OptionsError, PhiOnnxError
 from phi_onnx.runtime.errors import DeviceError
 
 log = logging.getLogger(__name__)
@@ -24,6 +27,38 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 INSTALL_CUDA_HINT = ("Install the CUDA build: `pip uninstall onnxruntime onnxruntime-genai && "
                      "pip install \"phi-onnx[cuda]\"` (onnxruntime-gpu needs CUDA 12 and cuDNN 9).")
+
+
+#: Intra-op threads allowed per CPU core. More than one per core only slows ONNX Runtime down; a few
+#: are allowed for machines whose core count the process sees wrongly, but not the million threads a
+#: typo asks for, which ONNX Runtime would try to create (it hangs, then runs out of memory).
+THREADS_PER_CORE = 4
+
+
+def max_threads() -> int:
+    """The most intra-op threads `check_threads` accepts on this machine."""
+    return THREADS_PER_CORE * (os.cpu_count() or 1)
+
+
+def check_threads(threads: object, name: str = "threads", error: type[PhiOnnxError] = OptionsError) -> int | None:
+    """`threads` when it is None (ONNX Runtime's default), 0 (the same) or a thread count this machine
+    can use; else `error` naming `name` (e.g. "threads", "--threads", a genai_config field) and the cores.
+
+    The one check behind `load(threads=...)`, every command's `--threads` and genai_config.json's
+    session options.
+    """
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 0:
+        raise error(f"{name} must be a whole number >= 0 (got {threads!r}).",
+                    hint="Use e.g. 4, or leave it out (0) for one thread per physical core.")
+    cores = os.cpu_count() or 1
+    if threads > max_threads():
+        raise error(f"{name} is {threads}, more threads than this machine can use: it has {cores} CPU "
+                    f"core{'s' if cores != 1 else ''}, so at most {max_threads()} ({THREADS_PER_CORE} per core).",
+                    hint=f"Use at most {cores} (one per core is fastest), or leave it out for ONNX Runtime's "
+                         "default of one per physical core.")
+    return int(threads)
 
 
 @dataclass(frozen=True)

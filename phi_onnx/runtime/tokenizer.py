@@ -3,14 +3,59 @@
 from __future__ import annotations
 
 import json
+import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from phi_onnx.errors import OptionsError
 from phi_onnx.runtime.errors import ModelFolderError
 
 #: The named special tokens transformers passes to chat templates (`special_tokens_map`).
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def check_text(text: str, what: str = "The text") -> str:
+    """`text`, or OptionsError naming the first lone surrogate in it (e.g. "\\ud800").
+
+    Such a string is not valid Unicode, so it has no UTF-8 form and no tokens (the tokenizers library
+    raises a bare TypeError for it). `what` names the text in the message ("The prompt", "Message 2's content").
+    """
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise OptionsError(
+            f"{what} contains a lone surrogate ({text[error.start]!r}, U+{ord(text[error.start]):04X}) at character "
+            f"{error.start}: that is not valid Unicode text, so it has no UTF-8 form and cannot be tokenized.",
+            hint="Pass valid UTF-8 text: remove the surrogate, or fix its source (a JSON \\ud800 escape without "
+                 "its pair, or bytes decoded with errors='surrogateescape'; decode with errors='replace').") from None
+    return text
+
+
+def is_token_id(value: Any) -> bool:
+    """Whether `value` is an integer (Python or numpy), not a bool: something that may be a token id."""
+    # numpy registers its integer types as numbers.Integral: they count, without importing numpy here
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_token_ids(ids: Sequence[Any], vocab_size: int, what: str = "token ids") -> list[int]:
+    """`ids` as Python ints, or OptionsError for one that is not an integer or not in 0..vocab_size-1.
+
+    `vocab_size` is the model's (genai_config's, the logits' width): ids the tokenizer lacks but the
+    model can produce are allowed (they decode to ""), as they are in a prompt.
+    """
+    out = []
+    for value in ids:
+        if not is_token_id(value):
+            raise OptionsError(f"{what.capitalize()} must be integers (got {type(value).__name__} {value!r:.40}).",
+                               hint="Pass token ids from this model's tokenizer (e.g. result.token_ids).")
+        if not 0 <= value < vocab_size:
+            raise OptionsError(f"Token id {value} is outside the vocabulary (0..{vocab_size - 1}).",
+                               hint="Pass token ids from this model's tokenizer.")
+        out.append(int(value))
+    return out
 
 
 class TokenStream:
@@ -56,7 +101,10 @@ class TextTokenizer:
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; `add_special_tokens` applies tokenizer.json's post-processor (e.g. BOS),
-        as `tokenizer(text)` does in transformers; chat prompts pass False, as `apply_chat_template` does."""
+        as `tokenizer(text)` does in transformers; chat prompts pass False, as `apply_chat_template` does.
+
+        Raises OptionsError for text with a lone surrogate (see `check_text`)."""
+        check_text(text)
         return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
@@ -73,11 +121,11 @@ class TextTokenizer:
 
 
 def _read_optional_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
     try:
+        if not path.is_file():
+            return {}
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelFolderError(f"{path} is not valid JSON ({error}).",
+    except (OSError, ValueError, RecursionError) as error:  # ValueError: not UTF-8, not JSON, 4,300+ digits
+        raise ModelFolderError(f"{path} is not valid JSON ({str(error)[:200]}).",
                                hint="Copy it from the source checkpoint again.") from error
     return data if isinstance(data, dict) else {}

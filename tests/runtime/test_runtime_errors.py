@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ast
+import errno
 import json
+import os
 import re
 import resource
 import time
@@ -21,6 +23,7 @@ from phi_onnx.errors import OptionsError, PhiOnnxError
 from phi_onnx.export import ExportOptions
 from phi_onnx.runtime.chat import ChatTemplate, check_messages
 from phi_onnx.runtime.errors import ModelFolderError, NonFiniteLogitsError
+from phi_onnx.runtime.providers import check_threads, max_threads
 from phi_onnx.runtime.sampling import GenerationOptions, Sampler
 
 TINY_TEMPLATE = (Path(phi_onnx.__file__).parent / "tiny" / "tiny-phi3" / "chat_template.jinja").read_text()
@@ -72,10 +75,15 @@ def threads_value(value):
     ({"genai_config": with_model_field("context_length", -5)}, ["context_length is -5", "positive"]),
     ({"genai_config": threads_value("four")}, ["intra_op_num_threads is 'four'", "whole number"]),
     ({"genai_config": threads_value(-1)}, ["intra_op_num_threads is -1"]),
-    ({"genai_config": with_model_field("vocab_size", 500)}, ["vocab_size is 500", "tokenizer.json has"]),
+    ({"genai_config": with_model_field("vocab_size", 500)}, ["vocab_size is 500", "model.onnx has 1040"]),
     ({"phi_onnx": lambda data: {**data, "options": "cpu"}}, ['"options" is str, not an object']),
     ({"phi_onnx": lambda data: [data]}, ["phi_onnx.json does not hold a JSON object"]),
-    ({"genai_config": lambda data: {**data, "search": []}}, ["genai_config.json lacks a required field"]),
+    ({"genai_config": lambda data: {**data, "search": []}}, ["genai_config.json: search is []", "object"]),
+    ({"genai_config": lambda data: {**data, "model": {**data["model"], "eos_token_id": [5000]}}},
+     ["model.eos_token_id is [5000]", "0 to 1039"]),
+    ({"generation_config": lambda data: {**data, "eos_token_id": [2, 1040]}},
+     ["generation_config.json: eos_token_id is [2, 1040]"]),
+    ({"genai_config": threads_value(10**6)}, ["intra_op_num_threads is 1000000", "CPU core"]),
 ])
 def test_bad_folder_settings_are_named(folder, tmp_path, edits, words):
     bad = edited_copy(folder, tmp_path / "bad", **edits)
@@ -86,12 +94,171 @@ def test_bad_folder_settings_are_named(folder, tmp_path, edits, words):
     assert caught.value.hint  # every refusal says what to do
 
 
+@pytest.mark.parametrize(("name", "content", "words"), [
+    ("chat_template.jinja", b"\xff\xfe{{ messages }}", "chat_template.jinja cannot be read as UTF-8 text"),
+    ("tokenizer_config.json", b'{"model_max_length": ' + b"9" * 5000 + b"}", "tokenizer_config.json is not valid JSON"),
+    ("tokenizer_config.json", b"[" * 100_000 + b"]" * 100_000, "tokenizer_config.json is not valid JSON"),
+    ("generation_config.json", b'{"eos_token_id": ' + b"7" * 5000 + b"}", "generation_config.json is not JSON"),
+    ("phi_onnx.json", b"\xff", "phi_onnx.json is not valid JSON"),
+])
+def test_unreadable_side_files_are_folder_errors(folder, tmp_path, name, content, words):
+    bad = edited_copy(folder, tmp_path / "bad")
+    (bad / name).unlink(missing_ok=True)
+    (bad / name).write_bytes(content)
+    with pytest.raises(ModelFolderError) as caught, phi_onnx.load(bad, device="cpu", backend="ort") as loaded:
+        loaded.chat(USER, max_new_tokens=2)
+    assert words in str(caught.value) and caught.value.hint, str(caught.value)
+
+
 def test_bad_context_length_exits_2_from_the_cli(folder, tmp_path):
     bad = edited_copy(folder, tmp_path / "bad", genai_config=with_model_field("context_length", -1))
     result = CliRunner().invoke(main, ["generate", str(bad), "hello", "--backend", "ort"])
     assert result.exit_code == 2
     assert "Traceback" not in result.output and "at most -" not in result.output
     assert "context_length is -1" in result.output
+
+
+# -- folder paths -------------------------------------------------------------------------------------
+def symlink_loop(tmp: Path) -> str:
+    (tmp / "loop").symlink_to(tmp / "loop")
+    return str(tmp / "loop")
+
+
+def a_file(tmp: Path) -> str:
+    (tmp / "notes.txt").write_text("hi")
+    return str(tmp / "notes.txt")
+
+
+@pytest.mark.parametrize(("make", "words"), [
+    (lambda tmp: "/tmp/" + "a" * 5000, "is too long for this system"),
+    (lambda tmp: str(tmp / ("b" * 300) / "model"), "its longest name 300"),
+    (symlink_loop, "its symbolic links form a loop"),
+    (a_file, "notes.txt is not a folder"),
+    (lambda tmp: a_file(tmp) + "/model", "a part of that path is a file"),
+    (lambda tmp: str(tmp / "missing"), "is not a folder: nothing is there"),
+    (lambda tmp: str(tmp / "nul\0byte"), "is not a usable path"),
+    (lambda tmp: "~no-such-user-phi-onnx/model", "names no home folder"),
+    (lambda tmp: str(tmp / "\x1b[31mred"), "\\x1b[31mred"),  # escaped, not sent to the terminal
+    (lambda tmp: str(tmp / "\udcffbad"), "\\udcffbad"),
+])
+def test_bad_paths_are_folder_errors(tmp_path, make, words):
+    with pytest.raises(ModelFolderError) as caught:
+        phi_onnx.load(make(tmp_path), device="cpu", backend="ort")
+    message = str(caught.value)
+    assert words in message and caught.value.hint, message
+    assert message.replace("\n", " ").isprintable()  # one message line, one hint line, nothing raw
+    assert len(message) < 700  # a 5,000-character path is shortened
+
+
+def test_a_folder_without_permission_is_a_folder_error(folder, monkeypatch):
+    """Tests run as root here, which reads anything; the refusal is simulated where the kernel gives it."""
+    real = Path.stat
+
+    def stat(self, *args, **kwargs):
+        if self == folder:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    with pytest.raises(ModelFolderError, match="Permission denied reading") as caught:
+        phi_onnx.load(folder, device="cpu", backend="ort")
+    assert "read access" in str(caught.value)
+
+
+def test_bad_paths_exit_2_from_the_cli(tmp_path):
+    for command in (["generate", symlink_loop(tmp_path), "hi"], ["chat", a_file(tmp_path), "--once"]):
+        result = CliRunner().invoke(main, command, input="hi\n")
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output and "Error:" in result.output
+        assert "symbolic links form a loop" in result.output or "is not a folder" in result.output
+
+
+# -- threads -------------------------------------------------------------------------------------------
+def test_threads_are_bounded_by_the_cores(folder, monkeypatch):
+    started = time.monotonic()
+    with pytest.raises(OptionsError) as caught:
+        phi_onnx.load(folder, device="cpu", backend="ort", threads=10**6)
+    assert time.monotonic() - started < 5  # refused, not a million threads started
+    cores = os.cpu_count()
+    assert "threads is 1000000" in str(caught.value) and f"{cores} CPU core" in str(caught.value)
+    assert f"at most {4 * cores}" in str(caught.value)
+    with phi_onnx.load(folder, device="cpu", backend="ort", threads=max_threads()) as most:
+        assert most.generate([5, 6, 7], max_new_tokens=2, min_new_tokens=2).token_ids
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    assert check_threads(12) == 12 and check_threads(0) == 0 and check_threads(None) is None
+    with pytest.raises(OptionsError, match="it has 3 CPU cores, so at most 12"):
+        check_threads(13)
+    for bad in (-1, 2.0, True, "2"):
+        with pytest.raises(OptionsError, match="must be a whole number"):
+            check_threads(bad)
+
+
+@pytest.mark.parametrize("command", [["generate", "FOLDER", "hi"], ["chat", "FOLDER", "--once"], ["bench", "FOLDER"],
+                                     ["serve", "FOLDER"]])
+def test_every_threads_option_is_bounded_by_the_cores(folder, command):
+    args = [str(folder) if part == "FOLDER" else part for part in command]
+    started = time.monotonic()
+    for value, words in (("1000000", f"{os.cpu_count()} CPU core"), ("0", "not a thread count"),
+                         ("many", "not a valid integer")):
+        result = CliRunner().invoke(main, [*args, "--threads", value], input="hi\n")
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert "--threads" in result.output and words in result.output, result.output
+    assert time.monotonic() - started < 10  # a usage error, before any model loads
+
+
+# -- text and token ids --------------------------------------------------------------------------------
+@pytest.mark.parametrize(("call", "words"), [
+    (lambda m: m.generate("ab\ud800", max_new_tokens=2), "The prompt contains a lone surrogate ('\\ud800', U+D800) "
+                                                          "at character 2"),
+    (lambda m: list(m.stream("\udfff", max_new_tokens=2)), "The prompt contains a lone surrogate"),
+    (lambda m: m.generate(["fine", "x\ud83d"], max_new_tokens=2), "Prompt 1 contains"),
+    (lambda m: m.encode("\ud800"), "The text contains"),
+    (lambda m: m.chat([{"role": "user", "content": "hi\ud800"}]), "Message 0's content contains"),
+    (lambda m: m.chat([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                       {"role": "us\ud800er", "content": "c"}]), "Message 2's role contains"),
+    (lambda m: m.chat([{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]),
+     "Message 0's content[0].text contains"),
+    (lambda m: m.chat([{"role": "user", "content": "hi", "name": {"\udc00": "x"}}]), "A key in Message 0's name"),
+    (lambda m: m.chat_stream([{"role": "user", "content": "\ud800"}]), "Message 0's content"),
+    (lambda m: m.render_chat([{"role": "user", "content": "\ud800"}]), "Message 0's content"),
+    (lambda m: m.start_chat(system="be \ud800 brief").send("hi"), "Message 0's content"),
+    (lambda m: m.start_chat().send("\ud800"), "Message 0's content"),
+])
+def test_lone_surrogates_are_refused_naming_where(model, call, words):
+    with pytest.raises(OptionsError) as caught:
+        call(model)
+    assert words in str(caught.value) and "UTF-8" in str(caught.value), str(caught.value)
+    assert str(caught.value).encode("utf-8")  # the message itself prints anywhere
+    # nothing is left holding the model: the next call runs
+    assert model.generate("héllo 😀", max_new_tokens=2, min_new_tokens=2).token_ids
+
+
+def test_deep_or_cyclic_message_content_is_walked_without_recursion(model):
+    deep: list = []
+    node = deep
+    for _ in range(100_000):
+        node.append([])
+        node = node[0]
+    node.append({"type": "text", "text": "\ud800"})
+    with pytest.raises(OptionsError, match="lone surrogate"):
+        check_messages([{"role": "user", "content": [{"type": "text", "parts": deep}]}])
+    cyclic: dict = {"type": "text", "text": "fine"}
+    cyclic["self"] = cyclic
+    assert check_messages([{"role": "user", "content": [cyclic]}])[0]["content"][0] is cyclic
+
+
+def test_decode_checks_ids_as_generate_does(model):
+    vocab = model.folder.vocab_size
+    for bad in ([-1], [vocab], [10**9], [2**64], [5, np.int64(-5)], np.array([vocab + 3])):
+        with pytest.raises(OptionsError) as decoded:
+            model.decode(bad)
+        with pytest.raises(OptionsError) as generated:
+            model.generate(bad, max_new_tokens=1)
+        assert str(decoded.value) == str(generated.value), (decoded.value, generated.value)
+        assert "outside the vocabulary (0.." + str(vocab - 1) in str(decoded.value)
+    ids = model.generate([5, 6, 7], max_new_tokens=3, min_new_tokens=3).token_ids
+    assert model.decode(ids) == model.decode(np.array(ids)) and model.decode([]) == ""
+    assert isinstance(model.decode([0, vocab - 1]), str)  # the ends of the vocabulary decode
 
 
 # -- sampling -----------------------------------------------------------------------------------------
