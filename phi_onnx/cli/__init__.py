@@ -10,6 +10,7 @@ import click
 
 from phi_onnx import __version__
 from phi_onnx.cli.errors import user_errors
+from phi_onnx.cli.options import FiniteFloat
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -122,11 +123,15 @@ def export(source: str, output: str, precision: str, device: str, block_size: in
               help="Tokens per perplexity window (each runs without cache, on both sides).")
 @click.option("--device", default="cpu", show_default=True, help="Where ONNX Runtime runs the export: cpu, auto, "
               "cuda or cuda:N.")
-@click.option("--max-abs-logit-diff", type=float, default=None, help="Override the limit (upper bound).")
-@click.option("--min-top1", type=float, default=None, help="Override the top-1 agreement limit (lower bound).")
-@click.option("--max-kl", type=float, default=None, help="Override the mean KL divergence limit (upper bound).")
-@click.option("--min-greedy", type=float, default=None, help="Override the greedy agreement limit (lower bound).")
-@click.option("--max-ppl-change", type=float, default=None,
+@click.option("--max-abs-logit-diff", type=FiniteFloat(min=0), default=None,
+              help="Override the limit (upper bound).")
+@click.option("--min-top1", type=FiniteFloat(0, 1), default=None,
+              help="Override the top-1 agreement limit (lower bound, 0..1).")
+@click.option("--max-kl", type=FiniteFloat(min=0), default=None,
+              help="Override the mean KL divergence limit (upper bound).")
+@click.option("--min-greedy", type=FiniteFloat(0, 1), default=None,
+              help="Override the greedy agreement limit (lower bound, 0..1).")
+@click.option("--max-ppl-change", type=FiniteFloat(min=0), default=None,
               help="Override the relative perplexity change limit (upper bound, e.g. 0.02 for 2 %).")
 @click.option("--no-record", is_flag=True, help="Do not write the result into the folder's manifest.")
 @click.option("--files", "files_only", is_flag=True,
@@ -261,21 +266,29 @@ def list_store(as_json: bool) -> None:
     `phi-onnx chat NAME` (and generate, bench) exports a short name, hub id or checkpoint folder into the
     store on first use; later runs reuse the entry.
     """
+    from phi_onnx.paths import printable
     from phi_onnx.store import list_entries, store_root
 
     entries = list_entries()
-    if as_json:
+    if as_json:  # exact names (JSON escapes control characters itself)
         click.echo(json.dumps([e.to_dict() for e in entries], indent=2))
         return
     if not entries:
-        click.echo(f"The store ({store_root()}) is empty; `phi-onnx chat tiny-phi3` adds the bundled model.")
+        click.echo(f"The store ({printable(str(store_root()))}) is empty; `phi-onnx chat tiny-phi3` adds the "
+                   "bundled model.")
         return
-    rows = [(e.id, e.name, e.variant, f"{e.size_bytes / 1e6:.1f} MB",
-             {True: "passed", False: "FAILED", None: "no"}[e.verified], e.source) for e in entries]
+    # Names and sources are whatever the user typed (a checkpoint path): escape what a terminal would obey
+    rows = [tuple(printable(cell) for cell in (
+        e.id, e.name or "?", e.variant or "?", f"{e.size_bytes / 1e6:.1f} MB",
+        "DAMAGED" if e.damaged else {True: "passed", False: "FAILED", None: "no"}[e.verified], e.source))
+        for e in entries]
     header = ("ID", "NAME", "VARIANT", "SIZE", "VERIFIED", "SOURCE")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
     for row in [header, *rows]:
         click.echo("  ".join(f"{cell:<{w}}" for cell, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1])
+    for entry in entries:
+        if entry.damaged:
+            click.echo(f"{entry.id} is damaged: {printable(entry.damaged)}; `phi-onnx rm {entry.id}` removes it.")
 
 
 @main.command()
@@ -283,10 +296,13 @@ def list_store(as_json: bool) -> None:
 @user_errors
 def rm(name_or_id: str) -> None:
     """Remove store entries by NAME (every variant of it) or ID (see `phi-onnx list`)."""
+    from phi_onnx.paths import printable
     from phi_onnx.store import remove_entries
 
     for entry in remove_entries(name_or_id):
-        click.echo(f"Removed {entry.name} ({entry.variant}, {entry.size_bytes / 1e6:.1f} MB), id {entry.id}.")
+        damaged = f", damaged: {entry.damaged}" if entry.damaged else ""
+        click.echo(printable(f"Removed {entry.name or '?'} ({entry.variant or '?'}, {entry.size_bytes / 1e6:.1f} MB"
+                             f"{damaged}), id {entry.id}."))
 
 
 from phi_onnx.cli.quantize import quantize  # noqa: E402 - registered after the group exists

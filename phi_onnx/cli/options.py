@@ -8,6 +8,7 @@ values back into the keyword arguments `Model.stream` and `GenerationOptions.fro
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -64,6 +65,20 @@ def _click_type(annotation: Any) -> Any:
     if annotation in (int, float, str, bool):
         return annotation
     raise TypeError(f"no command-line type for {annotation!r}")  # a new field of a kind not handled here
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that must be a finite number within the range given (click.FloatRange lets nan through:
+    every comparison with nan is false, so `nan` passes any bound, and `inf` passes a lower one)."""
+
+    name = "number"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """Parse `value`, refuse nan and ±inf, then check the range."""
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(number, param, ctx)
 
 
 def generation_options(default_max_new: int) -> Callable[[F], F]:

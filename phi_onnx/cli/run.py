@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import click
 
 from phi_onnx.cli.errors import cli_wording, user_errors
-from phi_onnx.cli.options import THREADS, generation_kwargs, generation_options
+from phi_onnx.cli.options import THREADS, FiniteFloat, generation_kwargs, generation_options
 from phi_onnx.errors import PhiOnnxError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -261,7 +261,7 @@ def _print_reply(stream: Any) -> None:
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed runs first.")
 @click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True,
               help="Timed runs (the median is reported).")
-@click.option("--bandwidth", "bandwidth_gbps", type=float, default=None,
+@click.option("--bandwidth", "bandwidth_gbps", type=FiniteFloat(min=0, min_open=True), default=None,
               help="Memory bandwidth in GB/s for the decode ceiling (default: measured on CPU).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_user_errors

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from phi_onnx.cli.errors import user_errors
-from phi_onnx.cli.options import THREADS
+from phi_onnx.cli.options import THREADS, FiniteFloat
 
 SERVE_EXTRA = 'Serving needs FastAPI and uvicorn: pip install "phi-onnx[serve]".'
 
@@ -59,7 +59,7 @@ def _loopback(host: str) -> bool:
 @click.option("--replicas", default=None, help="Ray Serve: replicas (an integer or 'auto').")
 @click.option("--min-replicas", type=click.IntRange(min=0), default=None, help="Ray Serve: autoscaling minimum.")
 @click.option("--max-replicas", type=click.IntRange(min=1), default=None, help="Ray Serve: autoscaling maximum.")
-@click.option("--gpus-per-replica", type=click.FloatRange(min=0), default=None, help="Ray Serve: GPUs per replica.")
+@click.option("--gpus-per-replica", type=FiniteFloat(min=0), default=None, help="Ray Serve: GPUs per replica.")
 @click.option("--ray-address", default=None, help="Ray Serve: the cluster to join (default: start a local one).")
 @user_errors
 def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int, max_queue: int,

@@ -14,7 +14,8 @@ changed meanwhile (another export to the same place) is left alone and this expo
 is moved aside, the new one renamed in, and only then are the old one's files deleted, by name.
 
 Each staging folder holds a marker naming its process (pid, start time, host); a later export to the
-same target removes the staging folders of processes that are gone (killed mid-export).
+same target removes the staging folders of processes that are gone (killed mid-export). `staged_output`
+is the one way a command writes a new folder (export, quantize): stage, then move into place, or clean up.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ import os
 import secrets
 import shutil
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from phi_onnx.errors import OutputExistsError, OutputWriteError, PhiOnnxError
 from phi_onnx.manifest import MANIFEST, read_manifest
@@ -92,26 +93,73 @@ def _replaceable_files(target: Path, protected: Sequence[tuple[Path, str]]) -> s
     if not is_export_manifest(manifest):
         raise OutputExistsError(f"Refusing to overwrite {target}: it is not a phi-onnx export (no {MANIFEST} "
                                 "written by phi-onnx).", hint=OVERWRITE_HINT)
-    assert isinstance(manifest, dict)
-    listed = {str(name) for key in ("files", "files_at_export") if isinstance(manifest.get(key), dict)
-              for name in manifest[key]}
-    allowed = listed | {MANIFEST, MARKER}
-    files: set[str] = set()
-    foreign: list[str] = []
-    with os.scandir(target) as entries:
-        for entry in entries:
-            # verify's atomic manifest writer leaves `.phi_onnx.json.XXXX` if it is killed mid-write
-            ours = entry.name in allowed or entry.name.startswith(f".{MANIFEST}.")
-            if ours and entry.is_file(follow_symlinks=False):
-                files.add(entry.name)
-            else:
-                foreign.append(entry.name + ("/" if entry.is_dir(follow_symlinks=False) else ""))
+    files, foreign = written_files(target, manifest_files(manifest))
     if foreign:
         shown = ", ".join(sorted(foreign)[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise OutputExistsError(f"Refusing to overwrite {target}: besides a phi-onnx export it holds {shown}, "
                                 "which phi-onnx did not write.",
                                 hint="Move those out of the folder, or choose another output folder.")
     return files
+
+
+def manifest_files(manifest: Any) -> set[str]:
+    """The file names a phi-onnx manifest lists (its `files` and, after a re-verification, `files_at_export`)."""
+    if not isinstance(manifest, dict):
+        return set()
+    return {str(name) for key in ("files", "files_at_export") if isinstance(manifest.get(key), dict)
+            for name in manifest[key]}
+
+
+def written_files(folder: Path, listed: Iterable[str]) -> tuple[set[str], list[str]]:
+    """Split `folder`'s entries into the files phi-onnx wrote and the rest.
+
+    Ours: regular files (not links, not folders) named in `listed`, the manifest, the staging marker, and
+    the temporary files verify's atomic manifest writer leaves (`.phi_onnx.json.XXXX`) if it is killed
+    mid-write. The rest are returned by name, folders with a trailing `/`. A name in `listed` that is not a
+    plain file name (a `/`, `..`) never matches, so a damaged manifest cannot point outside `folder`.
+    """
+    allowed = {name for name in listed if _plain_name(name)} | {MANIFEST, MARKER}
+    ours: set[str] = set()
+    foreign: list[str] = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if (entry.name in allowed or entry.name.startswith(f".{MANIFEST}.")) and entry.is_file(
+                    follow_symlinks=False):
+                ours.add(entry.name)
+            else:
+                foreign.append(entry.name + ("/" if entry.is_dir(follow_symlinks=False) else ""))
+    return ours, sorted(foreign)
+
+
+def delete_written(folder: Path, names: Iterable[str], *, last: Sequence[str] = (MANIFEST,)) -> list[str]:
+    """Delete the files `names` (plain names in `folder`), then `folder` if that emptied it.
+
+    Only regular files and links are deleted, never a folder or what a link points to. The names in
+    `last` go last, in that order: while the manifest is there, what is left can still be told apart.
+    Returns what is left in `folder` (empty when it is gone).
+    """
+    wanted = {name for name in names if _plain_name(name)}
+    ordered = sorted(wanted - set(last)) + [name for name in last if name in wanted]
+    for name in ordered:
+        path = folder / name
+        with contextlib.suppress(FileNotFoundError):
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+    try:
+        folder.rmdir()
+    except FileNotFoundError:
+        return []
+    except OSError:
+        try:
+            return sorted(os.listdir(folder))
+        except OSError:
+            return ["?"]
+    return []
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "\0" not in name and "/" not in name and (
+        os.altsep is None or os.altsep not in name)
 
 
 def _fingerprint(target: Path) -> Fingerprint | None:
@@ -258,6 +306,46 @@ def move_into_place(staging: Path, target: Path, checked: Fingerprint | None,
 
 
 @contextlib.contextmanager
+def staged_output(target: Path, *, checked: Fingerprint | None = None, protected: Sequence[tuple[Path, str]] = (),
+                  needed: int | None = None) -> Iterator[Path]:
+    """Write a new output folder in a staging folder and move it into place when the block completes.
+
+    Yields the staging folder (beside `target`, after `check_parent` and, when `needed` bytes are
+    given, `check_free_space`). When the block ends normally the folder is moved to `target`, replacing
+    only the export `checked` saw (`move_into_place`); when anything is raised, Ctrl-C included, the
+    staging folder is removed and the error goes on, a failed write as one sentence (`write_error`).
+
+    Raises:
+        OutputExistsError: the target appeared or changed meanwhile.
+        OutputWriteError: the disk is full, read-only or not writable, or a parent is a file.
+    """
+    check_parent(target)
+    if needed is not None:
+        check_free_space(target.parent, needed)
+    try:
+        staging = make_staging(target)
+    except OSError as error:
+        _raise_write_error(error, target.parent)
+    try:
+        yield staging
+        move_into_place(staging, target, checked, protected)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)  # this process made it, beside the target, under a hidden name
+        _raise_write_error(error, target.parent, needed)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _raise_write_error(error: OSError, folder: Path, needed: int | None = None) -> NoReturn:
+    """Re-raise a failed write as one sentence when the disk caused it (full, read-only, no permission)."""
+    converted = write_error(error, folder, needed)
+    if converted is error:
+        raise error
+    raise converted from error
+
+
+@contextlib.contextmanager
 def _lock(target: Path) -> Iterator[None]:
     """An exclusive lock on `.NAME.phi-onnx.lock` beside `target` (no-op where fcntl does not exist)."""
     try:
@@ -336,6 +424,9 @@ def write_error(error: OSError, folder: Path, needed: int | None = None) -> PhiO
     if error.errno in (errno.EACCES, errno.EPERM):
         return OutputWriteError(f"Cannot write to {where}: permission denied.",
                                 hint="Choose an output folder you can write to with -o, or fix its permissions.")
+    if error.errno is not None and error.filename:  # e.g. ENOENT making a folder in /proc, EIO, a long name
+        return OutputWriteError(f"Cannot write to {where}: {error.strerror or os.strerror(error.errno)}.",
+                                hint="Choose an output folder on an ordinary writable disk.")
     return error
 
 

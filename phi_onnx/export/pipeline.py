@@ -14,23 +14,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import onnx_ir as ir
 
-from phi_onnx.errors import OutputWriteError, PhiOnnxError
+from phi_onnx.errors import OutputWriteError, PhiOnnxError, SourceError
 from phi_onnx.export.genai_config import genai_config
 from phi_onnx.export.options import ExportOptions
-from phi_onnx.export.output import (
-    check_free_space,
-    check_parent,
-    check_target,
-    make_staging,
-    move_into_place,
-    write_error,
-)
+from phi_onnx.export.output import check_target, staged_output
 from phi_onnx.export.registry import builder_for
 from phi_onnx.manifest import EXPORT_TOOLS, tool_versions, write_manifest
+from phi_onnx.paths import expand_user
 from phi_onnx.quantize.sequential import prepare_int4
 from phi_onnx.source.checkpoint import Checkpoint, file_sha256
 from phi_onnx.source.config import check_tensors, load_config
@@ -93,13 +87,13 @@ def export(source: str | os.PathLike[str], output: str | os.PathLike[str], optio
     if "\0" in os.fspath(output):
         raise OutputWriteError(f"The output path {os.fspath(output)!r} contains a NUL character.",
                                hint="Pass a plain folder path.")
-    target = Path(output).expanduser().resolve()
-    local = Path(source).expanduser()
-    early = [(local, "the source checkpoint")] if local.is_dir() else []
+    target = expand_user(output, what="The output folder", error=OutputWriteError).resolve()
+    local = expand_user(source, what="The source", error=SourceError)
+    known = find_known_model(os.fspath(source))  # a short name is the model, even beside a folder of that name
+    early = [(local, "the source checkpoint")] if known is None and local.is_dir() else []
     # Checked first so that a refusal costs nothing; again once the source is resolved, and at the move.
     check_target(target, overwrite=overwrite, protected=[*early, (Path.cwd(), "the current directory")])
     started = time.perf_counter()
-    known = find_known_model(str(source)) if not local.is_dir() else None
     if known is not None:
         builder_for(known.architecture)  # refuses a model we cannot build before downloading it
     resolved = resolve_source(str(source), revision=revision)
@@ -115,14 +109,8 @@ def export(source: str | os.PathLike[str], output: str | os.PathLike[str], optio
     model = builder.build()
     quantization = prepare_int4(builder, resolved.path)  # GPTQ runs here, before anything is written
 
-    check_parent(target)
-    needed = _size_estimate(model, resolved.path)
-    check_free_space(target.parent, needed)
-    try:
-        staging = make_staging(target)
-    except OSError as error:
-        _raise_write_error(error, target.parent)
-    try:
+    with staged_output(target, checked=checked, protected=protected,
+                       needed=_size_estimate(model, resolved.path)) as staging:
         log.info("Writing model.onnx and its weights to %s", staging)
         _save(model, staging, progress=progress)
         _copy_tokenizer(resolved.path, staging)
@@ -135,13 +123,6 @@ def export(source: str | os.PathLike[str], output: str | os.PathLike[str], optio
         manifest = _manifest(resolved, weights_hash.result(), cfg.architecture, options, staging, op_counts)
         manifest["quantization"] = quantization
         write_manifest(staging, manifest)
-        move_into_place(staging, target, checked, protected)
-    except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        _raise_write_error(error, target.parent, needed)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     files = {p.name: p.stat().st_size for p in sorted(target.iterdir())}
     return ExportResult(target, str(source), cfg.architecture, options, time.perf_counter() - started,
                         files, op_counts)
@@ -223,14 +204,6 @@ def _manifest(resolved: ResolvedSource, weights_sha256: str, architecture: str, 
                   if p.is_file() and not p.name.startswith(".")},  # not the staging folder's marker
         "verification": None,
     }
-
-
-def _raise_write_error(error: OSError, folder: Path, needed: int | None = None) -> NoReturn:
-    """Re-raise a failed write as one sentence when the disk caused it (full, read-only, no permission)."""
-    converted = write_error(error, folder, needed)
-    if converted is error:
-        raise error
-    raise converted from error
 
 
 def _size_estimate(model: ir.Model, source: Path) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from phi_onnx.errors import OptionsError
+from phi_onnx.paths import expand_user
 
 BUILTIN = Path(__file__).with_name("calibration.txt")
 WINDOW = 256  #: tokens per calibration sequence
@@ -53,7 +54,7 @@ def calibration_text(spec: str | tuple[str, ...] | None) -> tuple[str, str]:
             raise OptionsError("Calibration texts must be a non-empty list of strings.",
                                hint="Pass a text file's path or a list of texts.")
         return "\n\n".join(spec), f"<{len(spec)} texts>"
-    path = Path(spec).expanduser()
+    path = expand_user(spec, what="The calibration file", error=OptionsError)
     if not path.is_file():
         raise OptionsError(f"Calibration file {path} does not exist or is not a file.",
                            hint="Pass a UTF-8 text file, e.g. --calibration my_domain.txt.")

@@ -14,7 +14,9 @@ place when complete, and the input folder is never modified.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from phi_onnx.errors import OptionsError, OutputExistsError, UnsupportedModelError
+from phi_onnx.errors import OptionsError, OutputExistsError, OutputWriteError, UnsupportedModelError
 from phi_onnx.export.graph import MS_DOMAIN
 from phi_onnx.export.options import ALGOS
 from phi_onnx.quantize.clip import quantize_clip
@@ -60,11 +62,15 @@ def quantize_folder(source: str | Path, output: str | Path, *, algo: str = "rtn"
         OptionsError, UnsupportedModelError, OutputExistsError: with the reason; nothing is written.
     """
     from phi_onnx.export.options import ExportOptions
-    from phi_onnx.export.output import check_parent, check_target, make_staging, move_into_place, write_error
+    from phi_onnx.export.output import check_target, staged_output
     from phi_onnx.manifest import read_manifest
+    from phi_onnx.paths import expand_user
 
-    src = Path(source).expanduser().resolve()
-    target = Path(output).expanduser().resolve()
+    if "\0" in os.fspath(output):
+        raise OutputWriteError(f"The output path {os.fspath(output)!r} contains a NUL character.",
+                               hint="Pass a plain folder path.")
+    src = expand_user(source, what="The input folder").resolve()
+    target = expand_user(output, what="The output folder").resolve()
     if not (src / "model.onnx").is_file():
         raise OptionsError(f"{src} has no model.onnx.", hint="Pass a folder holding an fp32 or fp16 ONNX model.")
     if algo not in ALGOS:
@@ -82,7 +88,7 @@ def quantize_folder(source: str | Path, output: str | Path, *, algo: str = "rtn"
     if checked.calibrates:
         return _reexport(src, target, manifest, algo, block_size, symmetric, accuracy_level, calibration,
                          calibration_tokens)
-    model = ir.load(src / "model.onnx")
+    model = _load(src)
     if any(n.op_type == "MatMulNBits" for n in model.graph):
         raise UnsupportedModelError(f"{src / 'model.onnx'} is already quantized (it has MatMulNBits).",
                                     hint="Quantize the fp32 or fp16 model it was made from.")
@@ -93,26 +99,59 @@ def quantize_folder(source: str | Path, output: str | Path, *, algo: str = "rtn"
         raise UnsupportedModelError(f"{src / 'model.onnx'} has no MatMul with a constant float weight to quantize "
                                     f"({len(result.kept)} MatMuls, none eligible).",
                                     hint="Only MatMul nodes whose second input is a 2-D initializer can become int4.")
-    check_parent(target)
-    try:
-        staging = make_staging(target)
-    except OSError as error:
-        raise write_error(error, target.parent) from error
-    try:
+    with staged_output(target, protected=[(src, "the input model")]) as staging:
         ir.save(model, staging / "model.onnx", external_data="model.onnx.data")
         for item in sorted(src.iterdir()):
             if item.is_file() and not item.name.startswith("model.onnx") and item.name != "phi_onnx.json":
                 shutil.copy2(item, staging / item.name)
         if isinstance(manifest, dict):
             _write_manifest(staging, manifest, src, algo, block_size, symmetric, result)
-        move_into_place(staging, target, None, [(src, "the input model")])
-    except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise write_error(error, target.parent) from error
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return result
+
+
+def _load(src: Path) -> ir.Model:
+    """model.onnx of `src`, its weights left on disk; refuses a file that is not ONNX, and external data
+    that is missing, too short, or outside the folder (read only once the weights are written, it would
+    fail half way through with a library error)."""
+    path = src / "model.onnx"
+    try:
+        model = ir.load(path)
+    except OSError as error:
+        raise OptionsError(f"Cannot read {path}: {error.strerror or error}.",
+                           hint="Check the file's permissions, or pass another folder.") from error
+    except Exception as error:  # protobuf's DecodeError and onnx_ir's checks: the file is not a valid ONNX model
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UnsupportedModelError(f"{path} is not a readable ONNX model ({first}).",
+                                    hint="Pass a folder holding an fp32 or fp16 model.onnx saved by ONNX "
+                                         "(onnx.save) or an exporter.") from None
+    base = os.path.realpath(src)
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        location = os.path.join(tensor.base_dir, tensor.location)
+        real = os.path.realpath(location)
+        where = f"{path} keeps tensor {tensor.name!r} in {str(tensor.location)!r}"
+        if os.path.commonpath([base, real]) != base:
+            raise UnsupportedModelError(f"{where}, outside its folder ({real}).",
+                                        hint="Weights are read only from the model's own folder: move the data "
+                                             "file in and save the model again pointing at it.")
+        try:
+            info = os.stat(real)
+        except OSError as error:
+            raise UnsupportedModelError(f"{where}, which cannot be read ({error.strerror}).",
+                                        hint="Copy the model's data file(s) into its folder.") from error
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsupportedModelError(f"{where}, which is not a file.",
+                                        hint="Save the model again with its weights in a data file beside it.")
+        if info.st_nlink > 1:  # onnx_ir refuses hard-linked data files (a way to read a file from elsewhere)
+            raise UnsupportedModelError(f"{where}, a file with {info.st_nlink} hard links.",
+                                        hint="Copy the data file (cp, not ln) so that the folder holds its own.")
+        end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
+        if end > info.st_size:
+            raise UnsupportedModelError(f"{where}, which ends at byte {info.st_size}, before the tensor does "
+                                        f"({end}).", hint="The data file is truncated: copy it again.")
+    return model
 
 
 def _replace_matmuls(model: ir.Model, result: QuantizeResult, algo: str, block_size: int, symmetric: bool,

@@ -10,6 +10,7 @@ gives it.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import resource
 import statistics
@@ -49,6 +50,9 @@ def run_bench(model: Model, *, prompt_tokens: int = 128, new_tokens: int = 128, 
         raise PromptTooLongError(
             f"{prompt_tokens} prompt + {new_tokens} new tokens exceed the {model.context_length}-token context.",
             hint="Lower --prompt-tokens or --new-tokens.")
+    if bandwidth_gbps is not None and not (isinstance(bandwidth_gbps, (int, float)) and 0 < bandwidth_gbps < math.inf):
+        raise OptionsError(f"The memory bandwidth must be a positive number of GB/s, not {bandwidth_gbps!r}.",
+                           hint="Use e.g. --bandwidth 50 (bandwidth_gbps=50), or leave it out to measure it.")
     prompt = bench_prompt(model, prompt_tokens)
     runs = []
     for i in range(warmup + repeat):

@@ -36,6 +36,7 @@ HUB_ALLOW_PATTERNS = [
 ]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_NOTED: set[str] = set()  #: short names already noted as shadowing a folder of the same name
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,17 @@ def resolve_source(spec: str, *, revision: str | None = None, offline: bool = Fa
     Raises:
         SourceError: the name is unknown, the folder does not exist, or the hub cannot be reached.
     """
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return ResolvedSource(spec=spec, path=path.resolve())
+    from phi_onnx.paths import expand_user
+
+    path = expand_user(spec, what="The checkpoint path", error=SourceError)
     known = find_known_model(spec)
+    if known is not None and os.path.lexists(path) and spec not in _NOTED:
+        # A short name means that model wherever it runs; a folder is reached by a path (`./NAME`)
+        _NOTED.add(spec)  # once per process: the store and the export it starts both resolve the name
+        log.warning("Note: %s is a short model name; using that model, not %s in this folder (pass ./%s for "
+                    "the folder).", spec, spec, spec)
+    if path.is_dir() and known is None:
+        return ResolvedSource(spec=spec, path=path.resolve())
     if known is not None and known.name == "tiny-phi3":
         from phi_onnx.tiny import TINY_PHI3_DIR
 

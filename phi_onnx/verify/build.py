@@ -46,11 +46,13 @@ from typing import Any
 from phi_onnx.errors import OptionsError, PhiOnnxError
 from phi_onnx.export.options import ExportOptions
 from phi_onnx.manifest import ManifestError, read_manifest
+from phi_onnx.paths import expand_user
 from phi_onnx.verify import (
     DEFAULT_THRESHOLDS,
     SAMPLE_TEXT,
     OnnxRunError,
     Thresholds,
+    VerifyError,
     VerifySettings,
     default_thresholds,
     read_prompts,
@@ -155,12 +157,17 @@ def load_recipe(path: str | os.PathLike[str], output: str | os.PathLike[str] | N
     """Read and validate a recipe; `output` overrides its `output`."""
     import yaml
 
-
-    file = Path(path).expanduser()
+    file = expand_user(path, what="The recipe path", error=RecipeError)
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        text = file.read_text(encoding="utf-8")
     except OSError as error:
         raise RecipeError(f"Cannot read the recipe {file}: {error.strerror or error}.", hint=RECIPE_HINT) from error
+    except UnicodeDecodeError as error:
+        raise RecipeError(f"The recipe {file} is not UTF-8 text (byte {error.start}: "
+                          f"{error.object[error.start:error.start + 1]!r}); a recipe is a YAML file.",
+                          hint=RECIPE_HINT) from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise RecipeError(f"{file} is not valid YAML: {error}", hint=RECIPE_HINT) from error
     return parse_recipe(data, file, output)
@@ -177,7 +184,7 @@ def parse_recipe(data: Any, file: Path, output: str | os.PathLike[str] | None = 
     out_spec = output or data.get("output") or "out"
     if not isinstance(out_spec, (str, os.PathLike)) or "\0" in os.fspath(out_spec):
         raise RecipeError(f"`output` must be a folder path, not {out_spec!r}.", hint=RECIPE_HINT)
-    out = Path(out_spec).expanduser()
+    out = expand_user(out_spec, what="The output folder", error=RecipeError)
     default_variants = _list(data.get("variants"), "`variants`")
     variants: list[Variant] = []
     seen: dict[Path, str] = {}
@@ -230,12 +237,15 @@ def parse_recipe(data: Any, file: Path, output: str | os.PathLike[str] | None = 
     if verification.get("prompts"):
         prompts = tuple(read_prompts(base / verification["prompts"]))
     text = read_text(base / verification["text"]) if verification.get("text") else SAMPLE_TEXT
-    settings = VerifySettings(
-        prompts=prompts, prompts_source=str(verification.get("prompts") or "builtin"),
-        use_builtin_prompts=bool(verification.get("builtin_prompts", True)) or not prompts,
-        text=text, text_source=str(verification.get("text") or "builtin"),
-        new_tokens=_count(verification, "new_tokens", 32, 1), text_tokens=_count(verification, "text_tokens", 1024, 2),
-        window=_count(verification, "window", 256, 2))
+    try:
+        settings = VerifySettings(
+            prompts=prompts, prompts_source=str(verification.get("prompts") or "builtin"),
+            use_builtin_prompts=bool(verification.get("builtin_prompts", True)) or not prompts,
+            text=text, text_source=str(verification.get("text") or "builtin"),
+            new_tokens=_count(verification, "new_tokens", 32, 1),
+            text_tokens=_count(verification, "text_tokens", 1024, 2), window=_count(verification, "window", 256, 2))
+    except VerifyError as error:  # refused now, not once per variant after each export
+        raise RecipeError(f"{file}: {error.message}", hint=error.hint) from None
     thresholds = verification.get("thresholds") or {}
     if not isinstance(thresholds, dict) or not all(isinstance(v, dict) for v in thresholds.values()):
         raise RecipeError("`verification.thresholds` maps a precision to {figure: limit}.",
@@ -250,6 +260,10 @@ def parse_recipe(data: Any, file: Path, output: str | os.PathLike[str] | None = 
                                    f"figures: {', '.join(sorted(figures))}.")
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in limits.values()):
             raise RecipeError(f"`verification.thresholds.{precision}`: limits must be numbers.", hint=RECIPE_HINT)
+        try:
+            Thresholds(**limits)  # finite, and in each figure's range
+        except VerifyError as error:
+            raise RecipeError(f"`verification.thresholds.{precision}`: {error.message}", hint=error.hint) from None
     return Recipe(file, out, variants, verify=bool(data.get("verify", True)), settings=settings,
                   thresholds={str(k): dict(v) for k, v in thresholds.items()},
                   verify_device=str(verification.get("device", "cpu")))

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from phi_onnx.manifest import MANIFEST, record_verification
+from phi_onnx.paths import expand_user
 from phi_onnx.source.checkpoint import weight_files
 from phi_onnx.verify.errors import VerifyError
 from phi_onnx.verify.inputs import BUILTIN_PROMPTS, VerifySettings
@@ -60,7 +61,7 @@ def verify(folder: str | os.PathLike[str], *, reference: str | None = None, revi
 
     started = time.perf_counter()
     settings = settings or VerifySettings()
-    path = Path(folder).expanduser().resolve()
+    path = expand_user(folder, what="The export folder", error=VerifyError).resolve()
     require_reference_extra()  # fail before any work when the extra is missing
     model_folder = read_folder(path)
     manifest = model_folder.manifest

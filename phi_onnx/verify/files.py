@@ -16,6 +16,7 @@ from typing import Any
 
 from phi_onnx.errors import PhiOnnxError
 from phi_onnx.manifest import MANIFEST, read_manifest
+from phi_onnx.paths import expand_user
 from phi_onnx.source.checkpoint import file_sha256
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -72,7 +73,7 @@ def check_files(folder: str | os.PathLike[str]) -> FileCheck:
         IntegrityError: the folder has no manifest, or its file list is not one phi-onnx writes.
         ManifestError: the manifest is not readable JSON.
     """
-    path = Path(folder).expanduser()
+    path = expand_user(folder, what="The export folder", error=IntegrityError)
     if not path.is_dir():
         raise IntegrityError(f"{path} is not a folder.", hint="Pass a folder written by `phi-onnx export`.")
     manifest = read_manifest(path)

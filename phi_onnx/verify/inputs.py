@@ -68,6 +68,13 @@ class VerifySettings:
     text_tokens: int = 1024
     window: int = 256
 
+    def __post_init__(self) -> None:
+        if self.text_tokens < self.window:
+            raise VerifyError(f"text_tokens ({self.text_tokens}) is less than one perplexity window ({self.window} "
+                              "tokens), so no window fits and every verification would fail.",
+                              hint="Raise the text tokens (--text-tokens, `verification.text_tokens`) or lower "
+                                   "the window (--window, `verification.window`).")
+
     def key(self) -> dict[str, Any]:
         """What identifies these inputs (for the record, and to know whether a record is still current)."""
         prompts = (list(BUILTIN_PROMPTS) if self.use_builtin_prompts else []) + list(self.prompts)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from phi_onnx.manifest import ManifestError, manifest_path, read_manifest
+from phi_onnx.paths import expand_user
 from phi_onnx.runtime.errors import ModelFolderError
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def inspect_folder(folder: str | os.PathLike[str], *, check_files: bool = False)
     inputs, outputs, opsets, source, options, tools, created, verification (None when never verified);
     with `check_files`, file_check (`phi_onnx.verify.files.FileCheck.to_dict()`).
     """
-    path = Path(folder).expanduser()
+    path = expand_user(folder, what="The export folder", error=ModelFolderError)
     if not path.is_dir():
         raise ModelFolderError(f"{path} is not a folder.",
                                hint="Pass a folder written by `phi-onnx export SOURCE -o FOLDER`.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 
 from phi_onnx.verify.errors import VerifyError
@@ -25,6 +26,19 @@ class Thresholds:
     kl_divergence: float | None = None
     greedy_agreement: float | None = None
     perplexity_change: float | None = None
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            limit = getattr(self, item.name)
+            if limit is None:
+                continue
+            agreement = item.name in LOWER_BOUNDS
+            if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit) \
+                    or limit < 0 or (agreement and limit > 1):
+                # nan would fail (or, as an upper bound's inf, pass) every check whatever was measured
+                raise VerifyError(f"The {item.name} limit must be a finite number "
+                                  f"{'from 0 to 1' if agreement else 'of at least 0'}, not {limit!r}.",
+                                  hint="For example top1_agreement 0.85 (--min-top1 0.85), kl_divergence 0.1.")
 
     def with_overrides(self, **overrides: float | None) -> Thresholds:
         """A copy with the given (non-None) limits replaced."""

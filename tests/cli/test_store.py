@@ -164,16 +164,209 @@ def test_precision_with_an_export_folder_says_it_is_not_used(home, make_export):
 
 def test_an_rm_cut_short_leaves_no_half_entry_for_the_next_export(home, monkeypatch):
     folder = resolve_model("tiny-phi3", device="cpu")
-    real_rmtree = shutil.rmtree
 
     def interrupted(path, *args, **kwargs):  # Ctrl-C after the weights went, before model.onnx did
         (Path(path) / "model.onnx.data").unlink()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("phi_onnx.store.shutil.rmtree", interrupted)
-    assert run("rm", "tiny-phi3").exit_code == 130
-    monkeypatch.setattr("phi_onnx.store.shutil.rmtree", real_rmtree)
+    with monkeypatch.context() as patch:
+        patch.setattr("phi_onnx.store.delete_written", interrupted)
+        assert run("rm", "tiny-phi3").exit_code == 130
+    leftover = home / "models" / f".removing-{folder.name}"
+    assert (leftover / "model.onnx").is_file() and (leftover / ".phi-onnx-removing").is_file()
     again = resolve_model("tiny-phi3", device="cpu")
     assert again == folder and (again / "model.onnx.data").is_file()
-    run("rm", "tiny-phi3")
+    assert run("rm", "tiny-phi3").exit_code == 0  # and finishes the one cut short, from its list
     assert list((home / "models").iterdir()) == []
+
+
+# -- what the store may delete, damaged entries, names and paths (issue 18) -----------------------------------
+
+def no_traceback(result) -> None:
+    assert "Traceback" not in result.output and "Traceback" not in result.stderr
+
+
+def test_rm_leaves_removing_folders_the_store_did_not_make(home):
+    """The issue's repro: a `.removing-*` folder the user made survives `rm`, and so does one named like an id
+    whose files no removal list names."""
+    notes = home / "models" / ".removing-notes"
+    notes.mkdir(parents=True)
+    (notes / "n.txt").write_text("mine")
+    lookalike = home / "models" / ".removing-0123456789ab"
+    lookalike.mkdir()
+    (lookalike / "model.onnx").write_text("mine too")  # a name exports use, but no list or manifest names it
+
+    chat = run("chat", "tiny-phi3", "--once", "--max-new-tokens", "2", input="hi\n")
+    assert chat.exit_code == 0, chat.output
+    removed = run("rm", "tiny-phi3")
+    assert removed.exit_code == 0, removed.output
+    assert (notes / "n.txt").read_text() == "mine" and (lookalike / "model.onnx").read_text() == "mine too"
+    assert sorted(p.name for p in (home / "models").iterdir()) == [".removing-0123456789ab", ".removing-notes"]
+    assert list_entries() == []
+
+
+def test_rm_refuses_an_entry_holding_a_file_it_did_not_write(home):
+    folder = resolve_model("tiny-phi3", device="cpu")
+    (folder / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in folder.iterdir())
+
+    refused = run("rm", "tiny-phi3")
+    assert refused.exit_code == 2
+    assert "notes.txt, which phi-onnx did not write" in refused.stderr and "nothing was removed" in refused.stderr
+    assert f"Move what you need out of {folder}" in refused.stderr and "phi-onnx rm tiny-phi3" in refused.stderr
+    no_traceback(refused)
+    assert sorted(p.name for p in folder.iterdir()) == before and len(list_entries()) == 1  # all still there
+
+    (folder / "notes.txt").unlink()
+    assert run("rm", "tiny-phi3").exit_code == 0 and not folder.exists()
+
+
+def test_a_finished_rm_list_is_used_and_nothing_else(home, monkeypatch, caplog):
+    """An rm cut short after its list was written: the next rm deletes the listed files, keeps anything else."""
+    folder = resolve_model("tiny-phi3", device="cpu")
+
+    def interrupted(path, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr("phi_onnx.store.delete_written", interrupted)
+        assert run("rm", "tiny-phi3").exit_code == 130
+    leftover = home / "models" / f".removing-{folder.name}"
+    listed = json.loads((leftover / ".phi-onnx-removing").read_text())
+    assert listed["id"] == folder.name and {"model.onnx", "model.onnx.data", "phi_onnx.json"} <= set(listed["files"])
+    (leftover / "dropped-in.txt").write_text("mine")
+
+    resolve_model("tiny-phi3", device="cpu")
+    result = run("rm", "tiny-phi3")
+    assert result.exit_code == 0, result.output
+    assert any("dropped-in.txt, which phi-onnx did not write" in r.getMessage() for r in caplog.records)  # on stderr
+    assert sorted(p.name for p in (home / "models").iterdir()) == [leftover.name]
+    assert [p.name for p in leftover.iterdir()] == ["dropped-in.txt"]
+
+
+def test_a_stale_pending_folder_that_is_not_an_export_is_refused(home):
+    from phi_onnx.store import _hash, _version, default_export_options
+
+    options = default_export_options("cpu")
+    key = _hash({"stamp": source_stamp(TINY_PHI3_DIR), "options": options.to_dict(), "version": _version()})[:16]
+    pending = home / "models" / f".pending-{key}"
+    pending.mkdir(parents=True)
+    (pending / "n.txt").write_text("mine")
+
+    result = run("generate", "tiny-phi3", "x", "--max-new-tokens", "2", "--device", "cpu")
+    assert result.exit_code == 2
+    assert str(pending) in result.stderr and "which phi-onnx did not write" in result.stderr
+    no_traceback(result)
+    assert (pending / "n.txt").read_text() == "mine" and list_entries() == []
+
+
+@pytest.mark.parametrize(("damage", "why", "listed"), [
+    ("manifest", "its phi_onnx.json is missing", True),
+    ("weights", "files are missing (model.onnx.data)", True),
+    ("record", "it has no record", True),
+    # What the runtime finds wrong in a file's content, in the store's words; `list` reads no model file
+    ("genai_config", "genai_config.json lacks a required field", False),
+])
+def test_a_damaged_entry_is_listed_refused_and_removable(home, damage, why, listed):
+    folder = resolve_model("tiny-phi3", device="cpu")
+    entry_id = folder.name
+    if damage == "manifest":
+        (folder / "phi_onnx.json").unlink()
+    elif damage == "weights":
+        (folder / "model.onnx.data").unlink()
+    elif damage == "genai_config":
+        (folder / "genai_config.json").write_text('{"model": {"decoder": {}}}')
+    else:
+        (home / "entries" / f"{entry_id}.json").unlink()
+
+    used = run("chat", "tiny-phi3" if damage != "record" else entry_id, "--once", input="hi\n")
+    assert used.exit_code == 2, used.output
+    assert f"The store entry {entry_id}" in used.stderr and "is damaged" in used.stderr and why in used.stderr
+    assert f"Remove it with `phi-onnx rm {entry_id}`" in used.stderr and "--overwrite" not in used.stderr
+    no_traceback(used)
+    assert used.stdout == ""  # never used
+
+    entries = json.loads(run("list", "--json").stdout)
+    assert [e["id"] for e in entries] == [entry_id]
+    assert entries[0]["damaged"].startswith(why) if listed else entries[0]["damaged"] is None
+    table = run("list").stdout
+    assert ("DAMAGED" in table and f"`phi-onnx rm {entry_id}` removes it" in table) == listed
+
+    removed = run("rm", entry_id)
+    assert removed.exit_code == 0, removed.output
+    assert ("damaged: " + why in removed.stdout) == listed
+    assert list((home / "models").iterdir()) == [] and list((home / "entries").iterdir()) == []
+    assert run("chat", "tiny-phi3", "--once", "--max-new-tokens", "2", input="hi\n").exit_code == 0  # afresh
+
+
+def test_a_damaged_entry_without_any_file_list_is_not_guessed_at(home):
+    """An entry from before records listed their files, with its manifest gone: rm cannot tell what it
+    wrote, so it deletes nothing and says how to finish by hand."""
+    folder = resolve_model("tiny-phi3", device="cpu")
+    record_path = home / "entries" / f"{folder.name}.json"
+    record = json.loads(record_path.read_text())
+    del record["files"]
+    record_path.write_text(json.dumps(record))
+    (folder / "phi_onnx.json").unlink()
+    before = sorted(p.name for p in folder.iterdir())
+
+    refused = run("rm", "tiny-phi3")
+    assert refused.exit_code == 2 and "phi_onnx.json is gone" in refused.stderr
+    no_traceback(refused)
+    assert sorted(p.name for p in folder.iterdir()) == before and record_path.is_file()
+    shutil.rmtree(folder)  # what the message asks the user to do
+    assert run("rm", "tiny-phi3").exit_code == 0 and list_entries() == []
+
+
+def test_a_home_with_an_unknown_user_is_a_clean_error(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PHI_ONNX_HOME", "~nosuchuser-phi-onnx/x")
+    for args in (["list"], ["rm", "tiny-phi3"], ["chat", "tiny-phi3", "--once"]):
+        result = run(*args, input="hi\n")
+        assert result.exit_code == 2, (args, result.output)
+        assert "$PHI_ONNX_HOME '~nosuchuser-phi-onnx/x'" in result.stderr
+        assert "no user 'nosuchuser-phi-onnx'" in result.stderr and "absolute path" in result.stderr
+        no_traceback(result)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("PHI_ONNX_HOME", str(tmp_path / "store"))
+    model = run("generate", "~nosuchuser-phi-onnx/model", "x")
+    assert model.exit_code == 2 and "no user 'nosuchuser-phi-onnx'" in model.stderr
+    no_traceback(model)
+
+
+def test_a_short_name_means_the_model_even_beside_a_folder_of_that_name(home, tmp_path, monkeypatch, caplog):
+    from phi_onnx.source import hub
+
+    monkeypatch.setattr(hub, "_NOTED", set())
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny-phi3").mkdir()
+    (tmp_path / "tiny-phi3" / "notes.txt").write_text("mine")
+
+    by_name = run("generate", "tiny-phi3", "def add(a, b):", "--max-new-tokens", "2", "--json")
+    assert by_name.exit_code == 0, by_name.output
+    notes = [r.getMessage() for r in caplog.records if "short model name" in r.getMessage()]  # on stderr
+    assert notes == ["Note: tiny-phi3 is a short model name; using that model, not tiny-phi3 in this folder (pass "
+                     "./tiny-phi3 for the folder)."]  # once, though the store and its export both resolve it
+    assert [e.name for e in list_entries()] == ["tiny-phi3"]
+
+    by_path = run("generate", "./tiny-phi3", "x", "--max-new-tokens", "2")
+    assert by_path.exit_code == 2 and "is not a phi-onnx export" in by_path.stderr
+    no_traceback(by_path)
+    exported = run("export", "tiny-phi3", "-o", str(tmp_path / "out"))  # export follows the same rule
+    assert exported.exit_code == 0, exported.output
+    assert json.loads((tmp_path / "out" / "phi_onnx.json").read_text())["source"]["path"] == str(TINY_PHI3_DIR)
+    assert [p.name for p in (tmp_path / "tiny-phi3").iterdir()] == ["notes.txt"]
+
+
+def test_list_escapes_control_characters_and_json_keeps_them(home, tmp_path):
+    source = tmp_path / "ckpt-\x1b[2J\x1b[31mred\x07"
+    shutil.copytree(TINY_PHI3_DIR, source)
+    folder = resolve_model(source, device="cpu")
+
+    table = run("list").stdout
+    assert "\x1b" not in table and "\x07" not in table
+    assert "ckpt-\\x1b[2J\\x1b[31mred\\x07" in table
+    listed = json.loads(run("list", "--json").stdout)
+    assert listed[0]["name"] == str(source) and listed[0]["source"] == str(source)
+    removed = run("rm", folder.name)
+    assert removed.exit_code == 0 and "\x1b" not in removed.stdout and "\\x1b[31m" in removed.stdout

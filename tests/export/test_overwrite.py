@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from phi_onnx.cli import main
 from phi_onnx.errors import OutputExistsError
-from phi_onnx.export import ExportOptions, export, pipeline
+from phi_onnx.export import ExportOptions, export
 from phi_onnx.export import output as output_module
 
 FP32 = ExportOptions(precision="fp32")
@@ -129,13 +129,13 @@ def test_overwrite_replaces_a_previous_export_and_nothing_else(ckpt, tmp_path):
 
 def _during_move(monkeypatch, action) -> None:
     """Run `action(target)` just before the final move, as another process might."""
-    real = pipeline.move_into_place
+    real = output_module.move_into_place
 
     def move(staging, target, checked, protected=()):
         action(target)
         return real(staging, target, checked, protected)
 
-    monkeypatch.setattr(pipeline, "move_into_place", move)
+    monkeypatch.setattr(output_module, "move_into_place", move)  # what staged_output calls
 
 
 def test_folder_created_while_exporting_is_left_alone(ckpt, tmp_path, monkeypatch):

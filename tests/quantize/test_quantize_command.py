@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
@@ -140,3 +143,90 @@ def test_gptq_on_a_phi_onnx_export_reexports_from_its_checkpoint(make_checkpoint
     (source / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(Exception, match="changed since"):
         quantize_folder(tmp_path / "fp32", tmp_path / "gptq2", algo="gptq")
+
+
+def external_model(folder, location: str, data: bytes | None = None) -> None:
+    """foreign_model's graph with w1 kept in an external file at `location` (relative to `folder`)."""
+    w1, _ = foreign_model(folder)
+    model = onnx.load(folder / "model.onnx")
+    tensor = next(t for t in model.graph.initializer if t.name == "w1")
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(w1.nbytes))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, folder / "model.onnx")
+    if data is not None:
+        target = folder / location
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data or w1.tobytes())  # b"": the real weights
+
+
+def refused(result, *needles: str) -> None:
+    assert result.exit_code == 2, result.output
+    for needle in needles:
+        assert needle in result.stderr, (needle, result.stderr)
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("case", "needles"), [
+    ("garbage", ["is not a readable ONNX model (Error parsing message", "saved by ONNX"]),
+    ("outside", ["keeps tensor 'w1' in '../outside.bin', outside its folder", "move the data file in"]),
+    ("missing", ["keeps tensor 'w1' in 'w1.bin', which cannot be read (No such file or directory)",
+                 "Copy the model's data file"]),
+    ("truncated", ["keeps tensor 'w1' in 'w1.bin', which ends at byte 100, before the tensor does (24576)",
+                   "truncated"]),
+])
+def test_a_model_that_cannot_be_read_is_refused_before_anything_is_written(tmp_path, case, needles):
+    src = tmp_path / "in"
+    if case == "garbage":
+        src.mkdir()
+        (src / "model.onnx").write_bytes(b"\x08garbage, not a protobuf\xff\xff")
+    elif case == "outside":
+        external_model(src, "../outside.bin")
+        (tmp_path / "outside.bin").write_bytes(np.zeros(64 * 96, np.float32).tobytes())
+    elif case == "missing":
+        external_model(src, "w1.bin")
+    else:
+        external_model(src, "w1.bin", b"\0" * 100)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    result = CliRunner().invoke(main, ["quantize", str(src), str(tmp_path / "out")])
+    refused(result, *needles)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written, nothing hidden
+
+
+def test_external_data_inside_the_folder_is_read(tmp_path):
+    external_model(tmp_path / "in", "weights/w1.bin", b"")
+    result = CliRunner().invoke(main, ["quantize", str(tmp_path / "in"), str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "2 MatMuls as int4" in result.output
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_an_output_where_nothing_can_be_created_is_a_clean_error(tmp_path):
+    foreign_model(tmp_path / "in")
+    result = CliRunner().invoke(main, ["quantize", str(tmp_path / "in"), "/proc/phi-onnx-quantized"])
+    refused(result, "Cannot write to /proc", "No such file or directory", "ordinary writable disk")
+    assert not os.path.exists("/proc/phi-onnx-quantized")
+    home = CliRunner().invoke(main, ["quantize", str(tmp_path / "in"), "~nosuchuser-phi-onnx/q"])
+    refused(home, "The output folder '~nosuchuser-phi-onnx/q'", "no user 'nosuchuser-phi-onnx'")
+
+
+@pytest.mark.parametrize(("error", "code", "needles"), [
+    (KeyboardInterrupt(), 130, ["Interrupted; the output folder was not created."]),
+    (OSError(errno.ENOSPC, "No space left on device"), 2, ["The disk is full", "Nothing was left behind"]),
+])
+def test_quantize_stages_its_output_like_export(tmp_path, monkeypatch, error, code, needles):
+    """quantize writes through export's staged_output: an interruption or a full disk leaves nothing."""
+    foreign_model(tmp_path / "in")
+    real_save = ir.save
+
+    def fails(model, path, **kwargs):
+        real_save(model, path, **kwargs)  # a half-written staging folder, then
+        raise error
+
+    monkeypatch.setattr(ir, "save", fails)
+    result = CliRunner().invoke(main, ["quantize", str(tmp_path / "in"), str(tmp_path / "out")])
+    assert result.exit_code == code, result.output
+    assert all(needle in result.stderr for needle in needles) and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # no output, no hidden staging folder

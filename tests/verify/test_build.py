@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -84,11 +85,12 @@ def test_a_failing_variant_does_not_stop_the_others(make_checkpoint, tmp_path):
 def test_failed_verification_fails_the_build(make_checkpoint, tmp_path):
     models = [{"name": "gqa", "source": str(make_checkpoint("phi3-gqa")), "variants": ["cpu-fp32"]}]
     recipe = write_recipe(tmp_path / "recipe.yaml", models,
-                          verification={**FAST_VERIFY, "thresholds": {"fp32": {"perplexity_change": -1}}})
+                          # no two runtimes give bit-identical logits: a limit of 0 is valid and fails
+                          verification={**FAST_VERIFY, "thresholds": {"fp32": {"max_abs_logit_diff": 0}}})
     result = run("build", str(recipe))
     assert result.exit_code == 1
     row = summary(tmp_path / "out")[("gqa", "cpu-fp32")]
-    assert row["status"] == "built" and row["verification"] == "failed" and "perplexity_change" in row["reason"]
+    assert row["status"] == "built" and row["verification"] == "failed" and "max_abs_logit_diff" in row["reason"]
 
 
 @pytest.mark.parametrize(("spec", "expected", "folder"), [
@@ -236,3 +238,40 @@ def test_summaries_a_build_did_not_write_are_not_replaced(tmp_path, name):
     result = CliRunner().invoke(main, ["build", str(path)])
     assert result.exit_code == 2 and "that `phi-onnx build` did not write" in result.output
     assert sorted(p.name for p in out.iterdir()) == [name] and (out / name).read_text() == "my notes"
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00b\x00i\x00n", b"models:\n- source: caf\xe9\n"])
+def test_a_recipe_that_is_not_utf8_is_a_clean_error(tmp_path, content):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(content)
+    result = run("build", str(path))
+    assert result.exit_code == 2
+    assert f"The recipe {path} is not UTF-8 text (byte" in result.stderr and "a recipe is a YAML file" in result.stderr
+    assert "Traceback" not in result.output and list(tmp_path.iterdir()) == [path]
+
+
+@pytest.mark.parametrize(("verification", "message"), [
+    ({"text_tokens": 100, "window": 256}, "text_tokens (100) is less than one perplexity window (256 tokens)"),
+    ({"text_tokens": 100}, "text_tokens (100) is less than one perplexity window (256 tokens)"),  # default window
+    ({"thresholds": {"int4": {"top1_agreement": float("nan")}}}, "top1_agreement limit must be a finite number "
+                                                                 "from 0 to 1, not nan"),
+    ({"thresholds": {"fp32": {"max_abs_logit_diff": float("inf")}}}, "finite number of at least 0, not inf"),
+    ({"thresholds": {"fp16": {"kl_divergence": -1}}}, "kl_divergence limit must be a finite number of at least 0"),
+    ({"thresholds": {"int4": {"greedy_agreement": 2}}}, "from 0 to 1, not 2"),
+])
+def test_verification_that_cannot_pass_or_measure_is_refused_before_any_export(tmp_path, monkeypatch, verification,
+                                                                               message):
+    def never(*args, **kwargs):
+        raise AssertionError("a recipe that cannot verify must be refused before exporting")
+
+    monkeypatch.setattr(importlib.import_module("phi_onnx.export"), "export", never)  # what build() imports
+    path = write_recipe(tmp_path / "r.yaml", [{"name": "tiny", "source": "tiny-phi3", "variants": ["cpu-fp32"]}])
+    data = yaml.safe_load(path.read_text())
+    data["verification"] = verification
+    path.write_text(yaml.safe_dump(data))
+    result = run("build", str(path))
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+    if "text_tokens" in verification:
+        assert "--text-tokens" in result.stderr and "`verification.window`" in result.stderr  # the fix, both ways

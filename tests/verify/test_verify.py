@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from phi_onnx.cli import main
@@ -124,10 +125,12 @@ def test_incompatible_reference_is_a_clean_error(make_export):
 
 def test_threshold_overrides_and_nan(make_export, tmp_path):
     folder = copy_export(make_export("phi3-mha"), tmp_path)
-    result = run("verify", str(folder), "--max-ppl-change", "-1", "--json", *FAST)  # impossible limit
+    # No two runtimes give bit-identical logits: a limit of 0 is valid and fails
+    result = run("verify", str(folder), "--max-abs-logit-diff", "0", "--json", *FAST)
     assert result.exit_code == 1
     data = json.loads(result.stdout)
-    assert data["failed"] == ["perplexity_change"] and data["thresholds"]["perplexity_change"] == -1
+    assert data["failed"] == ["max_abs_logit_diff"] and data["thresholds"]["max_abs_logit_diff"] == 0
+    assert data["figures"]["max_abs_logit_diff"] > 0
     checks = evaluate({"top1_agreement": float("nan"), "kl_divergence": 0.0}, Thresholds(top1_agreement=0.5,
                                                                                        kl_divergence=1.0))
     assert [c.passed for c in checks] == [False, True]
@@ -152,9 +155,28 @@ def test_export_verify_flag(make_checkpoint, tmp_path, monkeypatch):
     assert json.loads(result.stdout)["verification"]["passed"]
     assert manifest(out)["verification"]["passed"]
     # A verification that fails: exit 1, and the export stays with the failing record.
-    monkeypatch.setitem(DEFAULT_THRESHOLDS, "fp32", Thresholds(top1_agreement=1.5))
+    monkeypatch.setitem(DEFAULT_THRESHOLDS, "fp32", Thresholds(max_abs_logit_diff=0.0))
     bad = tmp_path / "bad"
     result = run("export", str(make_checkpoint("phi3-mha")), "-o", str(bad), "--precision", "fp32", "--verify")
     assert result.exit_code == 1, result.output
     assert (bad / "model.onnx").is_file()
-    assert manifest(bad)["verification"]["failed"] == ["top1_agreement"]
+    assert manifest(bad)["verification"]["failed"] == ["max_abs_logit_diff"]
+
+
+def test_settings_and_limits_that_cannot_work_are_refused_before_loading(tmp_path):
+    from phi_onnx.verify import VerifyError, VerifySettings
+
+    missing = tmp_path / "no-such-export"  # never reached: the settings are refused first
+    result = run("verify", str(missing), "--text-tokens", "100", "--window", "256")
+    assert result.exit_code == 2
+    assert "text_tokens (100) is less than one perplexity window (256 tokens)" in result.stderr
+    assert "--text-tokens" in result.stderr and "Traceback" not in result.output and not missing.exists()
+    with pytest.raises(VerifyError, match="less than one perplexity window"):
+        VerifySettings(text_tokens=10, window=11)
+    assert VerifySettings(text_tokens=11, window=11).window == 11
+    for bad in (float("nan"), float("inf"), -0.5, 1.5):
+        with pytest.raises(VerifyError, match="top1_agreement limit must be a finite number from 0 to 1"):
+            Thresholds(top1_agreement=bad)
+        with pytest.raises(VerifyError, match="must be a finite number"):
+            Thresholds().with_overrides(top1_agreement=bad)  # verify(threshold_overrides=...) takes this path
+    assert Thresholds(top1_agreement=1, kl_divergence=0).top1_agreement == 1
