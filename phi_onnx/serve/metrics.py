@@ -142,11 +142,11 @@ class _PoolCollector:
             ("phi_onnx_active_requests", "Requests holding a KV slot.", s.active if s else 0),
             ("phi_onnx_queued_requests", "Requests waiting for a KV slot.", s.queued if s else 0),
             ("phi_onnx_kv_slots_used", "KV pool slots held by a request.", s.active if s else 0),
-            ("phi_onnx_kv_slots_total", "KV pool slots (requests decoded together).", s.max_batch if s else 0),
+            ("phi_onnx_kv_slots_capacity", "KV pool slots (requests decoded together).", s.max_batch if s else 0),
             ("phi_onnx_kv_tokens_used", "Tokens whose keys and values the KV pool holds.",
              # None (no sample) where the scheduler does not count them
              (sum(filled) if filled is not None else None) if s else 0),
-            ("phi_onnx_kv_tokens_total", "Tokens the KV pool can hold (slots x tokens per slot).",
+            ("phi_onnx_kv_tokens_capacity", "Tokens the KV pool can hold (slots x tokens per slot).",
              s.max_batch * s.capacity if s else 0),
             ("phi_onnx_kv_pool_bytes", "Bytes allocated for the KV pool.", s.pool_bytes if s else 0),
         ]

@@ -22,7 +22,8 @@ HISTOGRAMS = ["phi_onnx_time_to_first_token_seconds", "phi_onnx_inter_token_late
               "phi_onnx_e2e_request_latency_seconds", "phi_onnx_request_queue_time_seconds",
               "phi_onnx_request_prompt_tokens", "phi_onnx_request_generation_tokens"]
 GAUGES = ["phi_onnx_active_requests", "phi_onnx_queued_requests", "phi_onnx_kv_slots_used",
-          "phi_onnx_kv_slots_total", "phi_onnx_kv_tokens_used", "phi_onnx_kv_tokens_total", "phi_onnx_kv_pool_bytes"]
+          "phi_onnx_kv_slots_capacity", "phi_onnx_kv_tokens_used", "phi_onnx_kv_tokens_capacity",
+          "phi_onnx_kv_pool_bytes"]
 
 
 @pytest.fixture()
@@ -143,9 +144,27 @@ def test_metrics_after_a_small_load_match_the_requests(server: LiveServer, tiny_
     assert value(samples, "phi_onnx_request_queue_time_seconds_bucket", le="0.25") <= submitted - 1
     # The KV pool: all free again, its size as the scheduler allocated it.
     scheduler = server.server.config.app.state.phi_onnx.scheduler
-    assert value(samples, "phi_onnx_kv_slots_total") == 1
-    assert value(samples, "phi_onnx_kv_tokens_total") == CAPACITY
+    assert value(samples, "phi_onnx_kv_slots_capacity") == 1
+    assert value(samples, "phi_onnx_kv_tokens_capacity") == CAPACITY
     assert value(samples, "phi_onnx_kv_pool_bytes") == scheduler.pool_bytes > 0
     for gauge in ("phi_onnx_active_requests", "phi_onnx_queued_requests", "phi_onnx_kv_slots_used",
                   "phi_onnx_kv_tokens_used"):
         assert value(samples, gauge) == 0, gauge
+
+
+def test_the_grafana_dashboard_graphs_series_the_server_has() -> None:
+    import re
+    from pathlib import Path
+
+    from phi_onnx.serve.metrics import Metrics
+
+    dashboard = json.loads((Path(__file__).parents[2] / "examples" / "grafana" / "phi-onnx-dashboard.json")
+                           .read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    served = {family.name for family in Metrics(lambda: None, lambda: "m").registry.collect()}
+    used = {name if name in served else re.sub(r"_(bucket|sum|count|total)$", "", name)
+            for e in exprs for name in re.findall(r"phi_onnx_\w+", e)}
+    assert used <= served, used - served
+    assert {re.sub(r"_seconds$|_tokens$", "", h) for h in HISTOGRAMS} <= {re.sub(r"_seconds$|_tokens$", "", u)
+                                                                        for u in used}  # every histogram graphed
+    assert all('model=~"$model"' in e for e in exprs)
