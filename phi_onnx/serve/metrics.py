@@ -8,6 +8,7 @@ waiting, the KV pool's slots, tokens and bytes. The HTTP middleware counts answe
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -92,11 +93,18 @@ class RequestMetrics:
         self.started = time.perf_counter()
         self.job: Request | None = None
         self._last: float | None = None
+        self._ended: float | None = None
+        # `submit` returns the job to the event loop while the scheduler thread may already be finishing
+        # it: whichever of the two comes second records the queue time.
+        self._lock = threading.Lock()
 
     def submitted(self, job: Request, prompt_tokens: int) -> None:
         """The scheduler accepted the request (a refused one counts in no per-request series)."""
-        self.job = job
+        with self._lock:
+            self.job, ended = job, self._ended
         self.metrics.prompt.labels(self.model).inc(prompt_tokens)
+        if ended is not None:
+            self._queued(job, ended)
 
     def event(self, event: Event) -> None:
         """Record a TokenEvent (time to first token, inter-token gap) or the FinishEvent (the rest)."""
@@ -115,12 +123,16 @@ class RequestMetrics:
         m.prompt_per_request.labels(model).observe(event.prompt_tokens)
         m.generated_per_request.labels(model).observe(event.completion_tokens)
         m.finished.labels(FINISH_REASONS.get(event.reason, event.reason), model).inc()
-        job = self.job
+        with self._lock:
+            job, self._ended = self.job, now
         if job is not None:
-            # The scheduler stamps submission and the first token; a `scheduled_at` (admission into a
-            # slot), where it exists, leaves the prefill out.
-            admitted = getattr(job, "scheduled_at", None) or job.first_token_at or now
-            m.queue.labels(model).observe(max(admitted - job.submitted_at, 0.0))
+            self._queued(job, now)
+
+    def _queued(self, job: Request, ended: float) -> None:
+        # The scheduler stamps submission and the first token; a `scheduled_at` (admission into a slot),
+        # where it exists, leaves the prefill out. A request that ended with neither waited all along.
+        admitted = getattr(job, "scheduled_at", None) or job.first_token_at or ended
+        self.metrics.queue.labels(self.model).observe(max(admitted - job.submitted_at, 0.0))
 
 
 class _PoolCollector:

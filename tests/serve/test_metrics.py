@@ -168,3 +168,39 @@ def test_the_grafana_dashboard_graphs_series_the_server_has() -> None:
     assert {re.sub(r"_seconds$|_tokens$", "", h) for h in HISTOGRAMS} <= {re.sub(r"_seconds$|_tokens$", "", u)
                                                                         for u in used}  # every histogram graphed
     assert all('model=~"$model"' in e for e in exprs)
+
+
+def test_a_request_finished_before_submit_returned_still_counts_once() -> None:
+    """The scheduler thread may finish a request before `submit` hands it to the event loop."""
+    from types import SimpleNamespace
+
+    from phi_onnx.runtime.scheduler import FinishEvent, TokenEvent
+    from phi_onnx.serve.metrics import Metrics
+
+    metrics = Metrics(lambda: None, lambda: "m")
+    tracked = metrics.track()
+    job = SimpleNamespace(submitted_at=tracked.started, first_token_at=tracked.started + 0.5)
+    tracked.event(TokenEvent(7, "x"))
+    tracked.event(FinishEvent("eos", 4, 1, "x"))
+    tracked.submitted(job, 4)  # type: ignore[arg-type]
+    registry = metrics.registry
+    assert registry.get_sample_value("phi_onnx_request_queue_time_seconds_count", {"model": "m"}) == 1
+    assert registry.get_sample_value("phi_onnx_request_queue_time_seconds_sum", {"model": "m"}) == 0.5
+    assert registry.get_sample_value("phi_onnx_finished_requests_total", {"model": "m", "reason": "stop"}) == 1
+    assert registry.get_sample_value("phi_onnx_prompt_tokens_total", {"model": "m"}) == 4
+
+
+def test_gauges_read_the_scheduler_and_leave_out_what_it_does_not_count() -> None:
+    from types import SimpleNamespace
+
+    from phi_onnx.serve.metrics import Metrics
+
+    scheduler = SimpleNamespace(active=2, queued=1, max_batch=4, capacity=128, pool_bytes=4096, filled=[10, 0, 7, 0])
+    registry = Metrics(lambda: scheduler, lambda: "m").registry
+    read = {name: registry.get_sample_value(name, {"model": "m"}) for name in GAUGES}
+    assert read == {"phi_onnx_active_requests": 2, "phi_onnx_queued_requests": 1, "phi_onnx_kv_slots_used": 2,
+                    "phi_onnx_kv_slots_capacity": 4, "phi_onnx_kv_tokens_used": 17,
+                    "phi_onnx_kv_tokens_capacity": 512, "phi_onnx_kv_pool_bytes": 4096}
+    del scheduler.filled  # a scheduler without per-slot counts: no sample rather than a made-up 0
+    assert registry.get_sample_value("phi_onnx_kv_tokens_used", {"model": "m"}) is None
+    assert registry.get_sample_value("phi_onnx_kv_slots_used", {"model": "m"}) == 2
