@@ -82,6 +82,7 @@
             updated: Date.now()};
   }
   function persist(conversation) {
+    if (conversation.deleted) return;  // a reply that ended after its conversation was deleted
     conversation.updated = Date.now();
     if (!conversation.title) {
       const first = conversation.messages.find((m) => m.role === "user");
@@ -130,6 +131,7 @@
     renderConversation();
   }
   function deleteConversation(conversation) {
+    conversation.deleted = true;
     conversations = conversations.filter((c) => c !== conversation);
     write(KEYS.conversations, conversations);
     if (conversation === current) switchTo(newConversation());
