@@ -17,6 +17,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 CHAT_HELP = ("Commands: /reset (forget the conversation), /system TEXT (set the system prompt), /help, "
              "/exit.")
+COMMANDS = ["/reset", "/system", "/help", "/exit"]
+#: What the line editor adds, said in the banner and by /help on a terminal.
+EDITOR_HELP = "Alt+Enter starts a new line; a pasted block is one message; Up/Down recall earlier ones."
 NOT_UTF8 = "is not valid UTF-8 text"
 
 
@@ -162,11 +165,13 @@ def chat(model: str, device: str, backend: str, threads: int | None, precision: 
         return
     stdin = click.get_binary_stream("stdin")
     interactive = stdin.isatty()
+    editor = _line_editor() if interactive else None
     click.echo(f"phi-onnx chat: {_display_name(model, lm.path)} on {lm.provider} ({lm.backend} backend, "
-               f"{lm.context_length}-token context). {CHAT_HELP} Ctrl-C stops a reply.", err=True)
+               f"{lm.context_length}-token context). {CHAT_HELP} Ctrl-C stops a reply."
+               + (f" {EDITOR_HELP}" if editor is not None else ""), err=True)
     while True:
         try:
-            line = _read_line(stdin, interactive)
+            line = _read_line(stdin, interactive, editor)
         except KeyboardInterrupt:
             click.echo("\n(Ctrl-C stops a reply; /exit or Ctrl-D quits.)", err=True)
             continue
@@ -186,7 +191,8 @@ def chat(model: str, device: str, backend: str, threads: int | None, precision: 
                 session.reset()
                 click.echo("(conversation cleared)", err=True)
             elif command in ("/help", "/?"):
-                click.echo(CHAT_HELP + " Ctrl-C stops a reply; Ctrl-D quits.", err=True)
+                click.echo(CHAT_HELP + " Ctrl-C stops a reply; Ctrl-D quits."
+                           + (f" {EDITOR_HELP}" if editor is not None else ""), err=True)
             elif command == "/system":
                 session.set_system(argument.strip())
                 click.echo("(system prompt set)" if argument.strip() else "(system prompt removed)", err=True)
@@ -204,13 +210,49 @@ def chat(model: str, device: str, backend: str, threads: int | None, precision: 
 _NOT_UTF8 = "\x00not utf-8"  # a sentinel _read_line returns for a line that cannot be decoded
 
 
-def _read_line(stdin: Any, interactive: bool) -> str | None:
-    """One line from the user (None at end of input, _NOT_UTF8 for bytes that are not UTF-8).
+def _line_editor() -> Any | None:
+    """A prompt_toolkit session when stdin and stdout are a terminal, else None (input() is used).
 
-    A `>>> ` prompt only on a terminal. Lines are decoded one at a time, so one bad line is refused
-    and the conversation goes on.
+    It gives history, Tab-completion of the / commands, Alt+Enter for a new line, and takes a
+    bracketed paste of several lines as one message (plain input() would send each line as a turn).
+    """
+    import sys
+
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        return None
+    try:
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.completion import WordCompleter
+        from prompt_toolkit.history import InMemoryHistory
+        from prompt_toolkit.key_binding import KeyBindings
+    except ImportError:
+        return None
+    keys = KeyBindings()
+
+    @keys.add("escape", "enter")
+    def _new_line(event: Any) -> None:
+        event.current_buffer.insert_text("\n")
+
+    # History stays in memory: a conversation is not written to disk behind the user's back.
+    return PromptSession(history=InMemoryHistory(), key_bindings=keys, completer=WordCompleter(COMMANDS, sentence=True),
+                         complete_while_typing=False, prompt_continuation="... ", enable_open_in_editor=False)
+
+
+def _read_line(stdin: Any, interactive: bool, editor: Any = None) -> str | None:
+    """One message from the user (None at end of input, _NOT_UTF8 for bytes that are not UTF-8).
+
+    On a terminal: a `>>> ` prompt, from the line editor (a message may hold several lines) or input().
+    Piped: one line of stdin; lines are decoded one at a time, so one bad line is refused and the
+    conversation goes on.
     """
     if interactive:
+        if editor is not None:
+            try:
+                line = editor.prompt(">>> ")
+            except EOFError:
+                click.echo()
+                return None
+            return _NOT_UTF8 if any("\udc80" <= char <= "\udcff" for char in line) else line
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401 - line editing and history for input()
         try:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import logging
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ import click
 
 from phi_onnx.cli.errors import user_errors
 from phi_onnx.cli.options import THREADS, FiniteFloat
+from phi_onnx.errors import PhiOnnxError
 
 SERVE_EXTRA = 'Serving needs FastAPI and uvicorn: pip install "phi-onnx[serve]".'
 
@@ -24,6 +27,44 @@ def _replicas(value: str | None) -> int | str | None:
     if value.isdigit() and int(value) >= 1:
         return int(value)
     raise click.BadParameter(f"{value!r} is neither a positive integer nor 'auto'.")
+
+
+class ListenError(PhiOnnxError):
+    """The server cannot listen on --host/--port (port in use, no such address, no permission)."""
+
+
+def _listen(host: str, port: int) -> list[socket.socket]:
+    """Listen on host:port (every address a host name has) before anything slow, so a busy port is one
+    sentence and exit 2 rather than uvicorn's [Errno 98] after the model has loaded. uvicorn serves on
+    these sockets; a client that connects before it starts waits in the backlog until then.
+
+    They listen at once: two servers bound with SO_REUSEADDR but not yet listening would both pass."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise ListenError(f"Cannot listen on {where}: the host name does not resolve ({error.strerror}).") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(addresses):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart over TIME_WAIT
+            if family == socket.AF_INET6:  # as asyncio: "::" and "0.0.0.0" are separate listeners
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(2048)  # uvicorn's default backlog
+    except OSError as error:
+        for sock in sockets:
+            sock.close()
+        reason = {errno.EADDRINUSE: "the port is already in use (another server?); stop it or pick another "
+                                    "with --port",
+                  errno.EADDRNOTAVAIL: "this machine has no such address; use --host 127.0.0.1 (this machine "
+                                       "only) or 0.0.0.0 (every address)",
+                  errno.EACCES: "permission denied (ports below 1024 need privileges); pick another with "
+                                "--port"}.get(error.errno, error.strerror or str(error))
+        raise ListenError(f"Cannot listen on {where}: {reason}.") from None
+    return sockets
 
 
 def _loopback(host: str) -> bool:
@@ -80,6 +121,8 @@ def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int,
         sys.exit(2)
     app_options: dict[str, Any] = {"max_batch": max_batch, "max_queue": max_queue, "api_key": api_key,
                                    "model_name": model_name, "capacity": max_context}
+    sockets = _listen(host, port)  # before the model is exported or loaded
+    click.get_current_context().call_on_close(lambda: [sock.close() for sock in sockets])
     if not _loopback(host) and not api_key:
         click.echo(f"Warning: listening on {host} without --api-key: anyone who can reach this port can use "
                    "the model.", err=True)
@@ -97,6 +140,8 @@ def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int,
             click.echo('Error: Ray support is not installed: pip install "phi-onnx[serve,ray]".', err=True)
             sys.exit(2)
         scaling = min_replicas is not None or max_replicas is not None
+        for sock in sockets:  # Ray's proxy binds the port itself: the check above was all they were for
+            sock.close()
         serve_cluster(folder, replicas=_replicas(replicas) or ("auto" if scaling else 1), min_replicas=min_replicas,
                       max_replicas=max_replicas, gpus_per_replica=gpus_per_replica or 0.0,
                       ray_address=ray_address, host=host, port=port,
@@ -138,11 +183,19 @@ def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int,
         return phi_onnx.load(folder, device=device, backend="ort", threads=threads)
 
     app = create_app(load, **app_options)
-    click.echo(f"Serving {checked.path} on http://{host}:{port} (OpenAI API under /v1, chat page at /); "
-               "Ctrl-C stops.", err=True)
-    config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=grace, log_level="info")
+    bound = sockets[0].getsockname()[1]  # the port --port 0 got
+    url = f"http://[{host}]:{bound}" if ":" in host else f"http://{host}:{bound}"
+    click.echo(f"Serving {checked.path} on {url} (OpenAI API under /v1, chat page at /); Ctrl-C stops.", err=True)
+    config = uvicorn.Config(app, host=host, port=bound, timeout_graceful_shutdown=grace, log_level="info")
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:  # uvicorn says where it listens only for sockets it bound itself
+                logging.getLogger("uvicorn.error").info("Uvicorn running on %s (Press CTRL+C to quit)", url)
+
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again: after a clean
     # shutdown that is a normal exit, not an interruption.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with contextlib.suppress(KeyboardInterrupt):
-        uvicorn.Server(config).run()
+        Server(config).run(sockets=sockets)

@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from phi_onnx.errors import OptionsError, PhiOnnxError
@@ -32,6 +32,7 @@ from phi_onnx.runtime.scheduler import (
     TokenEvent,
 )
 from phi_onnx.runtime.scheduler import Request as Job
+from phi_onnx.serve.metrics import CONTENT_TYPE, Metrics
 from phi_onnx.serve.schema import ApiError, ChatRequest, CompletionRequest, parse
 
 log = logging.getLogger(__name__)
@@ -39,24 +40,9 @@ log = logging.getLogger(__name__)
 #: Largest request body accepted (413 beyond it).
 MAX_BODY_BYTES = 4 * 1024 * 1024
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
-
-
-class _Metrics:
-    """The /metrics series, in a registry of their own (one app per registry)."""
-
-    def __init__(self, state: _State) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("phi_onnx_requests", "Completion requests answered, by endpoint and HTTP status.",
-                                ["endpoint", "status"], registry=r)
-        self.generated = Counter("phi_onnx_generated_tokens", "Tokens generated.", registry=r)
-        self.prompt = Counter("phi_onnx_prompt_tokens", "Prompt tokens processed.", registry=r)
-        self.ttft = Histogram("phi_onnx_time_to_first_token_seconds", "Time from request to first token.",
-                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r)
-        Gauge("phi_onnx_active_requests", "Requests holding a KV slot.", registry=r).set_function(
-            lambda: state.scheduler.active if state.scheduler else 0)
-        Gauge("phi_onnx_queued_requests", "Requests waiting for a KV slot.", registry=r).set_function(
-            lambda: state.scheduler.queued if state.scheduler else 0)
+#: The chat page runs only its own scripts (static/), and model output rendered in it loads nothing remote.
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+            "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 class _State:
@@ -87,7 +73,6 @@ def create_app(model: Model | Callable[[], Model], *, max_batch: int = 8, max_qu
         raise OptionsError(f"Serving needs the ort backend (continuous batching); this model runs on {model.backend}.",
                            hint='Load it with phi_onnx.load(path, backend="ort").')
     state = _State()
-    metrics = _Metrics(state)
     expected_key = api_key.encode() if api_key else None
 
     def ready(loaded: Model) -> None:
@@ -118,6 +103,8 @@ def create_app(model: Model | Callable[[], Model], *, max_batch: int = 8, max_qu
     def served_name() -> str:
         return model_name or (state.model.path.name if state.model else "phi-onnx")
 
+    metrics = Metrics(lambda: state.scheduler, served_name)
+
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
@@ -144,7 +131,7 @@ def create_app(model: Model | Callable[[], Model], *, max_batch: int = 8, max_qu
             response = await call_next(request)
         if path in ("/v1/chat/completions", "/v1/completions") and request.method == "POST":
             endpoint = "chat_completions" if path == "/v1/chat/completions" else "completions"
-            metrics.requests.labels(endpoint, str(response.status_code)).inc()
+            metrics.count_request(endpoint, response.status_code)
         if replica_name is not None:
             response.headers["x-phi-onnx-replica"] = replica_name
         return response
@@ -167,7 +154,7 @@ def create_app(model: Model | Callable[[], Model], *, max_batch: int = 8, max_qu
 
     @app.get("/metrics")
     async def metrics_page() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -177,7 +164,10 @@ def create_app(model: Model | Callable[[], Model], *, max_batch: int = 8, max_qu
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
-        return HTMLResponse(resources.files("phi_onnx.serve").joinpath("static/index.html").read_text("utf-8"))
+        return HTMLResponse(resources.files("phi_onnx.serve").joinpath("static/index.html").read_text("utf-8"),
+                            headers={"Content-Security-Policy": PAGE_CSP})
+
+    app.mount("/assets", StaticFiles(packages=[("phi_onnx.serve", "static/assets")]), name="assets")
 
     async def body_of(request: Request) -> Any:
         declared = request.headers.get("content-length")
@@ -239,9 +229,10 @@ def create_app(model: Model | Callable[[], Model], *, max_batch: int = 8, max_qu
             raise ApiError(400, error.message) from None
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
-        started = time.perf_counter()
+        tracked = metrics.track()
 
         def sink(event: Event) -> None:
+            tracked.event(event)
             try:
                 loop.call_soon_threadsafe(events.put_nowait, event)
             except RuntimeError:  # the event loop has closed (shutdown): nobody is listening any more
@@ -263,19 +254,13 @@ def create_app(model: Model | Callable[[], Model], *, max_batch: int = 8, max_qu
         except PhiOnnxError as error:
             raise ApiError(400, error.message, param="prompt") from None
         job_box.append(job)
-        metrics.prompt.inc(len(prompt))
+        tracked.submitted(job, len(prompt))
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         reply = _Reply(loaded, served_name(), ident, chat, logprobs)
 
-        def finished(event: FinishEvent) -> None:
-            metrics.generated.inc(event.completion_tokens)
-
-        def first(_: TokenEvent) -> None:
-            metrics.ttft.observe(time.perf_counter() - started)
-
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(_stream(job, events, reply, usage, first, finished),
+            return StreamingResponse(_stream(job, events, reply, usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         async def watch() -> None:
@@ -292,13 +277,10 @@ def create_app(model: Model | Callable[[], Model], *, max_batch: int = 8, max_qu
                 event = await events.get()
                 if isinstance(event, FinishEvent):
                     break
-                if not tokens:
-                    first(event)
                 tokens.append(event)
         finally:
             watcher.cancel()
             job.cancel()  # a no-op once finished; frees the slot when this task is cancelled
-        finished(event)
         if event.reason == "cancelled" and watcher.done() and not watcher.cancelled():
             return Response(status_code=499)  # the client went away; nobody reads this
         if event.reason not in FINISH:
@@ -373,10 +355,8 @@ class _Reply:
         return f"data: {json.dumps({**self._head(True), 'choices': [], 'usage': self._usage(finish)})}\n\n"
 
 
-async def _stream(job: Job, events: asyncio.Queue[Event], reply: _Reply, usage: bool,
-                  first: Callable[[TokenEvent], None], finished: Callable[[FinishEvent], None]) -> AsyncIterator[str]:
+async def _stream(job: Job, events: asyncio.Queue[Event], reply: _Reply, usage: bool) -> AsyncIterator[str]:
     """SSE: a role chunk (chat), content deltas, a finish chunk, the usage chunk if asked, [DONE]."""
-    seen = False
     try:
         if reply.chat:
             yield reply.chunk("", [], None, usage, role=True)
@@ -384,12 +364,8 @@ async def _stream(job: Job, events: asyncio.Queue[Event], reply: _Reply, usage: 
             event = await events.get()
             if isinstance(event, FinishEvent):
                 break
-            if not seen:
-                first(event)
-                seen = True
             if event.text or reply.logprobs is not None:
                 yield reply.chunk(event.text, [event], None, usage)
-        finished(event)
         if event.reason not in FINISH:
             error = ApiError(500, f"Generation failed: {event.error or event.reason}.", type="server_error")
             yield f"data: {json.dumps(error.body())}\n\n"

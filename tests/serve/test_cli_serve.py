@@ -151,3 +151,43 @@ def test_serve_counts_the_weights_before_sizing_the_pool(monkeypatch: Any, tiny_
                                        "--max-context", str(tokens)])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "beside the model's" in result.output and "GiB of weights" in result.output
+
+
+def test_serve_on_a_busy_port_is_one_sentence_before_the_model_loads(monkeypatch: Any, tiny_export: Path) -> None:
+    import socket
+
+    import phi_onnx.store
+
+    def never(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the model was looked up although the port is busy")
+
+    monkeypatch.setattr(phi_onnx.store, "resolve_model", never)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(main, ["serve", str(tiny_export), "--port", str(port)])
+    assert result.exit_code == 2 and result.exception is not None and isinstance(result.exception, SystemExit)
+    assert result.output == (f"Error: Cannot listen on 127.0.0.1:{port}: the port is already in use (another "
+                             "server?); stop it or pick another with --port.\n")
+
+
+@pytest.mark.parametrize(("host", "fragment"), [("192.0.2.1", "this machine has no such address; use --host"),
+                                                ("no-such-host.invalid", "the host name does not resolve")])
+def test_serve_on_an_address_it_cannot_have_is_one_sentence(host: str, fragment: str, tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["serve", str(tmp_path / "not-even-a-folder"), "--host", host, "--port", "0"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.startswith(f"Error: Cannot listen on {host}:0: {fragment}") and result.output.count("\n") == 1
+
+
+def test_serve_frees_the_port_when_it_stops_early(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = CliRunner().invoke(main, ["serve", str(tmp_path / "missing"), "--port", str(port)])
+    assert result.exit_code == 2 and "Cannot listen" not in result.output  # the folder was the problem
+    with socket.socket() as again:  # and the listener it opened is closed again
+        again.bind(("127.0.0.1", port))
+        again.listen()

@@ -267,7 +267,7 @@ def test_booleans_are_strict_and_chat_requests_have_their_own_metric_label(live_
     nulls = {"stream": None, "n": None, "logprobs": None, "presence_penalty": None, "frequency_penalty": None}
     ok = httpx.post(url, json={"messages": QUESTION, "max_tokens": 2, **nulls}, headers=HEADERS, timeout=30)
     assert ok.status_code == 200 and ok.json()["object"] == "chat.completion"  # null is OpenAI's "unset"
-    assert metric(live_server, 'phi_onnx_requests_total{endpoint="chat_completions",status="200"}') >= 1
+    assert metric(live_server, 'phi_onnx_requests_total{endpoint="chat_completions",model="tiny",status="200"}') >= 1
 
 
 def test_health_reports_a_dead_scheduler_and_requests_get_errors_not_hangs(tiny_model):
