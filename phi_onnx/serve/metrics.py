@@ -129,8 +129,8 @@ class RequestMetrics:
             self._queued(job, now)
 
     def _queued(self, job: Request, ended: float) -> None:
-        # The scheduler stamps submission and the first token; a `scheduled_at` (admission into a slot),
-        # where it exists, leaves the prefill out. A request that ended with neither waited all along.
+        # Submission to admission into a slot (the prefill is not queue time); a request that ended
+        # without being admitted waited all along.
         admitted = job.admitted_at or job.first_token_at or ended
         self.metrics.queue.labels(self.model).observe(max(admitted - job.submitted_at, 0.0))
 
