@@ -25,6 +25,11 @@ def _replicas(value: str | None) -> int | str | None:
     raise click.BadParameter(f"{value!r} is neither a positive integer nor 'auto'.")
 
 
+def _names(values: tuple[str, ...]) -> list[str]:
+    """Repeatable options that also take comma-separated lists."""
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
+
+
 def _loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -60,12 +65,25 @@ def _loopback(host: str) -> bool:
 @click.option("--max-replicas", type=click.IntRange(min=1), default=None, help="Ray Serve: autoscaling maximum.")
 @click.option("--gpus-per-replica", type=click.FloatRange(min=0), default=None, help="Ray Serve: GPUs per replica.")
 @click.option("--ray-address", default=None, help="Ray Serve: the cluster to join (default: start a local one).")
+@click.option("--allowed-hosts", multiple=True, metavar="NAMES",
+              help="Host names (or name:port) served besides localhost, 127.0.0.1, [::1] and --host; repeatable "
+                   "or comma-separated; '*' serves any (other Hosts get 403: DNS rebinding).")
+@click.option("--cors-origins", multiple=True, metavar="ORIGINS",
+              help="Web origins (https://app.example) whose pages may call the API from a browser; repeatable or "
+                   "comma-separated; '*' allows any. Off by default: requests from other sites' pages get 403.")
+@click.option("--header-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="Seconds a request's headers may take to arrive (408 and disconnect after).")
+@click.option("--body-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              help="Seconds a request's body may take to arrive (408 after).")
+@click.option("--max-connections", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Open connections served at once; requests on more get 503 with Retry-After.")
 @user_errors
 def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int, max_queue: int,
           max_context: int | None, model_name: str | None, device: str, precision: str | None,
           revision: str | None, threads: int | None, grace: float,
           replicas: str | None, min_replicas: int | None, max_replicas: int | None,
-          gpus_per_replica: float | None, ray_address: str | None) -> None:
+          gpus_per_replica: float | None, ray_address: str | None, allowed_hosts: tuple[str, ...],
+          cors_origins: tuple[str, ...], header_timeout: float, body_timeout: float, max_connections: int) -> None:
     """Serve MODEL with OpenAI's API (/v1/chat/completions, /v1/completions) and a chat page at /.
 
     MODEL is an export folder, or a short name, hub id or checkpoint folder, exported once into the local
@@ -73,12 +91,23 @@ def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int,
     """
     try:
         import fastapi  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError:
         click.echo(f"Error: {SERVE_EXTRA}", err=True)
         sys.exit(2)
+    from phi_onnx.serve.schema import check_api_key
+    from phi_onnx.serve.security import allowed_host_set, cors_origin_set
+
+    check_api_key(api_key)
+    hosts = _names(allowed_hosts)
+    if host not in ("0.0.0.0", "::", ""):  # the name it listens on is its own (a wildcard address is no name)
+        hosts.append(host)
+    origins = _names(cors_origins)
+    allowed_host_set(hosts)  # a bad entry is an error now, before the model loads
+    cors_origin_set(origins)
     app_options: dict[str, Any] = {"max_batch": max_batch, "max_queue": max_queue, "api_key": api_key,
-                                   "model_name": model_name, "capacity": max_context}
+                                   "model_name": model_name, "capacity": max_context, "allowed_hosts": hosts,
+                                   "cors_origins": origins, "body_timeout": body_timeout}
     if not _loopback(host) and not api_key:
         click.echo(f"Warning: listening on {host} without --api-key: anyone who can reach this port can use "
                    "the model.", err=True)
@@ -139,9 +168,11 @@ def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int,
     app = create_app(load, **app_options)
     click.echo(f"Serving {checked.path} on http://{host}:{port} (OpenAI API under /v1, chat page at /); "
                "Ctrl-C stops.", err=True)
-    config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=grace, log_level="info")
+    from phi_onnx.serve.server import Limits, server
+
+    limits = Limits(header_timeout=header_timeout, max_connections=max_connections)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again: after a clean
     # shutdown that is a normal exit, not an interruption.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with contextlib.suppress(KeyboardInterrupt):
-        uvicorn.Server(config).run()
+        server(app, host=host, port=port, grace=grace, limits=limits).run()
