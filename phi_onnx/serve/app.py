@@ -280,7 +280,8 @@ def create_app(model: Model | Callable[[], Model], *, max_batch: int = 8, max_qu
                       logprobs: int | None, chat: bool) -> Response:
         loaded, sched = scheduler()
         if body.model is not None and body.model != served_name():
-            raise ApiError(404, f"The model '{body.model}' does not exist; this server serves '{served_name()}'.",
+            raise ApiError(404, f"The model '{_shown(body.model)}' does not exist; this server serves "
+                           f"'{served_name()}'.",
                            param="model", code="model_not_found")
         if not prompt:
             raise ApiError(400, "The prompt is empty.", param="messages" if chat else "prompt")
@@ -479,6 +480,11 @@ async def _stream(job: Job, events: asyncio.Queue[Event | None], reply: _Reply, 
     finally:
         job.cancel()  # the client went away (this generator was cancelled or closed): free the slot
         live.discard(events)
+
+
+def _shown(text: str, limit: int = 100) -> str:
+    """Client text quoted in a message, cut short: an error must not echo megabytes back."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _check_content_type(value: str | None) -> None:

@@ -31,6 +31,8 @@ from pydantic import (
 log = logging.getLogger(__name__)
 
 MAX_STOPS = 4
+#: Longest error message (ones quoting client input are cut there).
+MAX_MESSAGE = 1000
 #: Fields OpenAI's API documents as "or null" whose default here is not None: null means the default.
 NULLABLE = frozenset({"stream", "n", "presence_penalty", "frequency_penalty", "logprobs", "include_usage", "echo",
                       "min_tokens", "ignore_eos"})
@@ -120,7 +122,9 @@ def _not_text(value: Any) -> Any:
     # Lax mode would read "5" as 5, "0.7" as 0.7 and true as 1; OpenAI's API rejects them, and a client
     # that sends one has a bug it should hear about.
     if isinstance(value, str | bytes | bool):
-        raise ValueError(f"Input should be a number, not {type(value).__name__} {value!r}")
+        long = not isinstance(value, bool) and len(value) > 40
+        shown = repr(value[:40]) + "..." if long else repr(value)
+        raise ValueError(f"Input should be a number, not {type(value).__name__} {shown}")
     return value
 
 
@@ -134,6 +138,8 @@ class ApiError(Exception):
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        if len(message) > MAX_MESSAGE:  # a message quoting client text must not echo megabytes back
+            message = message[:MAX_MESSAGE] + "... (cut)"
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}

@@ -28,6 +28,9 @@ from phi_onnx.serve.schema import ApiError
 
 #: Served without being listed: the loopback names (the address a connection came in on is added per request).
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+#: Largest request line and headers together (431 beyond). h11 stops incomplete ones at 16 KiB, but takes any
+#: size that arrives in one read.
+MAX_HEADER_BYTES = 16 * 1024
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -143,6 +146,11 @@ class HostOriginGate:
 
     def refusal(self, scope: MutableMapping[str, Any]) -> ApiError | None:
         """Why the request is refused, or None."""
+        size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + \
+            sum(len(name) + len(value) + 4 for name, value in scope.get("headers", ()))
+        if size > MAX_HEADER_BYTES:
+            return ApiError(431, f"The request's headers are over {MAX_HEADER_BYTES // 1024} KiB.",
+                            code="headers_too_large")
         headers: dict[bytes, bytes] = {}
         for name, value in scope.get("headers", ()):
             if name in (b"host", b"origin"):
@@ -194,6 +202,8 @@ class HostOriginGate:
 
 async def _send_error(send: Any, error: ApiError) -> None:
     body = error.encoded()
-    await send({"type": "http.response.start", "status": error.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if error.status == 431:  # a client sending such headers is broken or hostile: no next request on this connection
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

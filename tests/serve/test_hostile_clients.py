@@ -67,9 +67,13 @@ def final_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
     return statuses[-1], headers, body
 
 
-def metric(server: LiveServer, name: str) -> float:
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+def metric_at(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
     return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+]+)$", text, re.M))
+
+
+def metric(server: LiveServer, name: str) -> float:
+    return metric_at(server.url, name)
 
 
 def wait_for(check: Any, seconds: float = 15) -> bool:
@@ -110,7 +114,7 @@ def test_trickled_headers_are_cut_off_while_others_are_served(guarded: LiveServe
     answer = read_until_closed(slow, 10)
     elapsed = time.monotonic() - started
     assert served == [200, 200, 200]
-    assert 0.9 < elapsed < 1.5, elapsed
+    assert 0.9 < elapsed < 2.0, elapsed  # the 1 s deadline, and a loaded machine's timer latency
     status, headers, body = final_response(answer)
     assert status == 408 and headers["content-type"] == "application/json"
     assert json.loads(body)["error"]["code"] == "request_timeout"
@@ -122,7 +126,7 @@ def test_a_silent_connection_is_closed_at_the_header_deadline(guarded: LiveServe
     idle = socket.create_connection(("127.0.0.1", guarded.port))
     started = time.monotonic()
     assert read_until_closed(idle, 10) == b""  # nothing was asked, so nothing is answered
-    assert 0.9 < time.monotonic() - started < 1.5
+    assert 0.9 < time.monotonic() - started < 2.0
     idle.close()
 
 
@@ -143,7 +147,7 @@ def test_a_trickled_body_gets_408_at_the_body_deadline(guarded: LiveServer) -> N
 
     threading.Thread(target=trickle, daemon=True).start()
     status, headers, body = final_response(read_until_closed(slow, 10))
-    assert 1.4 < time.monotonic() - started < 2.5
+    assert 1.4 < time.monotonic() - started < 3.0
     assert status == 408 and headers.get("connection") == "close"
     error = json.loads(body)["error"]
     assert error["code"] == "request_timeout" and "1.5 seconds" in error["message"]
@@ -277,7 +281,7 @@ def test_streams_running_past_the_grace_end_with_an_error_event_and_done(tiny_ex
                 chunks.append(line)
                 if len(chunks) == 5:
                     other.start()
-                    time.sleep(0.3)
+                    assert wait_for(lambda: metric_at(url, "phi_onnx_active_requests") == 2)
                     signalled = time.monotonic()
                     server.send_signal(signal.SIGTERM)
         ended = time.monotonic() - signalled
@@ -314,3 +318,19 @@ def test_cli_limit_flags_reach_the_server(monkeypatch: Any, tiny_export: Path) -
     for flag, value in (("--header-timeout", "0"), ("--max-connections", "0"), ("--body-timeout", "-1")):
         bad = CliRunner().invoke(main, ["serve", str(tiny_export), flag, value])
         assert bad.exit_code == 2 and flag in bad.output
+
+
+def test_oversized_headers_get_a_json_error(guarded: LiveServer) -> None:
+    """Headers over 16 KiB: 431 when they come at once, 400 from h11 when they trickle; JSON, not uvicorn's text."""
+    head = f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{guarded.port}\r\nX-Big: {'a' * 20_000}\r\n\r\n".encode()
+    for pieces, status, code in (([head], 431, "headers_too_large"),
+                                 ([head[:17_000], head[17_000:]], 400, "invalid_request")):
+        client = socket.create_connection(("127.0.0.1", guarded.port))
+        for piece in pieces:
+            client.sendall(piece)
+            time.sleep(0.2)
+        got, headers, body = final_response(read_until_closed(client, 10))
+        client.close()
+        assert got == status and headers["content-type"] == "application/json"
+        assert json.loads(body)["error"]["code"] == code
+    assert httpx.get(f"{guarded.url}/health", timeout=5).status_code == 200
