@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import math
 import signal
 import sys
 from pathlib import Path
@@ -23,6 +24,16 @@ def _replicas(value: str | None) -> int | str | None:
     if value.isdigit() and int(value) >= 1:
         return int(value)
     raise click.BadParameter(f"{value!r} is neither a positive integer nor 'auto'.")
+
+
+class _Seconds(click.FloatRange):
+    """A finite number of seconds (FloatRange lets nan through: every comparison with it is false)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number of seconds.", param, ctx)
+        return number
 
 
 def _names(values: tuple[str, ...]) -> list[str]:
@@ -58,7 +69,7 @@ def _loopback(host: str) -> bool:
 @click.option("--revision", default=None, help="When MODEL is a hub id: the revision to export.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Intra-op threads (default: one per physical core).")
-@click.option("--grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
+@click.option("--grace", type=_Seconds(min=0), default=10.0, show_default=True,
               help="Seconds running streams get to finish on Ctrl-C / SIGTERM.")
 @click.option("--replicas", default=None, help="Ray Serve: replicas (an integer or 'auto').")
 @click.option("--min-replicas", type=click.IntRange(min=0), default=None, help="Ray Serve: autoscaling minimum.")
@@ -71,9 +82,9 @@ def _loopback(host: str) -> bool:
 @click.option("--cors-origins", multiple=True, metavar="ORIGINS",
               help="Web origins (https://app.example) whose pages may call the API from a browser; repeatable or "
                    "comma-separated; '*' allows any. Off by default: requests from other sites' pages get 403.")
-@click.option("--header-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+@click.option("--header-timeout", type=_Seconds(min=0, min_open=True), default=10.0, show_default=True,
               help="Seconds a request's headers may take to arrive (408 and disconnect after).")
-@click.option("--body-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+@click.option("--body-timeout", type=_Seconds(min=0, min_open=True), default=60.0, show_default=True,
               help="Seconds a request's body may take to arrive (408 after).")
 @click.option("--max-connections", type=click.IntRange(min=1), default=256, show_default=True,
               help="Open connections served at once; requests on more get 503 with Retry-After.")

@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -114,6 +115,8 @@ def create_app(model: Model | Callable[[], Model], *, max_batch: int = 8, max_qu
         raise TypeError(f"create_app() got unexpected keyword arguments: {', '.join(sorted(kw))}")
     check_api_key(api_key)
     hosts, origins = allowed_host_set(allowed_hosts), cors_origin_set(cors_origins)
+    if not (isinstance(body_timeout, int | float) and math.isfinite(body_timeout) and body_timeout > 0):
+        raise OptionsError(f"body_timeout must be a positive number of seconds, not {body_timeout!r}.")
     if isinstance(model, Model) and model.backend != "ort":
         raise OptionsError(f"Serving needs the ort backend (continuous batching); this model runs on {model.backend}.",
                            hint='Load it with phi_onnx.load(path, backend="ort").')

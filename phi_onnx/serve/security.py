@@ -60,9 +60,11 @@ def split_host(value: str) -> tuple[str, int | None] | None:
                 return None
         elif not name or not all(c.isalnum() or c in "-._" for c in name) or not name.isascii():
             return None
-    if port_text is not None and not (port_text.isdigit() and 0 < int(port_text) < 65536):
+    if port_text is not None and not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5 and
+                                      0 < int(port_text) < 65536):
         return None
-    return name.rstrip("."), int(port_text) if port_text is not None else None
+    name = name.rstrip(".")
+    return (name, int(port_text) if port_text is not None else None) if name else None
 
 
 def split_origin(value: str) -> tuple[str, str, int] | None:

@@ -21,6 +21,7 @@ extended) adds what uvicorn leaves open:
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -29,6 +30,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from phi_onnx.errors import OptionsError
 from phi_onnx.serve.schema import ApiError
 
 #: Seconds between the grace's end (streams told to stop) and uvicorn's deadline (tasks cancelled).
@@ -44,6 +46,14 @@ class Limits:
     header_timeout: float = 10.0
     max_connections: int = 256
     keep_alive: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in ("header_timeout", "keep_alive"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise OptionsError(f"Limits.{name} must be a positive number of seconds, not {value!r}.")
+        if not (isinstance(self.max_connections, int) and self.max_connections >= 1):
+            raise OptionsError(f"Limits.max_connections must be a positive integer, not {self.max_connections!r}.")
 
 
 def _raw_response(status: int, reason: bytes, error: ApiError, extra: bytes = b"") -> bytes:

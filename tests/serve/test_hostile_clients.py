@@ -315,9 +315,21 @@ def test_cli_limit_flags_reach_the_server(monkeypatch: Any, tiny_export: Path) -
     config = started[0].config
     assert config.http.limits == Limits(header_timeout=3.0, max_connections=7)
     assert config.timeout_graceful_shutdown == 7.0 and started[0].grace == 2.0  # grace + the drain margin
-    for flag, value in (("--header-timeout", "0"), ("--max-connections", "0"), ("--body-timeout", "-1")):
+    for flag, value in (("--header-timeout", "0"), ("--max-connections", "0"), ("--body-timeout", "-1"),
+                        ("--header-timeout", "nan"), ("--body-timeout", "inf"), ("--grace", "nan")):
         bad = CliRunner().invoke(main, ["serve", str(tiny_export), flag, value])
-        assert bad.exit_code == 2 and flag in bad.output
+        assert bad.exit_code == 2 and flag in bad.output and "Traceback" not in bad.output
+
+
+def test_limits_out_of_range_are_refused_by_the_library(tiny_model: Any) -> None:
+    from phi_onnx.errors import OptionsError
+
+    for bad in ({"header_timeout": float("nan")}, {"keep_alive": 0}, {"max_connections": 0}):
+        with pytest.raises(OptionsError, match=next(iter(bad))):
+            Limits(**bad)
+    for timeout in (float("nan"), float("inf"), 0, "5"):
+        with pytest.raises(OptionsError, match="body_timeout"):
+            create_app(tiny_model, body_timeout=timeout)
 
 
 def test_oversized_headers_get_a_json_error(guarded: LiveServer) -> None:

@@ -230,7 +230,7 @@ def test_cli_host_and_origin_flags(monkeypatch: Any, tiny_export: Any) -> None:
 def test_host_and_origin_parsing() -> None:
     assert split_host("LocalHost.:8000") == ("localhost", 8000) and split_host("[::1]:80") == ("::1", 80)
     assert split_host("::1") == ("::1", None) and split_host("1.2.3.4") == ("1.2.3.4", None)
-    for bad in ("", "a b", "[::1", "[zz]:1", "x:0", "x:65536", "x:y", "a@b", "a/b"):
+    for bad in ("", "a b", "[::1", "[zz]:1", "x:0", "x:65536", "x:y", "a@b", "a/b", ".", "x:٨٠", "x:" + "9" * 5000):
         assert split_host(bad) is None, bad
     assert split_origin("https://App.Example") == ("https", "app.example", 443)
     assert split_origin("http://[::1]:3000") == ("http", "::1", 3000)
