@@ -6,6 +6,7 @@ import contextlib
 import errno
 import ipaddress
 import logging
+import math
 import signal
 import socket
 import sys
@@ -67,6 +68,21 @@ def _listen(host: str, port: int) -> list[socket.socket]:
     return sockets
 
 
+class _Seconds(click.FloatRange):
+    """A finite number of seconds (FloatRange lets nan through: every comparison with it is false)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number of seconds.", param, ctx)
+        return number
+
+
+def _names(values: tuple[str, ...]) -> list[str]:
+    """Repeatable options that also take comma-separated lists."""
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
+
+
 def _loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -95,19 +111,32 @@ def _loopback(host: str) -> bool:
 @click.option("--revision", default=None, help="When MODEL is a hub id: the revision to export.")
 @click.option("--threads", type=THREADS, default=None,
               help="Intra-op threads (default: one per physical core).")
-@click.option("--grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
+@click.option("--grace", type=_Seconds(min=0), default=10.0, show_default=True,
               help="Seconds running streams get to finish on Ctrl-C / SIGTERM.")
 @click.option("--replicas", default=None, help="Ray Serve: replicas (an integer or 'auto').")
 @click.option("--min-replicas", type=click.IntRange(min=0), default=None, help="Ray Serve: autoscaling minimum.")
 @click.option("--max-replicas", type=click.IntRange(min=1), default=None, help="Ray Serve: autoscaling maximum.")
 @click.option("--gpus-per-replica", type=FiniteFloat(min=0), default=None, help="Ray Serve: GPUs per replica.")
 @click.option("--ray-address", default=None, help="Ray Serve: the cluster to join (default: start a local one).")
+@click.option("--allowed-hosts", multiple=True, metavar="NAMES",
+              help="Host names (or name:port) served besides localhost, 127.0.0.1, [::1] and --host; repeatable "
+                   "or comma-separated; '*' serves any (other Hosts get 403: DNS rebinding).")
+@click.option("--cors-origins", multiple=True, metavar="ORIGINS",
+              help="Web origins (https://app.example) whose pages may call the API from a browser; repeatable or "
+                   "comma-separated; '*' allows any. Off by default: requests from other sites' pages get 403.")
+@click.option("--header-timeout", type=_Seconds(min=0, min_open=True), default=10.0, show_default=True,
+              help="Seconds a request's headers may take to arrive (408 and disconnect after).")
+@click.option("--body-timeout", type=_Seconds(min=0, min_open=True), default=60.0, show_default=True,
+              help="Seconds a request's body may take to arrive (408 after).")
+@click.option("--max-connections", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Open connections served at once; requests on more get 503 with Retry-After.")
 @user_errors
 def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int, max_queue: int,
           max_context: int | None, model_name: str | None, device: str, precision: str | None,
           revision: str | None, threads: int | None, grace: float,
           replicas: str | None, min_replicas: int | None, max_replicas: int | None,
-          gpus_per_replica: float | None, ray_address: str | None) -> None:
+          gpus_per_replica: float | None, ray_address: str | None, allowed_hosts: tuple[str, ...],
+          cors_origins: tuple[str, ...], header_timeout: float, body_timeout: float, max_connections: int) -> None:
     """Serve MODEL with OpenAI's API (/v1/chat/completions, /v1/completions) and a chat page at /.
 
     MODEL is an export folder, or a short name, hub id or checkpoint folder, exported once into the local
@@ -115,12 +144,23 @@ def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int,
     """
     try:
         import fastapi  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError:
         click.echo(f"Error: {SERVE_EXTRA}", err=True)
         sys.exit(2)
+    from phi_onnx.serve.schema import check_api_key
+    from phi_onnx.serve.security import allowed_host_set, cors_origin_set
+
+    check_api_key(api_key)
+    hosts = _names(allowed_hosts)
+    if host not in ("0.0.0.0", "::", ""):  # the name it listens on is its own (a wildcard address is no name)
+        hosts.append(host)
+    origins = _names(cors_origins)
+    allowed_host_set(hosts)  # a bad entry is an error now, before the model loads
+    cors_origin_set(origins)
     app_options: dict[str, Any] = {"max_batch": max_batch, "max_queue": max_queue, "api_key": api_key,
-                                   "model_name": model_name, "capacity": max_context}
+                                   "model_name": model_name, "capacity": max_context, "allowed_hosts": hosts,
+                                   "cors_origins": origins, "body_timeout": body_timeout}
     sockets = _listen(host, port)  # before the model is exported or loaded
     click.get_current_context().call_on_close(lambda: [sock.close() for sock in sockets])
     if not _loopback(host) and not api_key:
@@ -186,16 +226,11 @@ def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int,
     bound = sockets[0].getsockname()[1]  # the port --port 0 got
     url = f"http://[{host}]:{bound}" if ":" in host else f"http://{host}:{bound}"
     click.echo(f"Serving {checked.path} on {url} (OpenAI API under /v1, chat page at /); Ctrl-C stops.", err=True)
-    config = uvicorn.Config(app, host=host, port=bound, timeout_graceful_shutdown=grace, log_level="info")
+    from phi_onnx.serve.server import Limits, server
 
-    class Server(uvicorn.Server):
-        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-            await super().startup(sockets=sockets)
-            if self.started:  # uvicorn says where it listens only for sockets it bound itself
-                logging.getLogger("uvicorn.error").info("Uvicorn running on %s (Press CTRL+C to quit)", url)
-
+    limits = Limits(header_timeout=header_timeout, max_connections=max_connections)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again: after a clean
     # shutdown that is a normal exit, not an interruption.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with contextlib.suppress(KeyboardInterrupt):
-        Server(config).run(sockets=sockets)
+        server(app, host=host, port=bound, grace=grace, limits=limits, url=url).run(sockets=sockets)

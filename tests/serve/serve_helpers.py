@@ -12,16 +12,16 @@ MODEL_NAME = "tiny"
 
 
 class LiveServer:
-    """uvicorn running `app` in a thread; `url` is its base address."""
+    """`app` served in a thread as `phi-onnx serve` serves it (phi_onnx.serve.server); `url` is its base address."""
 
-    def __init__(self, app: Any) -> None:
-        import uvicorn
+    def __init__(self, app: Any, limits: Any = None, grace: float = 5.0) -> None:
+        from phi_onnx.serve.server import server
 
         self.socket = socket.socket()
         self.socket.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
-        self.server = uvicorn.Server(config)
+        self.port = self.socket.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = server(app, grace=grace, limits=limits, log_level="warning")
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     def __enter__(self) -> LiveServer:

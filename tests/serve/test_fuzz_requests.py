@@ -1,7 +1,12 @@
-"""The server's request parsing under arbitrary JSON: a parsed request or a 400 in OpenAI's shape, nothing else."""
+"""The server's request parsing under arbitrary JSON, raw bytes and hostile HTTP: a parsed request or an error in
+OpenAI's shape, nothing else; and the OpenAI fields phi-onnx refuses, passes or ignores."""
 
 from __future__ import annotations
 
+import json
+import logging
+import socket
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -61,3 +66,272 @@ def test_json_numbers_stay_valid_where_strings_and_booleans_are_not() -> None:
     for field, value in [("n", True), ("max_tokens", "5"), ("logprobs", True), ("top_p", b"1")]:
         with pytest.raises(ApiError, match=field):
             parse(CompletionRequest, {"prompt": "x", field: value})
+
+
+# -- over a real socket: raw bytes, pathological JSON, hostile headers --------------------------------------------
+# Every answer is JSON in OpenAI's error shape (or a completion), nothing is logged as a crash, and the server keeps
+# serving. The live server runs in this process: its RSS is this process's.
+
+httpx = pytest.importorskip("httpx")
+
+
+class CrashLog(logging.Handler):
+    """ERROR records (uvicorn's "Exception in ASGI application", phi-onnx's own) seen while it is attached."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tiny_model: Any) -> Iterator[tuple[Any, CrashLog]]:
+    from serve_helpers import LiveServer
+
+    from phi_onnx.serve import create_app
+
+    crashes = CrashLog()
+    loggers = [logging.getLogger(name) for name in ("uvicorn.error", "phi_onnx")]
+    for logger in loggers:
+        logger.addHandler(crashes)
+    with LiveServer(create_app(tiny_model, max_batch=2, max_queue=8, capacity=256)) as server:
+        yield server, crashes
+    for logger in loggers:
+        logger.removeHandler(crashes)
+
+
+def _assert_openai_answer(status: int, kind: str, body: bytes) -> None:
+    assert kind.startswith("application/json"), (status, kind, body[:200])
+    data = json.loads(body)
+    if status == 200:
+        assert data["choices"] and data["usage"]
+        return
+    assert 400 <= status < 600 and set(data) == {"error"}
+    assert set(data["error"]) == {"message", "type", "param", "code"} and data["error"]["message"]
+
+
+def _post(server: Any, path: str, body: bytes, headers: dict[str, str] | None = None) -> None:
+    answer = httpx.post(server.url + path, content=body, timeout=60,
+                        headers={"Content-Type": "application/json", **(headers or {})})
+    _assert_openai_answer(answer.status_code, answer.headers.get("content-type", ""), answer.content)
+
+
+def _nested(depth: int, opener: str) -> bytes:
+    closer = {"[": "]", '{"a":': "}"}[opener]
+    return (opener * depth + "1" + closer * depth).encode()
+
+
+PATHS = st.sampled_from(["/v1/chat/completions", "/v1/completions"])
+huge_integer = st.integers(4301, 20_000).map(lambda n: "9" * n)
+lone_surrogate = st.sampled_from(["\\ud800", "\\udfff", "x\\udbff", "\\udc00y", "\\ud83d"])
+pathological = st.one_of(
+    st.integers(1, 200_000).flatmap(lambda d: st.sampled_from([_nested(d, "["), _nested(d, '{"a":')])),
+    st.tuples(st.sampled_from([*fields, "unknown_field"]), huge_integer).map(
+        lambda f: f'{{"messages": [{{"role": "user", "content": "x"}}], "prompt": "x", "{f[0]}": {f[1]}}}'.encode()),
+    st.tuples(st.sampled_from(["content", "model", "prompt", "stop", "user", "extra"]), lone_surrogate).map(
+        lambda f: (f'{{"messages": [{{"role": "user", "content": "{f[1] if f[0] == "content" else "x"}"}}], '
+                   f'"prompt": "{f[1] if f[0] == "prompt" else "x"}", "{f[0]}": "{f[1]}", "max_tokens": 1}}').encode()),
+    st.tuples(st.sampled_from(["content", "model", "prompt", "stop", "max_tokens", "extra"]),
+              st.integers(100_000, 3_900_000)).map(  # huge strings (the body limit is 4 MiB)
+        lambda f: (f'{{"messages": [{{"role": "user", "content": "{"a" * f[1] if f[0] == "content" else "x"}"}}], '
+                   f'"prompt": "{"a" * f[1] if f[0] == "prompt" else "x"}", "{f[0]}": "{"b" * f[1]}", '
+                   '"max_tokens": 1}').encode()),
+    st.sampled_from([b"NaN", b'{"prompt": "x", "temperature": NaN}', b'{"prompt": Infinity}', b"\xef\xbb\xbf{}",
+                     b'{"prompt": "x", "prompt": [1]}', b'{"prompt": "x"', b"", b"null", b"[]", b'"x"', b"1e999",
+                     b'{"prompt": "x", "max_tokens": 1e999}', b'{"prompt": [1e999]}', b'{"prompt": [-0.0]}']),
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(PATHS, st.binary(max_size=300) | pathological)
+def test_raw_bytes_and_pathological_json_over_a_socket(fuzz_server: Any, path: str, body: bytes) -> None:
+    server, crashes = fuzz_server
+    _post(server, path, body)
+    assert not crashes.records, crashes.records[0].getMessage()
+    grown = _rss_mib() - _RSS.setdefault("baseline", _rss_mib())  # from the first example on
+    _RSS["most"] = max(_RSS.get("most", 0.0), grown)
+    assert grown < RSS_BOUND_MIB, grown
+
+
+#: How far this process's RSS may grow over the fuzz run (measured: 37 MiB at most; bodies up to 4 MiB decode to
+#: several copies in flight).
+RSS_BOUND_MIB = 100
+_RSS: dict[str, float] = {}
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(PATHS, st.binary(max_size=120).filter(lambda b: b"\r\n\r\n" not in b),
+       st.sampled_from(["request line", "header", "host", "content-type", "origin"]))
+def test_garbage_http_gets_a_json_answer(fuzz_server: Any, path: str, junk: bytes, where: str) -> None:
+    """Random bytes where HTTP has structure: h11's parse errors, odd Host/Origin/Content-Type values."""
+    server, crashes = fuzz_server
+    body = b'{"prompt": "x", "max_tokens": 1}'
+    line = junk.replace(b"\r", b"").replace(b"\n", b"") or b"x"
+    request = {
+        "request line": line + b"\r\nHost: 127.0.0.1\r\n\r\n",
+        "header": b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n" + line + b"\r\n\r\n",
+        "host": b"GET /health HTTP/1.1\r\nHost: " + line + b"\r\n\r\n",
+        "content-type": (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
+                         "Content-Type: ").encode() + line + b"\r\n\r\n" + body,
+        "origin": (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\nContent-Type: "
+                   "application/json\r\nOrigin: ").encode() + line + b"\r\n\r\n" + body,
+    }[where]
+    with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=30) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        raw = b""
+        while piece := sock.recv(65536):
+            raw += piece
+    while raw.startswith(b"HTTP/1.1 1"):  # an interim 100 Continue (sent to half-closed clients)
+        raw = raw[raw.index(b"\r\n\r\n") + 4:]
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 "), raw[:200]
+    headers = dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:])
+    if headers.get(b"transfer-encoding") == b"chunked":
+        payload = b"".join(payload.split(b"\r\n")[1::2])  # one small chunk
+    _assert_openai_answer(int(head.split()[1]), headers.get(b"content-type", b"").decode(), payload)
+    assert not crashes.records, crashes.records[0].getMessage()
+
+
+def test_pathological_bodies_named_in_the_issue_get_clear_400s_and_the_server_keeps_serving(fuzz_server: Any) -> None:
+    server, crashes = fuzz_server
+    chat = "/v1/chat/completions"
+    cases = [
+        (chat, '{"messages": [{"role": "user", "content": "\\ud800"}]}', "lone UTF-16 surrogate", "messages.0.content"),
+        ("/v1/completions", '{"prompt": "a\\udfffb"}', "lone UTF-16 surrogate", "'prompt'"),
+        (chat, '{"model": "\\ud800", "messages": [{"role": "user", "content": "x"}]}', "surrogate", "'model'"),
+        (chat, "[" * 100_000 + "]" * 100_000, "nested too deeply", ""),
+        (chat, '{"messages": [], "whatever": ' + "7" * 5000 + "}", "more than 4300 digits", ""),
+        (chat, '{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}',
+         "takes text only", "messages.0.content.0"),
+        (chat, '{"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}',
+         "takes text only", "messages.0.content.0"),
+        ("/v1/completions", '{"prompt": []}', "empty list holds no prompt", "prompt"),
+        ("/v1/completions", '{"prompt": [-1]}', "token ids are 0 or more", "prompt"),
+        ("/v1/completions", '{"prompt": [5000000000]}', "outside the vocabulary", "prompt"),
+    ]
+    for path, body, message, where in cases:
+        answer = httpx.post(server.url + path, content=body.encode(), timeout=30,
+                            headers={"Content-Type": "application/json"})
+        assert answer.status_code == 400, (body[:80], answer.text)
+        error = answer.json()["error"]
+        assert message in error["message"] and where in error["message"] + str(error["param"]), (body[:80], error)
+    messages = {httpx.post(server.url + "/v1/completions", json={"prompt": p}, timeout=30).json()["error"]["message"]
+                for p in ([], [-1])}
+    assert len(messages) == 2  # distinct, each saying what is wrong
+    raw = httpx.post(server.url + chat, content=b"\xff\xfe\x00garbage", timeout=30,
+                     headers={"Content-Type": "application/json"})
+    assert raw.status_code == 400 and "not UTF-8" in raw.json()["error"]["message"]
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+    ok = httpx.post(server.url + "/v1/completions", json={"prompt": "def", "max_tokens": 2}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+    assert not crashes.records
+
+
+@pytest.mark.parametrize("field, value", [
+    ("response_format", {"type": "json_object"}), ("response_format", {"type": "json_schema", "json_schema": {}}),
+    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"), ("functions", [{}]),
+    ("function_call", "auto"), ("parallel_tool_calls", True), ("logit_bias", {"50256": -100}), ("logit_bias", "x"),
+    ("modalities", ["text", "audio"]), ("audio", {"voice": "alloy", "format": "wav"}),
+    ("prediction", {"type": "content", "content": "x"}), ("web_search_options", {}), ("service_tier", "flex"),
+    ("reasoning_effort", "low"), ("verbosity", "high"), ("n", 2),
+])
+def test_chat_fields_phi_onnx_cannot_honour_are_400s_naming_them(fuzz_server: Any, field: str, value: Any) -> None:
+    server, _ = fuzz_server
+    answer = httpx.post(server.url + "/v1/chat/completions", timeout=30,
+                        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, field: value})
+    assert answer.status_code == 400
+    error = answer.json()["error"]
+    assert error["param"] == field and f"'{field}'" in error["message"]
+
+
+@pytest.mark.parametrize("field, value", [("best_of", 2), ("echo", True), ("suffix", "}"), ("logit_bias", {"1": 5}),
+                                          ("n", 3)])
+def test_completion_fields_phi_onnx_cannot_honour_are_400s_naming_them(fuzz_server: Any, field: str,
+                                                                       value: Any) -> None:
+    server, _ = fuzz_server
+    answer = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 1, field: value},
+                        timeout=30)
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == field
+
+
+def test_fields_that_ask_for_nothing_and_harmless_ones_pass(fuzz_server: Any, caplog: Any) -> None:
+    """null, [] and the defaults ask for nothing; user/metadata/store change no output; vendor extras are logged."""
+    server, _ = fuzz_server
+    chat = {"messages": [{"role": "user", "content": "hi", "name": "ann"},
+                         {"role": "assistant", "content": "yo", "tool_calls": [], "refusal": None, "audio": None,
+                          "annotations": []},
+                         {"role": "user", "content": [{"type": "text", "text": "more"}]}],
+            "max_tokens": 2, "response_format": {"type": "text"}, "tools": [], "tool_choice": "none",
+            "functions": None, "parallel_tool_calls": None, "logit_bias": {}, "modalities": ["text"], "audio": None,
+            "service_tier": "auto", "verbosity": "medium", "store": True, "metadata": {"k": "v"}, "user": "u1",
+            "safety_identifier": "s", "prompt_cache_key": "p", "prompt_cache_retention": "24h",
+            "stream_options": None, "vendor_extra_xyz": {"deep": [1, 2]}}
+    with caplog.at_level(logging.INFO, logger="phi_onnx.serve.schema"):
+        answer = httpx.post(server.url + "/v1/chat/completions", json=chat, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert "'vendor_extra_xyz'" in caplog.text and "'store'" not in caplog.text
+    completion = {"prompt": "x", "max_tokens": 2, "best_of": 1, "echo": False, "suffix": None, "logit_bias": None,
+                  "n": 1, "user": "u"}
+    assert httpx.post(server.url + "/v1/completions", json=completion, timeout=60).status_code == 200
+
+
+def test_tool_messages_and_calls_are_refused(fuzz_server: Any) -> None:
+    server, _ = fuzz_server
+    for messages, param in (
+            ([{"role": "tool", "content": "42", "tool_call_id": "c1"}], "messages.0.role"),
+            ([{"role": "function", "content": "42", "name": "f"}], "messages.0.role"),
+            ([{"role": "assistant", "tool_calls": [{"id": "c1", "type": "function"}]}], "messages.0.tool_calls"),
+            ([{"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]}], "messages.0.content.0"),
+            ([{"role": "assistant", "refusal": "no"}], "messages.0.refusal")):
+        answer = httpx.post(server.url + "/v1/chat/completions", json={"messages": messages}, timeout=30)
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == param, answer.text
+
+
+def test_every_documented_field_is_classified() -> None:
+    """OpenAI's documented request fields (as of 2025), each honoured, refused or ignored in one place."""
+    from phi_onnx.serve.schema import CHAT_FIELDS, COMPLETION_FIELDS, MESSAGE_FIELDS, STREAM_OPTION_FIELDS
+
+    chat = {"messages", "model", "audio", "frequency_penalty", "function_call", "functions", "logit_bias", "logprobs",
+            "max_completion_tokens", "max_tokens", "metadata", "modalities", "n", "parallel_tool_calls", "prediction",
+            "presence_penalty", "prompt_cache_key", "prompt_cache_retention", "reasoning_effort", "response_format",
+            "safety_identifier", "seed", "service_tier", "stop", "store", "stream", "stream_options", "temperature",
+            "tool_choice", "tools", "top_logprobs", "top_p", "user", "verbosity", "web_search_options"}
+    completion = {"model", "prompt", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens",
+                  "n", "presence_penalty", "seed", "stop", "stream", "stream_options", "suffix", "temperature",
+                  "top_p", "user"}
+    assert set(CHAT_FIELDS) == chat and set(COMPLETION_FIELDS) == completion
+    assert set(MESSAGE_FIELDS) == {"role", "content", "name", "tool_calls", "function_call", "tool_call_id", "audio",
+                                   "refusal"}
+    assert set(STREAM_OPTION_FIELDS) == {"include_usage", "include_obfuscation"}
+    for table in (CHAT_FIELDS, COMPLETION_FIELDS, MESSAGE_FIELDS, STREAM_OPTION_FIELDS):
+        for name, policy in table.items():
+            assert policy.action in ("honoured", "refused", "ignored"), name
+            assert policy.action == "honoured" or policy.note, name
+
+
+def test_the_composition_bound_holds_for_every_character() -> None:
+    """NFC/NFKC join at most MAX_COMPOSED input characters into one: the longest canonical decomposition."""
+    import sys
+    import unicodedata
+
+    from phi_onnx.serve.limits import MAX_COMPOSED
+
+    assert max(len(unicodedata.normalize("NFD", chr(c))) for c in range(sys.maxunicode + 1)) == MAX_COMPOSED
+    assert all(len(chr(c).lower()) >= 1 for c in range(0, sys.maxunicode + 1, 7))  # Lowercase never deletes
+
+
+def test_error_messages_do_not_echo_megabytes(fuzz_server: Any) -> None:
+    server, _ = fuzz_server
+    for body in ({"model": "m" * 3_000_000, "prompt": "x"}, {"prompt": "x", "max_tokens": "9" * 3_000_000}):
+        answer = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+        assert answer.status_code in (400, 404) and len(answer.content) < 2000

@@ -152,7 +152,8 @@ def test_raw_http_errors(live_server):
     bad_json = httpx.post(url, content=b'{"messages": [', headers={**HEADERS, "content-type": "application/json"},
                           timeout=10)
     assert bad_json.status_code == 400 and bad_json.json()["error"]["code"] == "invalid_json"
-    huge = httpx.post(url, content=b"x" * (5 * 1024 * 1024), headers=HEADERS, timeout=30)
+    huge = httpx.post(url, content=b"x" * (5 * 1024 * 1024), timeout=30,
+                      headers={**HEADERS, "content-type": "application/json"})
     assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
     for headers in ({}, {"Authorization": "Bearer wrong"}):
         denied = httpx.post(url, json={"messages": QUESTION}, headers=headers, timeout=10)
