@@ -11,6 +11,18 @@ A `Scheduler` thread drives the model's `DecodeCore` (runtime/core.py) over a `K
    `SequenceState` samples with its own options and random generator (a seeded request gives
    the same tokens whatever else runs) and applies the finish rule; its events go to its sink.
 
+Prefix reuse (on unless `prefix_cache=False`): a finished request's slot keeps its tokens and KV
+rows. A newcomer goes to the free slot holding the longest common prefix of its prompt (else an
+empty slot, else the least recently used one, whose contents are first saved to the `PrefixStore`),
+and runs only the rest. Before each prefill chunk the scheduler also looks for a longer prefix in
+any other slot (busy or free) and in the store, and copies those rows (same positions: nothing is
+recomputed or shifted). Requests that share a long prefix with one that is still computing it wait
+for it rather than compute it twice. Matching is on token ids, under the LongRoPE rule.
+
+Stalls are bounded by time: while streams decode, a step's prefill work is sized so that it takes
+about `stall_factor` times a decode step (measured), so running streams' inter-token latency stays
+within (1 + stall_factor) times its usual value; with nothing decoding a step prefills `chunk` tokens.
+
 A request whose sampling fails (its own logits processor, say) ends with "error" alone; the others
 in the step go on. The scheduler shares the Model's InferenceSession (ONNX Runtime sessions allow
 concurrent runs) but never its KV pool, so library calls on the same Model keep working alongside it.
@@ -34,6 +46,7 @@ import numpy as np
 from phi_onnx.errors import OptionsError, PhiOnnxError
 from phi_onnx.runtime.kv_pool import CGROUPS, MEMINFO, available_memory, check_pool_memory, pool_bytes
 from phi_onnx.runtime.options import MAX_TOP_LOGPROBS, GenerationOptions
+from phi_onnx.runtime.prefix_cache import MIN_TOKENS, PrefixStore
 from phi_onnx.runtime.sequence import Event, FinishEvent, SequenceState, TokenEvent, check_length, check_prompt
 
 if TYPE_CHECKING:
@@ -44,8 +57,14 @@ __all__ = ["CGROUPS", "CHUNK", "MAX_TOP_LOGPROBS", "MEMINFO", "Event", "FinishEv
 
 log = logging.getLogger(__name__)
 
-#: Most prompt tokens prefilled per step: the longest a newcomer stalls the running streams.
+#: Most prompt tokens prefilled per step.
 CHUNK = 256
+#: While streams decode, a step's prefill may take this many times a decode step.
+STALL_FACTOR = 2.0
+#: Fewest prompt tokens prefilled per step, however slow the prefill.
+MIN_PREFILL = 16
+#: Share of the memory available at start that the prefix store may use by default.
+PREFIX_CACHE_SHARE = 0.2
 
 
 class QueueFullError(PhiOnnxError):
@@ -67,6 +86,7 @@ class Request:
     sink: Callable[[Event], None]
     submitted_at: float = field(default_factory=time.perf_counter)
     admitted_at: float | None = None
+    cached_tokens: int = 0  # prompt tokens served from a cache (own slot, another slot, the store)
     finish: FinishEvent | None = None
     cancelled: bool = False
     slot: int | None = None
@@ -107,6 +127,11 @@ class Request:
         return list(self.generated), self.finish
 
 
+def _average(old: float | None, new: float, weight: float = 0.3) -> float:
+    """An exponential moving average (the first value as is)."""
+    return new if old is None else (1 - weight) * old + weight * new
+
+
 def _count(value: Any, name: str, low: int, high: int | None = None) -> int:
     """A whole-number argument, checked (OptionsError naming it, not a TypeError later)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or \
@@ -126,10 +151,15 @@ class Scheduler:
         max_queue: most requests waiting for a slot; `submit` raises QueueFullError beyond it.
         capacity: tokens per slot (prompt + reply); default the export's max_length (genai_config).
         chunk: most prompt tokens prefilled per step.
+        prefix_cache: reuse prompt prefixes across requests (slots and the prefix store).
+        prefix_cache_bytes: the prefix store's budget (default a fifth of the memory available at start;
+            0: slots only).
+        stall_factor: while streams decode, a step's prefill takes about this many decode steps' time.
     """
 
     def __init__(self, model: Model, *, max_batch: int = 8, max_queue: int = 64, capacity: int | None = None,
-                 chunk: int = CHUNK) -> None:
+                 chunk: int = CHUNK, prefix_cache: bool = True, prefix_cache_bytes: int | None = None,
+                 stall_factor: float = STALL_FACTOR) -> None:
         from phi_onnx.runtime.model import Model
 
         if not isinstance(model, Model):
@@ -142,6 +172,12 @@ class Scheduler:
         chunk = _count(chunk, "chunk", 1)
         if capacity is not None:
             capacity = _count(capacity, "capacity", 2, model.folder.context_length)
+        if prefix_cache_bytes is not None:
+            prefix_cache_bytes = _count(prefix_cache_bytes, "prefix_cache_bytes", 0)
+        if isinstance(stall_factor, bool) or not isinstance(stall_factor, (int, float)) or \
+                not 0 < stall_factor < float("inf"):
+            raise OptionsError(f"stall_factor must be a positive number (got {stall_factor!r}).",
+                               hint="Use e.g. stall_factor=2.0.")
         folder = model.folder
         self.model = model
         self.core = model.core
@@ -155,7 +191,21 @@ class Scheduler:
         log.info("KV pool: %d slots x %d tokens, %d buffers, %.1f MiB on %s", max_batch, self.capacity,
                  len(self.pool.buffers), self.pool_bytes / 2**20, self.pool.device)
         self.slots: list[Request | None] = [None] * max_batch
+        self.last_used = [0.0] * max_batch  # when each slot's request ended (LRU among free slots)
         self.waiting: deque[Request] = deque()
+        self.prefix_cache = bool(prefix_cache)
+        self.store: PrefixStore | None = None
+        if self.prefix_cache and self.pool.device == "cpu":
+            if prefix_cache_bytes is None:
+                prefix_cache_bytes = int((available_memory() or 0) * PREFIX_CACHE_SHARE)
+            self.store = PrefixStore(prefix_cache_bytes, self.core.rope)
+            log.info("prefix cache: the slots, and a store of up to %.1f MiB", prefix_cache_bytes / 2**20)
+        self.stall_factor = float(stall_factor)
+        self.reused_tokens = 0  # prompt tokens a request found in its own slot
+        self.copied_tokens = 0  # prompt tokens copied from another slot or the store
+        self.computed_tokens = 0  # prompt tokens prefilled
+        self._decode_seconds: float | None = None  # moving averages, for the prefill budget
+        self._prefill_rate: float | None = None
         self.recomputes = 0
         self.steps = 0
         self._ids = itertools.count()
@@ -320,23 +370,38 @@ class Scheduler:
                 else:
                     kept.append(request)
             self.waiting = kept
-        for slot in range(self.max_batch):
-            while self.slots[slot] is None and self.waiting:
-                request = self.waiting.popleft()
-                if request.cancelled:
-                    self._finish(request, "cancelled")
-                    continue
-                try:
-                    request.seq = SequenceState(request.prompt, request.options, request.budget,
-                                                tokenizer=self.model.tokenizer, eos_token_ids=self.eos,
-                                                vocab_size=self.vocab)
-                except PhiOnnxError as error:  # e.g. a logit_bias id outside the vocabulary
-                    self._finish(request, "error", error=error.message)
-                    continue
-                request.slot, request.admitted_at = slot, time.perf_counter()
-                self.slots[slot] = request
-                self.pool.clear(slot)
+        while self.waiting and None in self.slots:
+            request = self.waiting.popleft()
+            if request.cancelled:
+                self._finish(request, "cancelled")
+                continue
+            try:
+                request.seq = SequenceState(request.prompt, request.options, request.budget,
+                                            tokenizer=self.model.tokenizer, eos_token_ids=self.eos,
+                                            vocab_size=self.vocab)
+            except PhiOnnxError as error:  # e.g. a logit_bias id outside the vocabulary
+                self._finish(request, "error", error=error.message)
+                continue
+            slot = self._place(request)
+            request.slot, request.admitted_at = slot, time.perf_counter()
+            self.slots[slot] = request
 
+    def _place(self, request: Request) -> int:
+        """The free slot for `request`: the one holding the longest prefix of its prompt, else an empty one,
+        else the least recently used (its contents saved to the store first). Keeps only the shared prefix."""
+        free = [s for s in range(self.max_batch) if self.slots[s] is None]
+        if not self.prefix_cache:
+            self.pool.clear(free[0])
+            return free[0]
+        rope, pool = self.core.rope, self.pool
+        shared = {s: rope.reusable(pool.held[s], pool.long[s], request.prompt) for s in free}
+        slot = max(free, key=lambda s: (shared[s], not pool.filled(s), -self.last_used[s]))
+        if shared[slot] < pool.filled(slot) and self.store is not None:
+            self.store.save(pool, slot)  # what this slot held would be lost: keep it for later
+        pool.keep(slot, shared[slot])
+        request.cached_tokens = shared[slot]
+        self.reused_tokens += shared[slot]
+        return slot
     def step(self) -> None:
         """One scheduling step on the caller's thread (for tests and tools, when `start()` was not called)."""
         if self._thread is not None:
@@ -348,24 +413,78 @@ class Scheduler:
 
     def _step(self) -> None:
         self.steps += 1
-        budget = self.chunk
-        for request in [r for r in self.slots if r is not None]:
+        budget = self._prefill_budget()
+        prefilling = sorted((r for r in self.slots if r is not None and r.seq is not None
+                             and self.pool.filled(r.slot or 0) < len(r.prompt)), key=lambda r: r.id)
+        waiting_for: list[Request] = []
+        for request in prefilling:
             if budget <= 0:
                 break
-            if request.seq is not None and self.pool.filled(request.slot or 0) < len(request.prompt):
-                budget -= self._prefill(request, budget)
+            if self.prefix_cache:
+                self._import_prefix(request)
+                if self._shares_work(request, waiting_for):
+                    continue  # an earlier request is computing this one's prefix right now
+            waiting_for.append(request)
+            budget -= self._prefill(request, budget)
         self._decode()
+
+    def _prefill_budget(self) -> int:
+        """Prompt tokens this step may prefill: `chunk`, or while streams decode, what fits in
+        `stall_factor` decode steps at the measured prefill speed."""
+        decoding = any(r is not None and r.seq is not None and r.seq.generated and not r.seq.done
+                       for r in self.slots)
+        if not decoding or self._decode_seconds is None or self._prefill_rate is None:
+            return self.chunk
+        fits = self._prefill_rate * self.stall_factor * self._decode_seconds
+        return int(min(max(fits, MIN_PREFILL), self.chunk))
+
+    def _import_prefix(self, request: Request) -> None:
+        """Copy into `request`'s slot a longer prefix of its prompt held by another slot or the store."""
+        slot = request.slot
+        assert slot is not None
+        pool, rope = self.pool, self.core.rope
+        have = pool.filled(slot)
+        source, length = None, have
+        for other in range(self.max_batch):
+            if other != slot:
+                n = rope.reusable(pool.held[other], pool.long[other], request.prompt)
+                if n > length:
+                    source, length = other, n
+        stored, stored_length = self.store.match(request.prompt) if self.store is not None else (None, 0)
+        if stored is not None and stored_length > length:
+            assert self.store is not None
+            self.store.restore(stored, stored_length, pool, slot)
+            length = stored_length
+        elif source is not None:
+            pool.copy_rows(source, slot, length)
+        else:
+            return
+        self.copied_tokens += length - have
+        request.cached_tokens += length - have
+
+    def _shares_work(self, request: Request, earlier: list[Request]) -> bool:
+        """Whether an earlier request in this step's prefill is computing a long prefix `request` shares."""
+        rope, have = self.core.rope, self.pool.filled(request.slot or 0)
+        for other in earlier:
+            shared = rope.reusable(other.prompt, rope.is_long(len(other.prompt)), request.prompt)
+            if shared >= MIN_TOKENS and shared > have and self.pool.filled(other.slot or 0) < shared:
+                return True
+        return False
 
     def _prefill(self, request: Request, budget: int) -> int:
         """Run the next prompt chunk of `request`; sample its first token when the prompt is done. Returns
         tokens run."""
         slot = request.slot
         assert slot is not None
-        before = self.pool.filled(slot)
+        before, started = self.pool.filled(slot), time.perf_counter()
         logits = self.core.prefill(self.pool, slot, request.prompt, limit=budget)
+        ran = self.pool.filled(slot) - before
+        self.computed_tokens += ran
+        if ran >= MIN_PREFILL:
+            self._prefill_rate = _average(self._prefill_rate, ran / max(time.perf_counter() - started, 1e-6))
         if logits is not None:
             self._sample(request, logits)
-        return self.pool.filled(slot) - before
+        return ran
 
     def _decode(self) -> None:
         """One new token for every request whose prompt is done and that has not finished."""
@@ -377,8 +496,10 @@ class Scheduler:
                 tokens[slot] = seq.generated[-1]
         if not tokens:
             return
-        before = self.core.recomputes
+        before, started = self.core.recomputes, time.perf_counter()
         out = self.core.decode(self.pool, tokens)
+        if self.core.recomputes == before:
+            self._decode_seconds = _average(self._decode_seconds, time.perf_counter() - started)
         self.recomputes += self.core.recomputes - before
         for slot, logits in out.items():
             request = self.slots[slot]
@@ -409,11 +530,14 @@ class Scheduler:
             return
         if request.slot is not None and self.slots[request.slot] is request:
             self.slots[request.slot] = None
-            self.pool.clear(request.slot)
+            self.last_used[request.slot] = time.perf_counter()
+            if not self.prefix_cache or reason == "error":  # an error may have left the rows half written
+                self.pool.clear(request.slot)
         request.slot = None
         seq = request.seq
         text = seq.text(finished=reason not in ("cancelled", "error")) if seq is not None else ""
-        request.finish = FinishEvent(reason, len(request.prompt), len(request.generated), text, error)
+        request.finish = FinishEvent(reason, len(request.prompt), len(request.generated), text, error,
+                                     min(request.cached_tokens, len(request.prompt)))
         self._emit(request, request.finish)
         self._cond.notify_all()
 

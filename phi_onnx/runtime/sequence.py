@@ -43,6 +43,7 @@ class FinishEvent:
     completion_tokens: int
     text: str
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens whose keys and values were reused or copied, not computed
 
 
 Event = TokenEvent | FinishEvent

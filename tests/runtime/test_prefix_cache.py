@@ -1,0 +1,176 @@
+"""Prefix reuse in the scheduler: the same tokens as a cold run, whatever was reused, copied or restored."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from helpers import random_ids
+
+from phi_onnx.runtime.kv_pool import KVPool
+from phi_onnx.runtime.prefix_cache import PrefixStore
+from phi_onnx.runtime.scheduler import Scheduler
+
+
+@pytest.fixture(scope="module")
+def models(make_export: Any) -> Any:
+    import phi_onnx
+
+    cache: dict[str, Any] = {}
+
+    def get(name: str) -> Any:
+        if name not in cache:
+            cache[name] = phi_onnx.load(make_export(name), device="cpu", backend="ort")
+        return cache[name]
+
+    yield get
+    for model in cache.values():
+        model.close()
+
+
+def cold(model: Any, prompt: list[int], new: int) -> list[int]:
+    """Model.generate from an empty cache."""
+    model.engine.forget()
+    return model.generate(prompt, max_new_tokens=new, min_new_tokens=new).token_ids
+
+
+def drive(scheduler: Scheduler, handles: list[Any], limit: int = 2000) -> None:
+    for _ in range(limit):
+        if all(h.finish for h in handles):
+            return
+        scheduler.step()
+    raise AssertionError("requests did not finish")
+
+
+def ids(n: int, seed: int, vocab: int = 1000) -> list[int]:
+    return [int(t) % vocab for t in random_ids(n, seed=seed).ravel()]
+
+
+# phi4mini's original context is 64: its conversations cross the LongRoPE switch between turns.
+@pytest.mark.parametrize("name, system, turn, reply", [("phi3-mha", 30, 9, 7), ("phi3-gqa", 30, 9, 7),
+                                                       ("phi3-window", 30, 9, 7), ("phi4mini", 20, 9, 7)])
+def test_multi_turn_conversations_equal_cold_runs(name, system, turn, reply, models):
+    """Users x turns, a shared system prompt, each turn's prompt the whole conversation so far, staggered:
+    every reply equals a cold solo run, and most prompt tokens are served from the caches."""
+    model = models(name)
+    scheduler = Scheduler(model, max_batch=2, max_queue=16, capacity=160, chunk=16)
+    shared = ids(system, 1)
+    users = 3  # more users than slots: conversations leave their slot and come back (the store restores them)
+    histories = [shared + ids(turn, 100 + u) for u in range(users)]
+    total_prompt = 0
+    for t in range(3):
+        handles, prompts = [], []
+        for u in range(users):
+            prompts.append(list(histories[u]))
+            handles.append(scheduler.submit(histories[u], model.options(max_new_tokens=reply,
+                                                                         min_new_tokens=reply)))
+            scheduler.step()  # staggered: each joins at a different step
+        drive(scheduler, handles)
+        for u, (prompt, handle) in enumerate(zip(prompts, handles, strict=True)):
+            assert handle.generated == cold(model, prompt, reply), (name, t, u)
+            total_prompt += len(prompt)
+            histories[u] = prompt + handle.generated + ids(turn, 1000 * t + u)
+    cached = scheduler.reused_tokens + scheduler.copied_tokens
+    assert cached + scheduler.computed_tokens == total_prompt  # every prompt token either reused or computed
+    assert cached > total_prompt // 3
+    assert scheduler.store is not None and scheduler.store.restored > 0  # 3 users over 2 slots
+    if name == "phi4mini":
+        assert max(len(h) for h in histories) > 64  # the conversations did cross the switch
+    scheduler.close()
+
+
+def test_a_burst_sharing_a_system_prompt_computes_it_once(models):
+    model = models("phi3-gqa")
+    scheduler = Scheduler(model, max_batch=4, capacity=160, chunk=32)
+    shared = ids(60, 7)
+    prompts = [shared + ids(5, 50 + i) for i in range(4)]
+    handles = [scheduler.submit(p, model.options(max_new_tokens=6, min_new_tokens=6)) for p in prompts]
+    drive(scheduler, handles)
+    for prompt, handle in zip(prompts, handles, strict=True):
+        assert handle.generated == cold(model, prompt, 6)
+    # The 60-token prefix was computed once; the others copied it (at least 59 of its tokens each).
+    assert scheduler.computed_tokens <= 60 + 4 * 6
+    assert [h.finish.cached_tokens for h in handles[1:]] == [60] * 3
+    assert handles[0].finish.cached_tokens == 0
+    scheduler.close()
+
+
+def test_without_prefix_cache_every_prompt_is_computed(models):
+    model = models("phi3-mha")
+    scheduler = Scheduler(model, max_batch=2, capacity=120, prefix_cache=False)
+    prompt = ids(40, 3)
+    for _ in range(2):
+        handle = scheduler.submit(prompt, model.options(max_new_tokens=4))
+        drive(scheduler, [handle])
+        assert handle.finish.cached_tokens == 0
+    assert scheduler.computed_tokens == 80 and scheduler.reused_tokens == scheduler.copied_tokens == 0
+    scheduler.close()
+
+
+def test_a_request_cancelled_mid_prefill_leaves_only_whole_chunks(models):
+    model = models("phi3-gqa")
+    scheduler = Scheduler(model, max_batch=1, capacity=160, chunk=16)
+    prompt = ids(70, 9)
+    first = scheduler.submit(prompt, model.options(max_new_tokens=5, min_new_tokens=5))
+    scheduler.step()
+    scheduler.step()  # two 16-token chunks computed
+    first.cancel()
+    scheduler.step()
+    assert first.finish.reason == "cancelled" and scheduler.pool.held[0] == prompt[:32]
+    again = scheduler.submit(prompt, model.options(max_new_tokens=5, min_new_tokens=5))
+    drive(scheduler, [again])
+    assert again.finish.cached_tokens == 32
+    assert again.generated == cold(model, prompt, 5)
+    scheduler.close()
+
+
+def test_a_tiny_store_under_pressure_never_corrupts_a_request(models):
+    """Many conversations over one slot and a store that holds about one of them: evictions all along."""
+    model = models("phi3-mha")
+    per_token = model.core.layout.token_bytes()
+    scheduler = Scheduler(model, max_batch=1, capacity=128, chunk=16, prefix_cache_bytes=60 * per_token)
+    rng = np.random.default_rng(0)
+    conversations = [ids(40, 200 + i) for i in range(4)]
+    for step in range(10):
+        i = int(rng.integers(len(conversations)))
+        prompt = conversations[i]
+        handle = scheduler.submit(prompt, model.options(max_new_tokens=4, min_new_tokens=4))
+        drive(scheduler, [handle])
+        assert handle.generated == cold(model, prompt, 4), step
+        conversations[i] = (prompt + handle.generated + ids(3, step))[-60:]  # keep them within the store
+    assert scheduler.store is not None and scheduler.store.nbytes <= 60 * per_token
+    assert scheduler.store.evicted > 0 or scheduler.store.restored > 0
+    scheduler.close()
+
+
+def test_store_save_match_restore_roundtrip(models):
+    model = models("phi3-gqa")
+    core = model.core
+    pool = core.pool(2, 64)
+    prompt = ids(40, 4)
+    core.prefill(pool, 0, prompt)
+    store = PrefixStore(10 * 2**20, core.rope)
+    store.save(pool, 0)
+    key, n = store.match([*prompt[:35], 5, 6])
+    assert key is not None and n == 35
+    store.restore(key, n, pool, 1)
+    assert pool.held[1] == prompt[:35]
+    for buffer in pool.buffers:
+        np.testing.assert_array_equal(buffer[1, :, :35], buffer[0, :, :35])
+    assert store.match(ids(10, 99))[1] == 0
+    pool.close()
+
+
+def test_copy_rows_copies_the_prefix_and_its_tokens(models):
+    model = models("phi3-mha")
+    pool: KVPool = model.core.pool(3, 32)
+    model.core.prefill(pool, 2, ids(20, 5))
+    pool.copy_rows(2, 0, 12)
+    assert pool.held[0] == pool.held[2][:12] and pool.long[0] == pool.long[2]
+    for buffer in pool.buffers:
+        np.testing.assert_array_equal(buffer[0, :, :12], buffer[2, :, :12])
+        assert not buffer[0, :, 12:].any()
+    with pytest.raises(ValueError):
+        pool.copy_rows(1, 0, 5)  # slot 1 holds nothing
+    pool.close()
