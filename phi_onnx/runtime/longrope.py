@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class LongRope:
@@ -51,9 +53,8 @@ class LongRope:
         if list(held[:limit]) == list(tokens[:limit]):  # the common case, compared in C
             same = limit
         else:
-            same = 0
-            while same < limit and held[same] == tokens[same]:
-                same += 1
+            differ = np.flatnonzero(np.asarray(held[:limit]) != np.asarray(tokens[:limit]))
+            same = int(differ[0]) if differ.size else limit
         if same and self.threshold is not None and cached_long != self.is_long(len(tokens)):
             return 0  # the entries were computed with the other factors
         return same
