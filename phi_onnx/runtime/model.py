@@ -24,12 +24,18 @@ from phi_onnx.runtime.tokenizer import TextTokenizer, check_text, check_token_id
 
 if TYPE_CHECKING:
     from phi_onnx.runtime.core import DecodeCore
+    from phi_onnx.runtime.grammar import Constraint, GrammarProcessor
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "genai", "ort")
 
 Prompt = str | Sequence[int]
+
+#: Keyword arguments of generate/stream/chat/chat_stream that constrain the reply (`Model.options`).
+CONSTRAINT_KEYWORDS = ("json_schema", "regex", "grammar", "json_object", "strict")
+#: Compiled grammars kept per Model.
+GRAMMAR_CACHE = 16
 
 
 def load(path: str | os.PathLike[str], device: str = "auto", backend: str = "auto", *,
@@ -149,7 +155,9 @@ class Model:
     """A loaded export. Use `generate`, `stream`, `chat`, `chat_stream` or `start_chat`.
 
     Generation options are keyword arguments everywhere (see `GenerationOptions`): max_new_tokens,
-    min_new_tokens, temperature (0 = greedy, the default), top_k, top_p, repetition_penalty, seed, stop.
+    min_new_tokens, temperature (0 = greedy, the default), top_k, top_p, repetition_penalty, seed, stop;
+    and a constraint on the reply: json_schema=, regex=, grammar= (Lark), json_object=True (see
+    `phi_onnx.runtime.grammar`). `chat` and `chat_stream` also take tools= and tool_choice=.
 
     A Model may be shared by threads: calls that use the engine run one at a time (the others wait),
     and a stream holds the model from its creation until it is exhausted, closed or dropped — so
@@ -166,6 +174,7 @@ class Model:
         self.lock = EngineLock()
         self._template: ChatTemplate | None = None
         self._template_lock = threading.Lock()
+        self._grammars: dict[str, GrammarProcessor] = {}
 
     # -- facts ---------------------------------------------------------------------------------
     @property
@@ -251,8 +260,39 @@ class Model:
 
     # -- generation ----------------------------------------------------------------------------
     def options(self, **kwargs: Any) -> GenerationOptions:
-        """The load-time defaults with `kwargs` applied (validated)."""
-        return GenerationOptions.from_kwargs(self.defaults, **kwargs)
+        """The load-time defaults with `kwargs` applied (validated).
+
+        The constraint keywords (`CONSTRAINT_KEYWORDS`: json_schema, regex, grammar, json_object,
+        strict) become a grammar logits processor, appended after any given `logits_processors`.
+        """
+        asked = {name: kwargs.pop(name) for name in CONSTRAINT_KEYWORDS if name in kwargs}
+        opts = GenerationOptions.from_kwargs(self.defaults, **kwargs)
+        if not asked:
+            return opts
+        from phi_onnx.runtime.grammar import constraint_from
+
+        constraint = constraint_from(**asked)
+        if constraint is None:
+            return opts
+        return GenerationOptions.from_kwargs(opts, logits_processors=(*opts.logits_processors,
+                                                                      self.grammar(constraint)))
+
+    def grammar(self, constraint: Constraint) -> GrammarProcessor:
+        """`constraint` compiled for this model's tokenizer, as a logits processor (one matcher per
+        sequence). The last few are cached: a server sees the same schema request after request."""
+        from phi_onnx.runtime.grammar import GrammarProcessor, grammar_tokenizer
+
+        with self._template_lock:
+            cached = self._grammars.get(constraint.source)
+            if cached is not None:
+                return cached
+        processor = GrammarProcessor(constraint, grammar_tokenizer(self.folder.path, self.folder.vocab_size,
+                                                                   self.eos_token_ids), self.folder.vocab_size)
+        with self._template_lock:
+            self._grammars[constraint.source] = processor
+            while len(self._grammars) > GRAMMAR_CACHE:
+                self._grammars.pop(next(iter(self._grammars)))
+        return processor
 
     @overload
     def generate(self, prompt: Prompt, **options: Any) -> GenerationResult: ...

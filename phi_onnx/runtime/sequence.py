@@ -12,6 +12,7 @@ vocabulary, room left for a reply in `capacity`), with one set of messages.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from phi_onnx.runtime.errors import OptionsError, PromptTooLongError
-from phi_onnx.runtime.options import GenerationOptions
+from phi_onnx.runtime.options import GenerationOptions, bind_processors
 from phi_onnx.runtime.sampling import Sampler
 from phi_onnx.runtime.tokenizer import TextTokenizer
 
@@ -127,6 +128,9 @@ class SequenceState:
     def __init__(self, prompt: Sequence[int], options: GenerationOptions, budget: int, *, tokenizer: TextTokenizer,
                  eos_token_ids: Sequence[int], vocab_size: int) -> None:
         self.prompt = [int(t) for t in prompt]
+        if any(callable(getattr(p, "for_sequence", None)) for p in options.logits_processors):
+            # a stateful processor (a grammar's matcher) must be this sequence's own, not the request's
+            options = dataclasses.replace(options, logits_processors=bind_processors(options.logits_processors))
         self.options = options
         self.budget = budget
         self.eos = frozenset(eos_token_ids)
