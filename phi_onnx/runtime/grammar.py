@@ -202,7 +202,7 @@ def _tokenizer(path: str, stamp: int, vocab_size: int, eos: tuple[int, ...]) -> 
                                   eos_token=list(eos) or None)
     except (ValueError, RuntimeError) as error:
         raise ModelFolderError(f"llguidance cannot read {path}: {error}",
-                               hint="Constrained decoding needs a Hugging Face fast tokenizer (tokenizer.json).") from error
+                               hint="Constrained decoding needs a Hugging Face fast tokenizer.") from error
 
 
 # -- the logits processors --------------------------------------------------------------------------

@@ -324,20 +324,56 @@ class Model:
             raise OptionsError("stream() takes one prompt.", hint="Call generate() with a list of prompts.")
         return self._stream(prompts, self.options(**options))
 
-    def chat(self, messages: Sequence[Message], **options: Any) -> GenerationResult:
-        """The assistant's reply to `messages` ([{"role", "content"}], optional system message first)."""
-        return self.chat_stream(messages, **options).finish()
+    def chat(self, messages: Sequence[Message], *, tools: Sequence[Any] | None = None, tool_choice: Any = None,
+             parallel_tool_calls: bool = True, **options: Any) -> GenerationResult:
+        """The assistant's reply to `messages` ([{"role", "content"}], optional system message first).
 
-    def chat_stream(self, messages: Sequence[Message], **options: Any) -> TextStream:
+        With `tools` (OpenAI's function tools) the model may call them: `result.tool_calls` lists the
+        calls (`phi_onnx.runtime.tools.ToolCall`), `result.content` the text outside them, and
+        finish_reason is "tool_calls". tool_choice: "none", "auto" (default), "required" or
+        {"type": "function", "function": {"name": ...}}; "required" and a named tool always yield
+        valid calls (constrained decoding). History may hold assistant messages with `tool_calls`
+        and `role: "tool"` results. See `phi_onnx.runtime.tools` for the formats per model.
+        """
+        return self.chat_stream(messages, tools=tools, tool_choice=tool_choice,
+                                parallel_tool_calls=parallel_tool_calls, **options).finish()
+
+    def chat_stream(self, messages: Sequence[Message], *, tools: Sequence[Any] | None = None,
+                    tool_choice: Any = None, parallel_tool_calls: bool = True, **options: Any) -> TextStream:
         """Stream the assistant's reply to `messages` (oldest turns dropped if they outgrow the context).
 
-        Like `stream`, the stream holds the model until it ends or is closed.
+        Like `stream`, the stream holds the model until it ends or is closed. With tools, the pieces
+        are the raw reply (call markup included): feed them to `ToolCallStream(stream.tool_format)`
+        for content and call deltas; the finished `result` has `tool_calls` and `content`.
         """
+        fmt = None
+        if tools is not None or tool_choice not in (None, "none", "auto") or _has_tool_history(messages):
+            from phi_onnx.runtime.tools import ToolCallSwitch, plan_tools, tool_format
+
+            fmt = tool_format(self.chat_template.source, self.tokenizer.vocabulary())
+            plan = plan_tools(_items(messages, "messages"), tools, tool_choice, fmt,
+                              parallel_tool_calls=parallel_tool_calls)
+            messages = plan.messages
+            if plan.constraint is not None:
+                if any(options.get(k) is not None for k in CONSTRAINT_KEYWORDS if k != "strict"):
+                    raise OptionsError("tools with tool_choice constrain the reply; json_schema/regex/grammar "
+                                       "cannot be added to that.",
+                                       hint='Use tool_choice="none" (or "auto") with a response format.')
+                options["grammar"] = plan.constraint
+            elif plan.switch is not None:
+                opened = self.tokenizer.token_to_id("<|tool_call|>")
+                assert opened is not None  # tool_format found it
+                base = self.options(**options)
+                options["logits_processors"] = (*base.logits_processors,
+                                                ToolCallSwitch(self.grammar(plan.switch), opened))
         messages = check_messages(messages)
         opts = self.options(**options)
         kept, dropped = self.fit_chat(messages, opts.max_new_tokens)
         stream = self._stream([self.chat_prompt_ids(kept)], opts)
         stream.dropped_messages = dropped
+        stream.tool_format = fmt
+        if fmt is not None:
+            stream.on_finish(lambda result: _attach_calls(result, fmt))
         return stream
 
     def fit_chat(self, messages: Sequence[Message], max_new_tokens: int | None = None) -> tuple[list[Message], int]:
@@ -430,3 +466,20 @@ def _items(prompt: Any, what: str = "a prompt") -> list[Any]:
                            hint="Pass a string, a list of token ids, or a list of those.")
     return list(prompt)
 
+
+def _has_tool_history(messages: Any) -> bool:
+    """Whether a conversation holds tool calls or tool results (which need the tool format to render)."""
+    return isinstance(messages, (list, tuple)) and any(
+        isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")) for m in messages)
+
+
+def _attach_calls(result: GenerationResult, fmt: str) -> None:
+    """Parse a finished reply's tool calls into `result.tool_calls` / `result.content`."""
+    from phi_onnx.runtime.tools import parse_tool_calls
+
+    if result.finish_reason == "interrupted":
+        result.content = result.text
+        return
+    result.content, result.tool_calls = parse_tool_calls(result.text, fmt)
+    if result.tool_calls and result.finish_reason in ("eos", "stop"):
+        result.finish_reason = "tool_calls"

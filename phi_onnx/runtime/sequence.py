@@ -176,3 +176,13 @@ class SequenceState:
     def text(self, *, finished: bool = True) -> str:
         """The reply's text: all of it, or (an interrupted reply) only what was shown."""
         return self.assembler.text if finished else self.assembler.text[: self.assembler.emitted]
+
+
+def prepare_step(states: Sequence[SequenceState]) -> None:
+    """Before `step` on several sequences: compute their grammars' masks together, in parallel
+    (`phi_onnx.runtime.grammar.fill_masks`), instead of one after another inside each step."""
+    rows = [(s.options.logits_processors, s.tokens) for s in states if s.options.logits_processors and not s.done]
+    if len(rows) > 1:
+        from phi_onnx.runtime.grammar import fill_masks
+
+        fill_masks(rows)
