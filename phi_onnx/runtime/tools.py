@@ -21,7 +21,8 @@ Two formats, chosen per model by `tool_format(template source, tokenizer vocabul
 tool_choice: "none" (tools are not rendered, nothing is constrained), "auto" (phi4-mini: free text,
 but once the model writes `<|tool_call|>` the rest is constrained to valid calls; generic: the JSON
 object above), "required" (at least one valid call is forced), or {"type": "function", "function":
-{"name": ...}} (a call of that tool is forced). With `parallel_tool_calls=False`, at most one call.
+{"name": ...}} (a call of that tool is forced). A constrained reply holds at most MAX_PARALLEL_CALLS
+calls, or one with `parallel_tool_calls=False`.
 
 `parse_tool_calls(text, format)` turns a reply into (content, [ToolCall]); it also accepts what an
 unconstrained model writes: the bare list without the tags, and "parameters" for "arguments".
@@ -50,6 +51,9 @@ PHI4_MINI = "phi4-mini"
 GENERIC = "generic"
 CALL_OPEN, CALL_CLOSE = "<|tool_call|>", "<|/tool_call|>"
 RESPONSE_ROLE = "tool_response"
+#: Most calls in one constrained reply (parallel_tool_calls): a bound, so that a sampled reply cannot
+#: spend its whole budget adding calls.
+MAX_PARALLEL_CALLS = 8
 
 #: The system prompt of the generic protocol; {tools} is the tools' JSON list.
 GENERIC_INSTRUCTIONS = (
@@ -265,9 +269,8 @@ def _call_schema(tools: Sequence[Tool]) -> dict[str, Any]:
 
 
 def _calls_schema(tools: Sequence[Tool], parallel: bool) -> dict[str, Any]:
-    schema: dict[str, Any] = {"type": "array", "items": _call_schema(tools), "minItems": 1}
-    if not parallel:
-        schema["maxItems"] = 1
+    schema: dict[str, Any] = {"type": "array", "items": _call_schema(tools), "minItems": 1,
+                              "maxItems": MAX_PARALLEL_CALLS if parallel else 1}
     return schema
 
 
@@ -315,9 +318,11 @@ def plan_tools(messages: Sequence[Mapping[str, Any]], tools: Any, tool_choice: A
     calls = _calls_schema(offered, parallel_tool_calls)
     rendered = render_tool_messages(messages, checked, fmt)
     if fmt == PHI4_MINI:
-        block = f"{json.dumps(CALL_OPEN)} calls {json.dumps(CALL_CLOSE)}"
+        # Unquoted, llguidance's Lark names the token itself: llguidance treats every added token as
+        # special (a quoted "<|tool_call|>" would have to be spelled in ordinary text tokens).
+        block = f"{CALL_OPEN} calls {CALL_CLOSE}"
         if choice == "auto":
-            rest = grammar.lark(f"start: calls {json.dumps(CALL_CLOSE)}\ncalls: {_lark_json(calls)}\n")
+            rest = grammar.lark(f"start: calls {CALL_CLOSE}\ncalls: {_lark_json(calls)}\n")
             return ToolPlan(fmt, rendered, switch=rest, tools=checked)
         return ToolPlan(fmt, rendered, grammar.lark(f"start: {block}\ncalls: {_lark_json(calls)}\n"), tools=checked)
     reply: dict[str, Any] = {"type": "object", "properties": {"tool_calls": calls}, "required": ["tool_calls"],
