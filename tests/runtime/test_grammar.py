@@ -130,7 +130,7 @@ def test_batched_masks_equal_one_by_one(tiny):
         rows.append(((seq,), prompt + tiny.encode(text, add_special_tokens=False)))
     assert grammar.fill_masks(rows) == 3
     batched = [processors[0].allowed().copy() for processors, _ in rows]
-    for (processors, tokens), mask in zip(rows, batched, strict=True):
+    for (processors, _tokens), mask in zip(rows, batched, strict=True):
         processors[0]._mask = None
         assert np.array_equal(processors[0].allowed(), mask)
         assert mask.any()

@@ -74,7 +74,7 @@ def test_phi4_mini_tools_go_on_the_system_message(phi4mini):
     plan = T.plan_tools(ASK, [WEATHER], "auto", T.PHI4_MINI)
     prompt = phi4mini.render_chat(plan.messages)
     listing = json.dumps([T.check_tools([WEATHER])[0].spec()])
-    assert prompt.startswith("<|system|>You are a helpful assistant with some tools.<|tool|>" + listing + "<|/tool|><|end|>")
+    assert prompt.startswith(f"<|system|>You are a helpful assistant with some tools.<|tool|>{listing}<|/tool|><|end|>")
     assert prompt.endswith("<|user|>What is the weather in Paris?<|end|><|assistant|>")
     system = [{"role": "system", "content": "Be brief."}, *ASK]
     prompt = phi4mini.render_chat(T.plan_tools(system, [WEATHER], "auto", T.PHI4_MINI).messages)
@@ -148,8 +148,8 @@ def test_generic_protocol_on_a_model_without_a_tool_format(tiny):
             assert_valid_calls(result.tool_calls, {"add"})
         elif value is not None:
             assert result.content == value["response"]
-    history = [*ASK, {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function",
-                                                           "function": {"name": "add", "arguments": "{\"a\":1,\"b\":2}"}}]},
+    call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a":1,"b":2}'}}
+    history = [*ASK, {"role": "assistant", "tool_calls": [call]},
                {"role": "tool", "tool_call_id": "call_1", "content": "3"}]
     prompt = tiny.render_chat(T.render_tool_messages(history, None, T.GENERIC))
     assert '{"tool_calls": [{"name": "add", "arguments": {"a": 1, "b": 2}}]}' in prompt
