@@ -157,3 +157,28 @@ def test_the_tokenizer_for_llguidance_is_cached_and_sized_to_the_model(tiny):
     assert grammar.grammar_tokenizer(folder, tiny.folder.vocab_size, tiny.eos_token_ids) is first
     assert first.vocab_size == tiny.folder.vocab_size
     assert sorted(first.eos_tokens) == sorted(tiny.eos_token_ids)
+
+
+def test_cli_json_schema_file(tiny, tmp_path):
+    from click.testing import CliRunner
+
+    from phi_onnx.cli import main
+
+    schema = tmp_path / "person.json"
+    schema.write_text(json.dumps(PERSON))
+    for command in (["generate", str(tiny.path), "Person:", "--json"], ["chat", str(tiny.path), "--once", "--json"]):
+        run = CliRunner().invoke(main, [*command, "--json-schema", str(schema), "--temperature", "1", "--seed", "5",
+                                        "--max-new-tokens", "80"], input="Who?\n", catch_exceptions=False)
+        assert run.exit_code == 0, run.output
+        reply = json.loads(run.output.strip().splitlines()[-1])
+        assert reply["finish_reason"] == "eos"
+        jsonschema.validate(json.loads(reply["text"]), PERSON)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"type": "array", "uniqueItems": true}')
+    not_json = tmp_path / "not.json"
+    not_json.write_text("{type: object")
+    for path, message in ((bad, "uniqueItems"), (not_json, "is not valid JSON"), (tmp_path / "missing.json",
+                                                                                   "Cannot read the JSON schema")):
+        run = CliRunner().invoke(main, ["generate", str(tiny.path), "x", "--json-schema", str(path)])
+        assert run.exit_code == 2, run.output
+        assert message in run.output and "Traceback" not in run.output
