@@ -85,7 +85,7 @@ def synthetic_tokenizer(size: int, folder: Path) -> Path:
 
 def _bytes_to_unicode() -> list[str]:
     # GPT-2's reversible byte -> printable character map (the ByteLevel pre-tokenizer's alphabet)
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, extra = [], 0
     for b in range(256):
         if b in keep:
@@ -115,7 +115,8 @@ def measure(folder: Path, batch: int, steps_cap: int, repeat: int) -> dict[str, 
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((batch, vocab)).astype(np.float32)
     results: dict[str, Any] = {"vocab": vocab, "batch": batch, "steps": len(reply),
-                               "tokenizer_build_s": round(tokenizer_s, 3), "grammar_compile_ms": round(1e3 * compile_s, 2)}
+                               "tokenizer_build_s": round(tokenizer_s, 3),
+                               "grammar_compile_ms": round(1e3 * compile_s, 2)}
     for mode in ("sequential", "fill_masks") if batch > 1 else ("sequential",):
         best: list[float] | None = None
         for _ in range(repeat):
@@ -170,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         folders.append(synthetic_tokenizer(size, Path(scratch.name) / f"synthetic-{size}"))
         if not args.json:
-            print(f"# synthetic {size}-token vocabulary built in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+            print(f"# synthetic {size}-token vocabulary built in {time.perf_counter() - started:.1f} s",
+                  file=sys.stderr)
     for folder in folders:
         for batch in args.batch or [1, 8]:
             row = measure(folder, batch, args.steps, args.repeat)
