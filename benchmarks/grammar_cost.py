@@ -155,21 +155,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-ms", type=float, default=35.0,
                         help="A decode step of the model, to express the cost as a share of it.")
     parser.add_argument("--json", action="store_true", help="Print JSON lines only.")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="Keep built tokenizers here and reuse them (default: a temporary folder).")
     args = parser.parse_args(argv)
     folders = list(args.tokenizer)
     scratch = tempfile.TemporaryDirectory()
+    work = args.work_dir or Path(scratch.name)
     for size in args.trained:
         from phi_onnx.tiny import build_tokenizer
 
         started = time.perf_counter()
-        folder = Path(scratch.name) / f"trained-{size}"
-        build_tokenizer(folder, vocab_size=size)
+        folder = work / f"trained-{size}"
+        if not (folder / "tokenizer.json").exists():
+            build_tokenizer(folder, vocab_size=size)
         folders.append(folder)
         if not args.json:
             print(f"# trained a {size}-token BPE in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     for size in args.synthetic:
         started = time.perf_counter()
-        folders.append(synthetic_tokenizer(size, Path(scratch.name) / f"synthetic-{size}"))
+        folder = work / f"synthetic-{size}"
+        folders.append(folder if (folder / "tokenizer.json").exists() else synthetic_tokenizer(size, folder))
         if not args.json:
             print(f"# synthetic {size}-token vocabulary built in {time.perf_counter() - started:.1f} s",
                   file=sys.stderr)

@@ -48,6 +48,8 @@ MAX_GRAMMAR_CHARS = 1_000_000
 #: JSON is written compactly ({"a":1,"b":[2,3]}): with llguidance's default, free whitespace between
 #: tokens, a sampled reply can spend its whole budget on blank lines. A schema's own "x-guidance"
 #: object may change this (llguidance applies it after these defaults).
+#: What a mask bit adds to a score: 0 -> -inf (forbidden), 1 -> 0.
+_MASK_BIAS = np.array([-np.inf, 0.0], dtype=np.float32)
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
 
 
@@ -272,8 +274,9 @@ class SequenceGrammar:
         if self.matcher.is_error():
             raise OptionsError(f"The {self.kind.replace('_', ' ')} failed: {self.matcher.get_error()}",
                                hint="Simplify the grammar.")
-        bits = np.unpackbits(self.allowed().view(np.uint8), bitorder="little")[: scores.shape[-1]]
-        scores[~bits.astype(bool)] = -np.inf
+        bits = np.unpackbits(self.allowed().view(np.uint8), count=scores.shape[-1], bitorder="little")
+        # -inf or 0 added by a gather: several times faster than boolean indexing on a mixed mask
+        scores += _MASK_BIAS[bits]
         return scores
 
     @property
