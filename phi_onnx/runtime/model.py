@@ -8,6 +8,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
@@ -92,6 +93,16 @@ def load(path: str | os.PathLike[str], device: str = "auto", backend: str = "aut
     model = Model(folder, tokenizer, engine, choice, options)
     log.info("Loaded %s on %s (%s backend)", folder.path, model.provider, model.backend)
     return model
+
+
+@dataclass(frozen=True)
+class PreparedChat:
+    """A chat request ready to run (`Model.prepare_chat`)."""
+
+    prompt_ids: list[int]
+    options: GenerationOptions
+    tool_format: str | None = None  # "phi4-mini" or "generic" when tools are in play
+    dropped: int = 0  # oldest messages dropped to fit the context
 
 
 class EngineLock:
@@ -346,6 +357,25 @@ class Model:
         are the raw reply (call markup included): feed them to `ToolCallStream(stream.tool_format)`
         for content and call deltas; the finished `result` has `tool_calls` and `content`.
         """
+        prepared = self.prepare_chat(messages, tools=tools, tool_choice=tool_choice,
+                                     parallel_tool_calls=parallel_tool_calls, **options)
+        stream = self._stream([prepared.prompt_ids], prepared.options)
+        stream.dropped_messages = prepared.dropped
+        stream.tool_format = prepared.tool_format
+        fmt = prepared.tool_format
+        if fmt is not None:
+            stream.on_finish(lambda result: _attach_calls(result, fmt))
+        return stream
+
+    def prepare_chat(self, messages: Sequence[Message], *, tools: Sequence[Any] | None = None,
+                     tool_choice: Any = None, parallel_tool_calls: bool = True, **options: Any) -> PreparedChat:
+        """What a chat request runs: the prompt's token ids, the options (with the grammar or tool-call
+        processor appended), the tool format (None without tools) and how many old messages were dropped.
+
+        `chat_stream` runs it on this thread; a server submits `prompt_ids` and `options` to its
+        Scheduler and parses the reply with `phi_onnx.runtime.tools.parse_tool_calls` /
+        `ToolCallStream` when `tool_format` is set.
+        """
         fmt = None
         if tools is not None or tool_choice not in (None, "none", "auto") or _has_tool_history(messages):
             from phi_onnx.runtime.tools import ToolCallSwitch, plan_tools, tool_format
@@ -369,12 +399,7 @@ class Model:
         messages = check_messages(messages)
         opts = self.options(**options)
         kept, dropped = self.fit_chat(messages, opts.max_new_tokens)
-        stream = self._stream([self.chat_prompt_ids(kept)], opts)
-        stream.dropped_messages = dropped
-        stream.tool_format = fmt
-        if fmt is not None:
-            stream.on_finish(lambda result: _attach_calls(result, fmt))
-        return stream
+        return PreparedChat(self.chat_prompt_ids(kept), opts, fmt, dropped)
 
     def fit_chat(self, messages: Sequence[Message], max_new_tokens: int | None = None) -> tuple[list[Message], int]:
         """Drop the oldest turns until the prompt leaves room for a reply of max_new_tokens (at most half

@@ -232,3 +232,25 @@ def test_bad_tools_and_choices_are_refused():
     with pytest.raises(OptionsError, match="uniqueItems"):
         T.plan_tools(ASK, [{"type": "function", "function": {"name": "f", "parameters": {
             "type": "object", "properties": {"x": {"type": "array", "uniqueItems": True}}}}}], "required", T.GENERIC)
+
+
+def test_prepare_chat_runs_on_the_scheduler_as_a_server_would(phi4mini):
+    from phi_onnx.runtime.scheduler import Scheduler
+
+    scheduler = Scheduler(phi4mini, max_batch=4, max_queue=8)
+    handles = []
+    for seed, choice in enumerate(["required", {"type": "function", "function": {"name": "get_weather"}}] * 2):
+        prepared = phi4mini.prepare_chat(ASK, tools=[WEATHER, ADD], tool_choice=choice, temperature=1.0,
+                                         seed=seed, max_new_tokens=400)
+        assert prepared.tool_format == T.PHI4_MINI and prepared.dropped == 0
+        handles.append((choice, scheduler.submit(prepared.prompt_ids, prepared.options)))
+    for _ in range(3000):
+        if all(h.finish for _, h in handles):
+            break
+        scheduler.step()
+    for choice, handle in handles:
+        assert handle.finish.reason == "eos", handle.finish
+        content, calls = T.parse_tool_calls(handle.finish.text, T.PHI4_MINI)
+        assert content is None
+        assert_valid_calls(calls, {"get_weather"} if isinstance(choice, dict) else {"get_weather", "add"})
+    scheduler.close()
