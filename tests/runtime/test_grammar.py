@@ -55,7 +55,8 @@ def test_chat_json_schema_and_json_object_are_valid(tiny):
     for seed in range(6):
         result = tiny.chat(messages, json_schema=json.dumps(PERSON), temperature=1.0, seed=seed, max_new_tokens=80)
         jsonschema.validate(json.loads(result.text), PERSON)
-        anything = tiny.chat(messages, json_object=True, temperature=0.7, seed=seed, max_new_tokens=200)
+    for seed in range(3):
+        anything = tiny.chat(messages, json_object=True, temperature=0.7, seed=seed, max_new_tokens=100)
         if anything.finish_reason == "eos":
             assert isinstance(json.loads(anything.text), dict)
         else:  # a random model may nest without end: cut, but never off the grammar

@@ -136,13 +136,14 @@ def test_generic_protocol_on_a_model_without_a_tool_format(tiny):
     assert T.tool_format(tiny.chat_template.source, tiny.tokenizer.vocabulary()) == T.GENERIC
     plan = T.plan_tools(ASK, [WEATHER, ADD], "required", T.GENERIC)
     assert plan.messages[0]["role"] == "system" and '"get_weather"' in plan.messages[0]["content"]
-    for seed in range(8):
+    for seed in range(5):  # one reply may hold several calls (the slow case), the others one
         result = tiny.chat(ASK, tools=[WEATHER, ADD], tool_choice="required", temperature=1.0, seed=seed,
-                           max_new_tokens=400)
+                           parallel_tool_calls=seed == 0, max_new_tokens=400)
+        assert seed == 0 or len(result.tool_calls) == 1
         assert result.finish_reason == "tool_calls", result.text
         assert_valid_calls(result.tool_calls, {"get_weather", "add"})
-    for seed in range(4):
-        result = tiny.chat(ASK, tools=[ADD], tool_choice="auto", temperature=1.0, seed=seed, max_new_tokens=150)
+    for seed in range(3):
+        result = tiny.chat(ASK, tools=[ADD], tool_choice="auto", temperature=1.0, seed=seed, max_new_tokens=60)
         value = json.loads(result.text) if result.finish_reason != "length" else None
         if result.tool_calls:
             assert_valid_calls(result.tool_calls, {"add"})
