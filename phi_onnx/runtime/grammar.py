@@ -12,7 +12,7 @@ sets every other score to -inf. When the grammar is complete, the mask allows on
 ids, so the reply ends there ("eos"); a reply cut by max_new_tokens ends "length" as always.
 
 For several rows at once, `fill_masks` computes their masks in one llguidance call that spreads the
-rows over its thread pool (`LLExecutor`), with the GIL released; the processors then use those masks.
+rows over its thread pool (`LLExecutor.unsafe_compute_mask_ptr`); the processors then use those masks.
 
 A schema with a keyword llguidance cannot enforce is refused with OptionsError naming the keyword
 (`strict=True`, the default); with `strict=False` such keywords are ignored and listed in
@@ -290,7 +290,7 @@ def _executor() -> Any:
 
 
 def fill_masks(rows: Sequence[tuple[Iterable[Any], Sequence[int]]]) -> int:
-    """Compute the next-token masks of several sequences in one llguidance call (its thread pool, no GIL).
+    """Compute the next-token masks of several sequences in one llguidance call (its thread pool).
 
     rows: (a sequence's bound logits processors, its token ids so far), for each sequence about to be
     sampled. The SequenceGrammar among each row's processors consumes its new tokens, and its mask is
