@@ -13,6 +13,8 @@ ids, so the reply ends there ("eos"); a reply cut by max_new_tokens ends "length
 
 For several rows at once, `fill_masks` computes their masks in one llguidance call that spreads the
 rows over its thread pool (`LLExecutor.unsafe_compute_mask_ptr`); the processors then use those masks.
+Tokens the grammar forces are not fast-forwarded: each still takes a decode step whose mask allows
+only that token (running them as one multi-token step would need the decode core's help).
 
 A schema with a keyword llguidance cannot enforce is refused with OptionsError naming the keyword
 (`strict=True`, the default); with `strict=False` such keywords are ignored and listed in
