@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import cached_exports, save_tiny_checkpoint
+from helpers import cached_exports, phi4_mini_tools_tokenizer, save_tiny_checkpoint
 
 #: The tiny checkpoints the tests share, as Phi3Config overrides. Sizes are kept so that the
 #: vocab size equals no projection width, and each covers one configuration the exporter handles.
@@ -110,3 +110,20 @@ def reference_model() -> Callable[[Path], Any]:
 
     return load
 
+
+@pytest.fixture(scope="session")
+def phi4_mini_tools_export(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """A random tiny Phi-3 exported (fp32) with Phi-4-mini's tool tokens (not special, as in its
+    tokenizer.json) and its exact chat template: only constrained decoding makes it call tools right."""
+    import torch
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from phi_onnx.export import ExportOptions, export
+
+    tokenizer = phi4_mini_tools_tokenizer(tokenizer_dir, tmp_path_factory.mktemp("phi4mini-tools-tokenizer"))
+    torch.manual_seed(4)
+    model = Phi3ForCausalLM(Phi3Config(**BASE_CONFIG)).eval()
+    checkpoint = save_tiny_checkpoint(model, tmp_path_factory.mktemp("phi4mini-tools"), tokenizer)
+    out = tmp_path_factory.mktemp("export") / "phi4mini-tools"
+    export(checkpoint, out, ExportOptions(precision="fp32"))
+    return out

@@ -178,3 +178,34 @@ def kl_and_top1(reference: np.ndarray, candidate: np.ndarray) -> tuple[np.ndarra
     """Per window: mean KL(reference || candidate) and the share of positions with the same argmax."""
     kl = (np.exp(reference) * (reference - candidate)).sum(-1).mean(-1)
     return kl, (reference.argmax(-1) == candidate.argmax(-1)).mean(-1)
+
+
+#: microsoft/Phi-4-mini-instruct's chat template, verbatim (tokenizer_config.json): tools are read from
+#: the system message's "tools" string, not from a top-level `tools` variable.
+PHI4_MINI_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' and 'tools' in message and "
+    "message['tools'] is not none %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|tool|>' + "
+    "message['tools'] + '<|/tool|>' + '<|end|>' }}{% else %}{{ '<|' + message['role'] + '|>' + "
+    "message['content'] + '<|end|>' }}{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}")
+#: Phi-4-mini's tool tokens; like its tokenizer.json, not flagged special (they stay in decoded text).
+PHI4_MINI_TOOL_TOKENS = ("<|tool|>", "<|/tool|>", "<|tool_call|>", "<|/tool_call|>", "<|tool_response|>")
+
+
+def phi4_mini_tools_tokenizer(tokenizer_dir: Path, out: Path) -> Path:
+    """The session tokenizer with Phi-4-mini's tool tokens (not special) and its exact chat template."""
+    from tokenizers import AddedToken, Tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in PHI4_MINI_TOOL_TOKENS])
+    tok.save(str(out / "tokenizer.json"))
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    config.pop("added_tokens_decoder", None)  # ids and flags come from tokenizer.json
+    config["chat_template"] = PHI4_MINI_CHAT_TEMPLATE
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    (out / "chat_template.jinja").write_text(PHI4_MINI_CHAT_TEMPLATE)
+    for name in ("special_tokens_map.json",):
+        if (tokenizer_dir / name).exists():
+            shutil.copy2(tokenizer_dir / name, out / name)
+    return out

@@ -11,7 +11,7 @@ import click
 
 from phi_onnx.cli.errors import cli_wording, user_errors
 from phi_onnx.cli.options import THREADS, FiniteFloat, generation_kwargs, generation_options
-from phi_onnx.errors import PhiOnnxError
+from phi_onnx.errors import OptionsError, PhiOnnxError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -24,6 +24,30 @@ NOT_UTF8 = "is not valid UTF-8 text"
 
 
 _user_errors = user_errors(interrupted="")  # Ctrl-C during a reply is handled inside chat
+
+_JSON_SCHEMA = click.option(
+    "--json-schema", "json_schema_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+    help="Constrain the reply to JSON valid against this JSON Schema file (constrained decoding).")
+
+
+def _read_schema(path: str | None) -> Any:
+    """The JSON of --json-schema FILE (None without it); OptionsError naming the file when it is unusable."""
+    if path is None:
+        return None
+    try:
+        text = open(path, encoding="utf-8").read()  # noqa: SIM115 - read at once
+    except (OSError, UnicodeDecodeError) as error:
+        raise OptionsError(f"Cannot read the JSON schema {path}: {getattr(error, 'strerror', None) or error}.",
+                           hint="Pass a UTF-8 JSON file, e.g. --json-schema person.schema.json.") from error
+    try:
+        schema = json.loads(text)
+    except ValueError as error:
+        raise OptionsError(f"The JSON schema {path} is not valid JSON ({error}).",
+                           hint='Write a schema such as {"type": "object", "properties": {...}}.') from error
+    from phi_onnx.runtime.grammar import json_schema
+
+    json_schema(schema)  # an unenforceable schema fails now, before the (slow) load
+    return schema
 
 
 def _model_options(func: F) -> F:
@@ -100,9 +124,11 @@ def _stats(result: Any) -> str:
 @generation_options(default_max_new=256)
 @click.option("--chat", "as_chat", is_flag=True, help="Wrap PROMPT as a user message with the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+@_JSON_SCHEMA
 @_user_errors
 def generate(model: str, device: str, backend: str, threads: int | None, precision: str | None,
-             revision: str | None, prompt: str, as_chat: bool, as_json: bool, **options: Any) -> None:
+             revision: str | None, prompt: str, as_chat: bool, as_json: bool, json_schema_file: str | None,
+             **options: Any) -> None:
     """Complete PROMPT ("-" reads stdin) with MODEL.
 
     MODEL is an export folder, or a short name, hub id or checkpoint folder: that is exported once into
@@ -110,6 +136,7 @@ def generate(model: str, device: str, backend: str, threads: int | None, precisi
     """
     kwargs = _check_options(options)
     _check_stop(kwargs)
+    kwargs["json_schema"] = _read_schema(json_schema_file)
     if prompt == "-":
         prompt = _read_stdin("The prompt on stdin")
         prompt = prompt.removesuffix("\n").removesuffix("\r")  # the newline `echo` adds, as chat --once drops it
@@ -137,9 +164,10 @@ def generate(model: str, device: str, backend: str, threads: int | None, precisi
 @click.option("--once", is_flag=True, help="Answer one message read from stdin, then exit (for scripts).")
 @click.option("--json", "as_json", is_flag=True, help="With --once: print the reply as JSON.")
 @generation_options(default_max_new=512)
+@_JSON_SCHEMA
 @_user_errors
 def chat(model: str, device: str, backend: str, threads: int | None, precision: str | None, revision: str | None,
-         system: str | None, once: bool, as_json: bool, **options: Any) -> None:
+         system: str | None, once: bool, as_json: bool, json_schema_file: str | None, **options: Any) -> None:
     """Chat with MODEL, streaming replies. /reset, /system TEXT, /help, /exit; Ctrl-C stops a reply.
 
     MODEL is an export folder, or a short name, hub id or checkpoint folder: that is exported once into
@@ -147,6 +175,7 @@ def chat(model: str, device: str, backend: str, threads: int | None, precision: 
     """
     kwargs = _check_options(options)
     _check_stop(kwargs)
+    kwargs["json_schema"] = _read_schema(json_schema_file)
     if system is not None:
         _check_text(system, "The system prompt")
     text = ""

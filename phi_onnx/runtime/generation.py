@@ -10,14 +10,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from phi_onnx.runtime.engine import Engine
 from phi_onnx.runtime.sampling import GenerationOptions
-from phi_onnx.runtime.sequence import SequenceState, TextAssembler, TokenEvent, check_prompt
+from phi_onnx.runtime.sequence import SequenceState, TextAssembler, TokenEvent, check_prompt, prepare_step
 from phi_onnx.runtime.tokenizer import TextTokenizer
 
 __all__ = ["Generation", "GenerationResult", "TextAssembler", "TextStream"]
@@ -33,7 +33,7 @@ class GenerationResult:
         text: the reply (special tokens dropped; ends before a stop string).
         token_ids: generated ids (the EOS id that ended it included, as transformers returns it).
         finish_reason: "eos", "stop" (a stop string), "length" (max_new_tokens or the context) or
-            "interrupted".
+            "interrupted"; "tool_calls" for a chat reply that called tools (then `tool_calls` is set).
         first_token_seconds: time to the first token (prompt processing); `seconds` is the total.
         cached_tokens: prompt tokens whose KV cache was reused from the previous call.
         logprobs: with the `logprobs` option, one TokenEvent per generated token (its logprob and,
@@ -51,6 +51,10 @@ class GenerationResult:
     cached_tokens: int = 0
     recomputes: int = 0
     logprobs: list[TokenEvent] | None = None
+    #: chat with tools: the calls the model made (`phi_onnx.runtime.tools.ToolCall`), and the text
+    #: outside them (None when the reply is only calls); `text` stays the raw reply.
+    tool_calls: list[Any] = field(default_factory=list)
+    content: str | None = None
 
     @property
     def new_tokens(self) -> int:
@@ -69,6 +73,8 @@ class GenerationResult:
                 "prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
                 "seconds": round(self.seconds, 4), "first_token_seconds": round(self.first_token_seconds, 4),
                 "finish_reason": self.finish_reason,
+                **({"content": self.content, "tool_calls": [c.to_openai() for c in self.tool_calls]}
+                   if self.tool_calls else {}),
                 **({"logprobs": [{"token_id": e.token_id, "logprob": e.logprob,
                                   "top_logprobs": [list(pair) for pair in e.top_logprobs]} for e in self.logprobs]}
                    if self.logprobs is not None else {})}
@@ -111,6 +117,7 @@ class Generation:
                                                   max(len(r.prompt) + r.budget for r in rows))
         out: Mapping[int, np.ndarray] = dict(enumerate(logits))
         while True:
+            prepare_step([rows[b] for b in out])
             pieces = {b: rows[b].step(row_logits).text for b, row_logits in out.items()}
             if not self.first_token_at:
                 self.first_token_at = time.perf_counter()
@@ -148,6 +155,7 @@ class TextStream:
         self._callbacks: list[Callable[[GenerationResult], None]] = []
         self.result: GenerationResult | None = None
         self.dropped_messages = 0  # chat: history messages dropped to fit the context
+        self.tool_format: str | None = None  # chat with tools: how calls are written (runtime/tools.py)
 
     def __iter__(self) -> TextStream:
         return self

@@ -8,6 +8,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
@@ -24,12 +25,18 @@ from phi_onnx.runtime.tokenizer import TextTokenizer, check_text, check_token_id
 
 if TYPE_CHECKING:
     from phi_onnx.runtime.core import DecodeCore
+    from phi_onnx.runtime.grammar import Constraint, GrammarProcessor
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "genai", "ort")
 
 Prompt = str | Sequence[int]
+
+#: Keyword arguments of generate/stream/chat/chat_stream that constrain the reply (`Model.options`).
+CONSTRAINT_KEYWORDS = ("json_schema", "regex", "grammar", "json_object", "strict")
+#: Compiled grammars kept per Model.
+GRAMMAR_CACHE = 16
 
 
 def load(path: str | os.PathLike[str], device: str = "auto", backend: str = "auto", *,
@@ -86,6 +93,16 @@ def load(path: str | os.PathLike[str], device: str = "auto", backend: str = "aut
     model = Model(folder, tokenizer, engine, choice, options)
     log.info("Loaded %s on %s (%s backend)", folder.path, model.provider, model.backend)
     return model
+
+
+@dataclass(frozen=True)
+class PreparedChat:
+    """A chat request ready to run (`Model.prepare_chat`)."""
+
+    prompt_ids: list[int]
+    options: GenerationOptions
+    tool_format: str | None = None  # "phi4-mini" or "generic" when tools are in play
+    dropped: int = 0  # oldest messages dropped to fit the context
 
 
 class EngineLock:
@@ -149,7 +166,9 @@ class Model:
     """A loaded export. Use `generate`, `stream`, `chat`, `chat_stream` or `start_chat`.
 
     Generation options are keyword arguments everywhere (see `GenerationOptions`): max_new_tokens,
-    min_new_tokens, temperature (0 = greedy, the default), top_k, top_p, repetition_penalty, seed, stop.
+    min_new_tokens, temperature (0 = greedy, the default), top_k, top_p, repetition_penalty, seed, stop;
+    and a constraint on the reply: json_schema=, regex=, grammar= (Lark), json_object=True (see
+    `phi_onnx.runtime.grammar`). `chat` and `chat_stream` also take tools= and tool_choice=.
 
     A Model may be shared by threads: calls that use the engine run one at a time (the others wait),
     and a stream holds the model from its creation until it is exhausted, closed or dropped — so
@@ -166,6 +185,7 @@ class Model:
         self.lock = EngineLock()
         self._template: ChatTemplate | None = None
         self._template_lock = threading.Lock()
+        self._grammars: dict[str, GrammarProcessor] = {}
 
     # -- facts ---------------------------------------------------------------------------------
     @property
@@ -251,8 +271,39 @@ class Model:
 
     # -- generation ----------------------------------------------------------------------------
     def options(self, **kwargs: Any) -> GenerationOptions:
-        """The load-time defaults with `kwargs` applied (validated)."""
-        return GenerationOptions.from_kwargs(self.defaults, **kwargs)
+        """The load-time defaults with `kwargs` applied (validated).
+
+        The constraint keywords (`CONSTRAINT_KEYWORDS`: json_schema, regex, grammar, json_object,
+        strict) become a grammar logits processor, appended after any given `logits_processors`.
+        """
+        asked = {name: kwargs.pop(name) for name in CONSTRAINT_KEYWORDS if name in kwargs}
+        opts = GenerationOptions.from_kwargs(self.defaults, **kwargs)
+        if not asked:
+            return opts
+        from phi_onnx.runtime.grammar import constraint_from
+
+        constraint = constraint_from(**asked)
+        if constraint is None:
+            return opts
+        return GenerationOptions.from_kwargs(opts, logits_processors=(*opts.logits_processors,
+                                                                      self.grammar(constraint)))
+
+    def grammar(self, constraint: Constraint) -> GrammarProcessor:
+        """`constraint` compiled for this model's tokenizer, as a logits processor (one matcher per
+        sequence). The last few are cached: a server sees the same schema request after request."""
+        from phi_onnx.runtime.grammar import GrammarProcessor, grammar_tokenizer
+
+        with self._template_lock:
+            cached = self._grammars.get(constraint.source)
+            if cached is not None:
+                return cached
+        processor = GrammarProcessor(constraint, grammar_tokenizer(self.folder.path, self.folder.vocab_size,
+                                                                   self.eos_token_ids), self.folder.vocab_size)
+        with self._template_lock:
+            self._grammars[constraint.source] = processor
+            while len(self._grammars) > GRAMMAR_CACHE:
+                self._grammars.pop(next(iter(self._grammars)))
+        return processor
 
     @overload
     def generate(self, prompt: Prompt, **options: Any) -> GenerationResult: ...
@@ -284,21 +335,71 @@ class Model:
             raise OptionsError("stream() takes one prompt.", hint="Call generate() with a list of prompts.")
         return self._stream(prompts, self.options(**options))
 
-    def chat(self, messages: Sequence[Message], **options: Any) -> GenerationResult:
-        """The assistant's reply to `messages` ([{"role", "content"}], optional system message first)."""
-        return self.chat_stream(messages, **options).finish()
+    def chat(self, messages: Sequence[Message], *, tools: Sequence[Any] | None = None, tool_choice: Any = None,
+             parallel_tool_calls: bool = True, **options: Any) -> GenerationResult:
+        """The assistant's reply to `messages` ([{"role", "content"}], optional system message first).
 
-    def chat_stream(self, messages: Sequence[Message], **options: Any) -> TextStream:
+        With `tools` (OpenAI's function tools) the model may call them: `result.tool_calls` lists the
+        calls (`phi_onnx.runtime.tools.ToolCall`), `result.content` the text outside them, and
+        finish_reason is "tool_calls". tool_choice: "none", "auto" (default), "required" or
+        {"type": "function", "function": {"name": ...}}; "required" and a named tool always yield
+        valid calls (constrained decoding). History may hold assistant messages with `tool_calls`
+        and `role: "tool"` results. See `phi_onnx.runtime.tools` for the formats per model.
+        """
+        return self.chat_stream(messages, tools=tools, tool_choice=tool_choice,
+                                parallel_tool_calls=parallel_tool_calls, **options).finish()
+
+    def chat_stream(self, messages: Sequence[Message], *, tools: Sequence[Any] | None = None,
+                    tool_choice: Any = None, parallel_tool_calls: bool = True, **options: Any) -> TextStream:
         """Stream the assistant's reply to `messages` (oldest turns dropped if they outgrow the context).
 
-        Like `stream`, the stream holds the model until it ends or is closed.
+        Like `stream`, the stream holds the model until it ends or is closed. With tools, the pieces
+        are the raw reply (call markup included): feed them to `ToolCallStream(stream.tool_format)`
+        for content and call deltas; the finished `result` has `tool_calls` and `content`.
         """
+        prepared = self.prepare_chat(messages, tools=tools, tool_choice=tool_choice,
+                                     parallel_tool_calls=parallel_tool_calls, **options)
+        stream = self._stream([prepared.prompt_ids], prepared.options)
+        stream.dropped_messages = prepared.dropped
+        stream.tool_format = prepared.tool_format
+        fmt = prepared.tool_format
+        if fmt is not None:
+            stream.on_finish(lambda result: _attach_calls(result, fmt))
+        return stream
+
+    def prepare_chat(self, messages: Sequence[Message], *, tools: Sequence[Any] | None = None,
+                     tool_choice: Any = None, parallel_tool_calls: bool = True, **options: Any) -> PreparedChat:
+        """What a chat request runs: the prompt's token ids, the options (with the grammar or tool-call
+        processor appended), the tool format (None without tools) and how many old messages were dropped.
+
+        `chat_stream` runs it on this thread; a server submits `prompt_ids` and `options` to its
+        Scheduler and parses the reply with `phi_onnx.runtime.tools.parse_tool_calls` /
+        `ToolCallStream` when `tool_format` is set.
+        """
+        fmt = None
+        if tools is not None or tool_choice not in (None, "none", "auto") or _has_tool_history(messages):
+            from phi_onnx.runtime.tools import ToolCallSwitch, plan_tools, tool_format
+
+            fmt = tool_format(self.chat_template.source, self.tokenizer.vocabulary())
+            plan = plan_tools(_items(messages, "messages"), tools, tool_choice, fmt,
+                              parallel_tool_calls=parallel_tool_calls)
+            messages = plan.messages
+            if plan.constraint is not None:
+                if any(options.get(k) is not None for k in CONSTRAINT_KEYWORDS if k != "strict"):
+                    raise OptionsError("tools with tool_choice constrain the reply; json_schema/regex/grammar "
+                                       "cannot be added to that.",
+                                       hint='Use tool_choice="none" (or "auto") with a response format.')
+                options["grammar"] = plan.constraint
+            elif plan.switch is not None:
+                opened = self.tokenizer.token_to_id("<|tool_call|>")
+                assert opened is not None  # tool_format found it
+                base = self.options(**options)
+                options["logits_processors"] = (*base.logits_processors,
+                                                ToolCallSwitch(self.grammar(plan.switch), opened))
         messages = check_messages(messages)
         opts = self.options(**options)
         kept, dropped = self.fit_chat(messages, opts.max_new_tokens)
-        stream = self._stream([self.chat_prompt_ids(kept)], opts)
-        stream.dropped_messages = dropped
-        return stream
+        return PreparedChat(self.chat_prompt_ids(kept), opts, fmt, dropped)
 
     def fit_chat(self, messages: Sequence[Message], max_new_tokens: int | None = None) -> tuple[list[Message], int]:
         """Drop the oldest turns until the prompt leaves room for a reply of max_new_tokens (at most half
@@ -390,3 +491,20 @@ def _items(prompt: Any, what: str = "a prompt") -> list[Any]:
                            hint="Pass a string, a list of token ids, or a list of those.")
     return list(prompt)
 
+
+def _has_tool_history(messages: Any) -> bool:
+    """Whether a conversation holds tool calls or tool results (which need the tool format to render)."""
+    return isinstance(messages, (list, tuple)) and any(
+        isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")) for m in messages)
+
+
+def _attach_calls(result: GenerationResult, fmt: str) -> None:
+    """Parse a finished reply's tool calls into `result.tool_calls` / `result.content`."""
+    from phi_onnx.runtime.tools import parse_tool_calls
+
+    if result.finish_reason == "interrupted":
+        result.content = result.text
+        return
+    result.content, result.tool_calls = parse_tool_calls(result.text, fmt)
+    if result.tool_calls and result.finish_reason in ("eos", "stop"):
+        result.finish_reason = "tool_calls"

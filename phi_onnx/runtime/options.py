@@ -25,6 +25,16 @@ MAX_PENALTY = 2.0
 LogitsProcessor = Callable[[list[int], Any], Any]
 
 
+def bind_processors(processors: tuple[LogitsProcessor, ...]) -> tuple[LogitsProcessor, ...]:
+    """`processors` with each per-sequence factory — one with a `for_sequence()` method, such as a
+    grammar (`phi_onnx.runtime.grammar.GrammarProcessor`) — replaced by a new instance of its own.
+
+    Options are shared by every sequence of a request (a static batch); a processor with state (a
+    grammar's matcher) must not be, so `SequenceState` binds them once per sequence.
+    """
+    return tuple(p.for_sequence() if callable(getattr(p, "for_sequence", None)) else p for p in processors)
+
+
 @dataclass(frozen=True)
 class GenerationOptions:
     """How to pick tokens and when to stop.

@@ -47,7 +47,15 @@ from phi_onnx.errors import OptionsError, PhiOnnxError
 from phi_onnx.runtime.kv_pool import CGROUPS, MEMINFO, available_memory, check_pool_memory, pool_bytes
 from phi_onnx.runtime.options import MAX_TOP_LOGPROBS, GenerationOptions
 from phi_onnx.runtime.prefix_cache import MIN_TOKENS, PrefixStore
-from phi_onnx.runtime.sequence import Event, FinishEvent, SequenceState, TokenEvent, check_length, check_prompt
+from phi_onnx.runtime.sequence import (
+    Event,
+    FinishEvent,
+    SequenceState,
+    TokenEvent,
+    check_length,
+    check_prompt,
+    prepare_step,
+)
 
 if TYPE_CHECKING:
     from phi_onnx.runtime.model import Model
@@ -501,6 +509,7 @@ class Scheduler:
         if self.core.recomputes == before:
             self._decode_seconds = _average(self._decode_seconds, time.perf_counter() - started)
         self.recomputes += self.core.recomputes - before
+        prepare_step([seq for slot in out if (seq := self.slots[slot].seq) is not None])  # type: ignore[union-attr]
         for slot, logits in out.items():
             request = self.slots[slot]
             assert request is not None

@@ -12,6 +12,7 @@ vocabulary, room left for a reply in `capacity`), with one set of messages.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from phi_onnx.runtime.errors import OptionsError, PromptTooLongError
-from phi_onnx.runtime.options import GenerationOptions
+from phi_onnx.runtime.options import GenerationOptions, bind_processors
 from phi_onnx.runtime.sampling import Sampler
 from phi_onnx.runtime.tokenizer import TextTokenizer
 
@@ -128,6 +129,9 @@ class SequenceState:
     def __init__(self, prompt: Sequence[int], options: GenerationOptions, budget: int, *, tokenizer: TextTokenizer,
                  eos_token_ids: Sequence[int], vocab_size: int) -> None:
         self.prompt = [int(t) for t in prompt]
+        if any(callable(getattr(p, "for_sequence", None)) for p in options.logits_processors):
+            # a stateful processor (a grammar's matcher) must be this sequence's own, not the request's
+            options = dataclasses.replace(options, logits_processors=bind_processors(options.logits_processors))
         self.options = options
         self.budget = budget
         self.eos = frozenset(eos_token_ids)
@@ -173,3 +177,13 @@ class SequenceState:
     def text(self, *, finished: bool = True) -> str:
         """The reply's text: all of it, or (an interrupted reply) only what was shown."""
         return self.assembler.text if finished else self.assembler.text[: self.assembler.emitted]
+
+
+def prepare_step(states: Sequence[SequenceState]) -> None:
+    """Before `step` on several sequences: compute their grammars' masks together, in parallel
+    (`phi_onnx.runtime.grammar.fill_masks`), instead of one after another inside each step."""
+    rows = [(s.options.logits_processors, s.tokens) for s in states if s.options.logits_processors and not s.done]
+    if len(rows) > 1:
+        from phi_onnx.runtime.grammar import fill_masks
+
+        fill_masks(rows)

@@ -111,6 +111,10 @@ class TextTokenizer:
         """Text of `ids`, special tokens dropped by default."""
         return str(self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens))
 
+    def vocabulary(self) -> dict[str, int]:
+        """{token: id}, added tokens included."""
+        return self._tokenizer.get_vocab(with_added_tokens=True)
+
     def token_to_id(self, token: str) -> int | None:
         """The id of a token string (e.g. "<|end|>"), or None."""
         return self._tokenizer.token_to_id(token)
