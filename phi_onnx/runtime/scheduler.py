@@ -35,6 +35,7 @@ from phi_onnx.errors import OptionsError, PhiOnnxError
 from phi_onnx.runtime.kv_pool import CGROUPS, MEMINFO, available_memory, check_pool_memory, pool_bytes
 from phi_onnx.runtime.options import MAX_TOP_LOGPROBS, GenerationOptions
 from phi_onnx.runtime.sequence import Event, FinishEvent, SequenceState, TokenEvent, check_length, check_prompt
+from phi_onnx.serve.config import DEFAULTS  # the serve defaults, written once (no server imports)
 
 if TYPE_CHECKING:
     from phi_onnx.runtime.model import Model
@@ -128,8 +129,8 @@ class Scheduler:
         chunk: most prompt tokens prefilled per step.
     """
 
-    def __init__(self, model: Model, *, max_batch: int = 8, max_queue: int = 64, capacity: int | None = None,
-                 chunk: int = CHUNK) -> None:
+    def __init__(self, model: Model, *, max_batch: int = DEFAULTS.max_batch, max_queue: int = DEFAULTS.max_queue,
+                 capacity: int | None = None, chunk: int = CHUNK) -> None:
         from phi_onnx.runtime.model import Model
 
         if not isinstance(model, Model):
