@@ -122,8 +122,8 @@ def test_serve_shortens_default_slots_to_fit_memory_but_never_an_explicit_max_co
     monkeypatch.setattr(kv_pool, "available_memory", lambda: folder.weight_bytes + 2 * per_token * 4 * 600)
     seen: dict[str, Any] = {}
 
-    def fake_create_app(load: Any, **options: Any) -> Any:
-        seen.update(options)
+    def fake_create_app(load: Any, config: Any = None, **options: Any) -> Any:
+        seen.update(config.app_options() if config is not None else {}, **options)
         raise SystemExit(0)  # stop before uvicorn starts
 
     monkeypatch.setattr(phi_onnx.serve, "create_app", fake_create_app)
