@@ -24,7 +24,7 @@ from phi_onnx.serve.ray import (
     replicas_for_cluster,
     require_ray,
 )
-from phi_onnx.serve.ray.options import _replica_count, describe
+from phi_onnx.serve.ray.options import describe, replica_count
 
 
 def serve_cluster(model_path: str, config: ServeConfig, *, replicas: int | str, min_replicas: int | None,
@@ -45,7 +45,7 @@ def serve_cluster(model_path: str, config: ServeConfig, *, replicas: int | str, 
     path = check_export(model_path) if ray_address is None else Path(model_path)  # a cluster: checked on its nodes
     host, port = config.host, config.port
     cpus = float(cpus_per_replica or threads or 1)  # reserve the cores it will use
-    autoscale = _replica_count(replicas) is None or min_replicas is not None or max_replicas is not None
+    autoscale = replica_count(replicas) is None or min_replicas is not None or max_replicas is not None
     fill_max = autoscale and max_replicas is None  # --replicas auto alone: as many as the cluster can place
 
     def options_for(max_count: int | None) -> dict[str, Any]:

@@ -64,7 +64,7 @@ def deployment_options(*, replicas: int | str = 1, min_replicas: int | None = No
     if gpus_per_replica > 1 and gpus_per_replica != int(gpus_per_replica):
         raise OptionsError(f"gpus_per_replica {gpus_per_replica} is not allowed: above 1 it must be whole.",
                            hint="A replica runs on one GPU; use 1 (or a fraction to share a GPU).")
-    initial = _replica_count(replicas)
+    initial = replica_count(replicas)
     options: dict[str, Any] = {
         "name": name,
         "max_ongoing_requests": max_batch + max_queue,
@@ -95,8 +95,8 @@ def deployment_options(*, replicas: int | str = 1, min_replicas: int | None = No
     return options
 
 
-def _replica_count(replicas: int | str) -> int | None:
-    """An int for a fixed count, None for "auto"."""
+def replica_count(replicas: int | str) -> int | None:
+    """An int for a fixed count, None for "auto" (OptionsError for anything else)."""
     if isinstance(replicas, str):
         if replicas.strip().lower() == "auto":
             return None

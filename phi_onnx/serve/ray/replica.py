@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from phi_onnx.errors import OptionsError
-from phi_onnx.serve.config import DEFAULTS, ServeConfig, fit_pool
+from phi_onnx.serve.config import APP_FIELDS, DEFAULTS, ServeConfig, fit_pool
 from phi_onnx.serve.ray.grpc_bind import bind_replica_grpc_to_node_ip
 from phi_onnx.serve.ray.nodes import check_export
 from phi_onnx.serve.ray.options import HEALTH_TIMEOUT_S, deployment_options, replica_settings, require_ray
@@ -81,6 +81,9 @@ def replica_config(folder: str, load_options: dict[str, Any], app_options: dict[
     that cannot fit fails the replica's start with the reason."""
     from phi_onnx.runtime.folder import read_folder
 
+    unknown = sorted(set(app_options) - set(APP_FIELDS))
+    if unknown:  # as create_app refuses them (a listener option such as host is the proxy's, not the app's)
+        raise TypeError(f"create_app() got unexpected keyword arguments: {', '.join(unknown)}")
     config = ServeConfig.of(**app_options)
     return fit_pool(read_folder(folder), config, load_options.get("device") or "auto", warn=log.warning,
                     hint="Lower max_batch or capacity (app_options), or give each replica more memory.")
