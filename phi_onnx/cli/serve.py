@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import ipaddress
 import logging
@@ -18,6 +19,7 @@ import click
 from phi_onnx.cli.errors import user_errors
 from phi_onnx.cli.options import THREADS, FiniteFloat
 from phi_onnx.errors import PhiOnnxError
+from phi_onnx.serve.config import DEFAULTS, ServeConfig
 
 SERVE_EXTRA = 'Serving needs FastAPI and uvicorn: pip install "phi-onnx[serve]".'
 
@@ -94,13 +96,13 @@ def _loopback(host: str) -> bool:
 
 @click.command()
 @click.argument("model")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--host", default=DEFAULTS.host, show_default=True, help="Address to listen on (0.0.0.0: every one).")
+@click.option("--port", type=click.IntRange(0, 65535), default=DEFAULTS.port, show_default=True)
 @click.option("--api-key", envvar="PHI_ONNX_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' on /v1 and /metrics (env PHI_ONNX_API_KEY).")
-@click.option("--max-batch", type=click.IntRange(1, 256), default=8, show_default=True,
+@click.option("--max-batch", type=click.IntRange(1, 256), default=DEFAULTS.max_batch, show_default=True,
               help="KV slots: requests decoded together.")
-@click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
+@click.option("--max-queue", type=click.IntRange(min=0), default=DEFAULTS.max_queue, show_default=True,
               help="Requests waiting for a slot; more get 503 with Retry-After.")
 @click.option("--max-context", type=click.IntRange(min=2), default=None,
               help="Tokens per slot, prompt + reply (default: the export's max_length).")
@@ -111,7 +113,7 @@ def _loopback(host: str) -> bool:
 @click.option("--revision", default=None, help="When MODEL is a hub id: the revision to export.")
 @click.option("--threads", type=THREADS, default=None,
               help="Intra-op threads (default: one per physical core).")
-@click.option("--grace", type=_Seconds(min=0), default=10.0, show_default=True,
+@click.option("--grace", type=_Seconds(min=0), default=DEFAULTS.grace, show_default=True,
               help="Seconds running streams get to finish on Ctrl-C / SIGTERM.")
 @click.option("--replicas", default=None, help="Ray Serve: replicas (an integer or 'auto').")
 @click.option("--min-replicas", type=click.IntRange(min=0), default=None, help="Ray Serve: autoscaling minimum.")
@@ -124,11 +126,12 @@ def _loopback(host: str) -> bool:
 @click.option("--cors-origins", multiple=True, metavar="ORIGINS",
               help="Web origins (https://app.example) whose pages may call the API from a browser; repeatable or "
                    "comma-separated; '*' allows any. Off by default: requests from other sites' pages get 403.")
-@click.option("--header-timeout", type=_Seconds(min=0, min_open=True), default=10.0, show_default=True,
+@click.option("--header-timeout", type=_Seconds(min=0, min_open=True), default=DEFAULTS.header_timeout,
+              show_default=True,
               help="Seconds a request's headers may take to arrive (408 and disconnect after).")
-@click.option("--body-timeout", type=_Seconds(min=0, min_open=True), default=60.0, show_default=True,
+@click.option("--body-timeout", type=_Seconds(min=0, min_open=True), default=DEFAULTS.body_timeout, show_default=True,
               help="Seconds a request's body may take to arrive (408 after).")
-@click.option("--max-connections", type=click.IntRange(min=1), default=256, show_default=True,
+@click.option("--max-connections", type=click.IntRange(min=1), default=DEFAULTS.max_connections, show_default=True,
               help="Open connections served at once; requests on more get 503 with Retry-After.")
 @user_errors
 def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int, max_queue: int,
@@ -158,9 +161,10 @@ def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int,
     origins = _names(cors_origins)
     allowed_host_set(hosts)  # a bad entry is an error now, before the model loads
     cors_origin_set(origins)
-    app_options: dict[str, Any] = {"max_batch": max_batch, "max_queue": max_queue, "api_key": api_key,
-                                   "model_name": model_name, "capacity": max_context, "allowed_hosts": hosts,
-                                   "cors_origins": origins, "body_timeout": body_timeout}
+    config = ServeConfig(max_batch=max_batch, max_queue=max_queue, api_key=api_key, model_name=model_name,
+                         capacity=max_context, allowed_hosts=tuple(hosts), cors_origins=tuple(origins),
+                         body_timeout=body_timeout, host=host, port=port, grace=grace,
+                         header_timeout=header_timeout, max_connections=max_connections)
     sockets = _listen(host, port)  # before the model is exported or loaded
     click.get_current_context().call_on_close(lambda: [sock.close() for sock in sockets])
     if not _loopback(host) and not api_key:
@@ -171,49 +175,30 @@ def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int,
     folder = str(resolve_model(model, device=device, precision=precision, revision=revision,
                                notify=lambda line: click.echo(line, err=True), progress=sys.stderr.isatty()))
     if model_name is None and Path(folder) != Path(model):
-        app_options["model_name"] = model  # a store entry's folder is named by its id; clients know the name
+        # A store entry's folder is named by its id; clients know the name.
+        config = dataclasses.replace(config, model_name=model)
     ray_given = [replicas, min_replicas, max_replicas, gpus_per_replica, ray_address]
     if any(v is not None for v in ray_given):
         try:
-            from phi_onnx.serve.ray import serve_cluster
+            from phi_onnx.cli.serve_ray import serve_cluster
         except ImportError:
             click.echo('Error: Ray support is not installed: pip install "phi-onnx[serve,ray]".', err=True)
             sys.exit(2)
         scaling = min_replicas is not None or max_replicas is not None
         for sock in sockets:  # Ray's proxy binds the port itself: the check above was all they were for
             sock.close()
-        serve_cluster(folder, replicas=_replicas(replicas) or ("auto" if scaling else 1), min_replicas=min_replicas,
-                      max_replicas=max_replicas, gpus_per_replica=gpus_per_replica or 0.0,
-                      ray_address=ray_address, host=host, port=port,
-                      app_options={**app_options, "device": device, "threads": threads})
+        serve_cluster(folder, config, replicas=_replicas(replicas) or ("auto" if scaling else 1),
+                      min_replicas=min_replicas, max_replicas=max_replicas, gpus_per_replica=gpus_per_replica or 0.0,
+                      ray_address=ray_address, device=device, threads=threads)
         return
 
     import phi_onnx
     from phi_onnx.runtime.folder import read_folder
-    from phi_onnx.runtime.providers import resolve_device
-    from phi_onnx.runtime.scheduler import available_memory, check_pool_memory, pool_bytes
     from phi_onnx.serve import create_app
+    from phi_onnx.serve.config import fit_pool
 
     checked = read_folder(folder)  # a bad folder, device or pool size is an error now, not a failed /health later
-    if resolve_device(device, checked.export_device).kind == "cpu":
-        tokens, nbytes = pool_bytes(checked, max_batch, max_context)
-        available = available_memory()
-        if available is not None:  # the weights load before the pool is allocated (Scheduler checks again then)
-            available = max(available - checked.weight_bytes, 0)
-        if max_context is None and available is not None and nbytes > available // 2:
-            # The default is the export's max_length, the model's whole context: often more than fits
-            # (Phi-3-mini: 8 x 4096 tokens are 24 GiB); shorter slots serve, a refusal would not.
-            per_token = nbytes // (tokens * max_batch)  # bytes of one token in one slot
-            fitted = (available // 2 // (per_token * max_batch)) // 256 * 256
-            if fitted >= 256:
-                click.echo(f"Warning: {max_batch} slots of {tokens} tokens would need {nbytes / 2**30:.1f} GiB of "
-                           f"the {available / 2**30:.1f} GiB available beside the weights; serving {fitted} tokens "
-                           "per slot (set --max-context or --max-batch to choose).", err=True)
-                tokens = fitted
-                app_options["capacity"] = fitted
-                nbytes = per_token * fitted * max_batch
-        check_pool_memory(nbytes, max_batch, tokens, hint="Lower --max-batch or --max-context.",
-                          reserved=checked.weight_bytes)
+    config = fit_pool(checked, config, device, warn=lambda line: click.echo(f"Warning: {line}", err=True))
     logger = logging.getLogger("phi_onnx")
     if not logger.handlers and not logging.getLogger().handlers:
         logging.basicConfig(format="%(levelname)s: %(message)s")
@@ -222,7 +207,7 @@ def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int,
     def load() -> phi_onnx.Model:
         return phi_onnx.load(folder, device=device, backend="ort", threads=threads)
 
-    app = create_app(load, **app_options)
+    app = create_app(load, config)
     bound = sockets[0].getsockname()[1]  # the port --port 0 got
     url = f"http://[{host}]:{bound}" if ":" in host else f"http://{host}:{bound}"
     click.echo(f"Serving {checked.path} on {url} (OpenAI API under /v1, chat page at /); Ctrl-C stops.", err=True)

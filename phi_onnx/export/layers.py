@@ -124,9 +124,12 @@ def apply_rotary(g: GraphBuilder, x: Value, heads: int, head_dim: int, rotary_di
 
 
 def group_query_attention(g: GraphBuilder, qkv: Value, cfg: ModelConfig, inputs: AttentionInputs,
-                          past_key: Value, past_value: Value) -> tuple[Value, Value, Value]:
+                          past_key: Value, past_value: Value, *, scale: float | None = None,
+                          attention_bias: Value | None = None) -> tuple[Value, Value, Value]:
     """ORT GroupQueryAttention over packed QKV, with rotary fused when its kernel allows.
 
+    `scale` multiplies the scores (default 1/sqrt(head_dim); Phi-3-small's muP uses its own);
+    `attention_bias` [batch, heads or 1, seq, total] is added to them (Phi-3-small's block-sparse pattern).
     Returns (attention output [batch, seq, heads*head_dim], present key, present value).
     """
     heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -143,11 +146,12 @@ def group_query_attention(g: GraphBuilder, qkv: Value, cfg: ModelConfig, inputs:
     # transformers masks keys with kv_idx <= q_idx - sliding_window; ORT's local_window_size with
     # the same number masks the same keys (checked by the sliding-window parity test).
     window = cfg.sliding_window if cfg.sliding_window else -1
+    extra = [] if attention_bias is None else [None, attention_bias]  # position_ids (unused), attention_bias
     out, present_key, present_value = g.ms(
         "GroupQueryAttention", query, key, value, past_key, past_value, inputs.seqlens_k, inputs.total_length,
-        inputs.cos if fused else None, inputs.sin if fused else None, outputs=3,
+        inputs.cos if fused else None, inputs.sin if fused else None, *extra, outputs=3,
         num_heads=heads, kv_num_heads=kv_heads, do_rotary=int(fused), rotary_interleaved=0,
-        scale=float(head_dim**-0.5), local_window_size=window,
+        scale=float(head_dim**-0.5 if scale is None else scale), local_window_size=window,
     )
     return out, present_key, present_value
 

@@ -11,13 +11,11 @@ from phi_onnx.errors import UnsupportedModelError
 from phi_onnx.export.base import DecoderBuilder
 from phi_onnx.export.graph import Value
 from phi_onnx.export.layers import AttentionInputs, gelu_tanh, group_query_attention, residual_sum
-from phi_onnx.export.registry import register
 
 #: transformers' activations that are all 0.5 x (1 + tanh(sqrt(2/π) (x + 0.044715 x³))).
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 
-@register("PhiForCausalLM")
 class Phi2Builder(DecoderBuilder):
     """Builds `PhiForCausalLM` checkpoints."""
 

@@ -10,10 +10,8 @@ from phi_onnx.errors import UnsupportedModelError
 from phi_onnx.export.base import DecoderBuilder
 from phi_onnx.export.graph import Value
 from phi_onnx.export.layers import AttentionInputs, group_query_attention, rms_norm, silu_gated, skip_rms_norm
-from phi_onnx.export.registry import register
 
 
-@register("Phi3ForCausalLM")
 class Phi3Builder(DecoderBuilder):
     """Builds `Phi3ForCausalLM` checkpoints."""
 

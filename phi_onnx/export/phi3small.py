@@ -116,9 +116,8 @@ import onnx_ir as ir
 from phi_onnx.errors import UnsupportedModelError
 from phi_onnx.export.base import DecoderBuilder
 from phi_onnx.export.graph import Value
-from phi_onnx.export.layers import AttentionInputs, apply_rotary, gqa_fuses_rotary, residual_sum, rotary_inv_freq
+from phi_onnx.export.layers import AttentionInputs, group_query_attention, residual_sum, rotary_inv_freq
 from phi_onnx.export.options import ExportOptions
-from phi_onnx.export.registry import register
 from phi_onnx.export.tiktoken_bpe import read_tiktoken, tiktoken_tokenizer_json
 from phi_onnx.source.checkpoint import Checkpoint
 from phi_onnx.source.config import ModelConfig
@@ -147,7 +146,6 @@ def gegelu_rows(intermediate: int) -> np.ndarray:
     return np.concatenate([np.arange(0, 2 * intermediate, 2), np.arange(1, 2 * intermediate, 2)])
 
 
-@register("Phi3SmallForCausalLM")
 class Phi3SmallBuilder(DecoderBuilder):
     """Builds `Phi3SmallForCausalLM` checkpoints (Phi-3-small-8k/128k-instruct)."""
 
@@ -272,22 +270,8 @@ class Phi3SmallBuilder(DecoderBuilder):
     def attention(self, qkv: Value, attn: AttentionInputs, past: tuple[Value, Value],
                   bias: Value | None) -> tuple[Value, Value, Value]:
         """GroupQueryAttention over packed QKV with the muP scale; `bias` carries the sparse pattern."""
-        g, cfg = self.g, self.cfg
-        heads, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        fused = gqa_fuses_rotary(cfg.rope)
-        query, key, value = qkv, None, None
-        if not fused:
-            query, key, value = g.op("Split", qkv, g.const([heads * d, kv * d, kv * d], np.int64), axis=-1, outputs=3)
-            query = apply_rotary(g, query, heads, d, d, attn)
-            key = apply_rotary(g, key, kv, d, d, attn)
-        inputs = [query, key, value, past[0], past[1], attn.seqlens_k, attn.total_length,
-                  attn.cos if fused else None, attn.sin if fused else None, None, bias]
-        while inputs[-1] is None:
-            inputs.pop()
-        out, present_key, present_value = g.ms(
-            "GroupQueryAttention", *inputs, outputs=3, num_heads=heads, kv_num_heads=kv, do_rotary=int(fused),
-            rotary_interleaved=0, scale=float(self.settings.attn_scale))
-        return out, present_key, present_value
+        return group_query_attention(self.g, qkv, self.cfg, attn, past[0], past[1],
+                                     scale=float(self.settings.attn_scale), attention_bias=bias)
 
     def gegelu(self, up: Value) -> Value:
         """quick_gelu(clamped gelu half) * (clamped linear half + 1), halves already de-interleaved."""
@@ -309,9 +293,7 @@ class Phi3SmallBuilder(DecoderBuilder):
     def lm_head(self, x: Value) -> Value:
         """Tied LM head, logits / mup_width_multiplier, unused token ids filled with the dtype minimum."""
         g, cfg, s = self.g, self.cfg, self.settings
-        name = "lm_head.weight" if not cfg.tie_word_embeddings and "lm_head.weight" in self.ckpt \
-            else "model.embed_tokens.weight"
-        logits = self.linear(x, "lm_head", name, cfg.vocab_size, cfg.hidden_size)
+        logits = super().lm_head(x)
         dtype = self.w.np_dtype
         with g.scope("lm_head"):
             if s.width_multiplier is not None:

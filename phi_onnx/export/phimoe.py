@@ -37,11 +37,9 @@ from phi_onnx.errors import UnsupportedModelError
 from phi_onnx.export.base import DecoderBuilder
 from phi_onnx.export.graph import Value
 from phi_onnx.export.layers import AttentionInputs, concat_loader, group_query_attention, residual_sum
-from phi_onnx.export.registry import register
 from phi_onnx.quantize.int4 import Int4Weight
 
 
-@register("PhimoeForCausalLM", "PhiMoEForCausalLM")
 class PhimoeBuilder(DecoderBuilder):
     """Builds `PhimoeForCausalLM` checkpoints."""
 

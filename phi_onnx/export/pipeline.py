@@ -107,6 +107,7 @@ def export(source: str | os.PathLike[str], output: str | os.PathLike[str], optio
     log.info("Building the %s graph from %s as %s", cfg.architecture, resolved.path, options.variant())
     builder = builder_cls(cfg, checkpoint, options)
     model = builder.build()
+    checkpoint.check_all_read(cfg.architecture, ignore=["lm_head.weight"] if cfg.tie_word_embeddings else [])
     quantization = prepare_int4(builder, resolved.path)  # GPTQ runs here, before anything is written
 
     with staged_output(target, checked=checked, protected=protected,

@@ -1,36 +1,26 @@
-"""Hugging Face architecture name → builder class, one module per family, imported on demand."""
+"""Hugging Face architecture name → builder class, one module per family, imported on demand.
+
+The table below is the one place naming each architecture: a family module only defines its builder.
+"""
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 from phi_onnx.errors import UnsupportedModelError
 
 if TYPE_CHECKING:
     from phi_onnx.export.base import DecoderBuilder
 
-#: Which module builds each architecture. Adding a family is adding a module and a line here.
+#: Which module and class build each architecture. Adding a family is adding a module and a line here.
 ARCHITECTURE_MODULES: dict[str, str] = {
-    "Phi3ForCausalLM": "phi_onnx.export.phi3",
-    "PhiForCausalLM": "phi_onnx.export.phi2",
-    "PhimoeForCausalLM": "phi_onnx.export.phimoe",
-    "PhiMoEForCausalLM": "phi_onnx.export.phimoe",
-    "Phi3SmallForCausalLM": "phi_onnx.export.phi3small",
+    "Phi3ForCausalLM": "phi_onnx.export.phi3:Phi3Builder",
+    "PhiForCausalLM": "phi_onnx.export.phi2:Phi2Builder",
+    "PhimoeForCausalLM": "phi_onnx.export.phimoe:PhimoeBuilder",
+    "PhiMoEForCausalLM": "phi_onnx.export.phimoe:PhimoeBuilder",
+    "Phi3SmallForCausalLM": "phi_onnx.export.phi3small:Phi3SmallBuilder",
 }
-
-_BUILDERS: dict[str, type[DecoderBuilder]] = {}
-B = TypeVar("B", bound="type[DecoderBuilder]")
-
-
-def register(*architectures: str) -> Callable[[B], B]:
-    """Class decorator: this builder handles these `architectures[0]` names."""
-    def decorate(cls: B) -> B:
-        for name in architectures:
-            _BUILDERS[name] = cls
-        return cls
-    return decorate
 
 
 def builder_for(architecture: str) -> type[DecoderBuilder]:
@@ -40,8 +30,9 @@ def builder_for(architecture: str) -> type[DecoderBuilder]:
         raise UnsupportedModelError(
             f"Architecture {architecture!r} is not supported. phi-onnx builds Microsoft Phi models only.",
             hint="Supported today: " + ", ".join(sorted(ARCHITECTURE_MODULES)) + ". See `phi-onnx models`.")
-    importlib.import_module(module)
-    return _BUILDERS[architecture]
+    name, _, cls = module.partition(":")
+    builder: type[DecoderBuilder] = getattr(importlib.import_module(name), cls)
+    return builder
 
 
 def is_supported(architecture: str) -> bool:

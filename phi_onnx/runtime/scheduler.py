@@ -56,6 +56,7 @@ from phi_onnx.runtime.sequence import (
     check_prompt,
     prepare_step,
 )
+from phi_onnx.serve.config import DEFAULTS  # the serve defaults, written once (no server imports)
 
 if TYPE_CHECKING:
     from phi_onnx.runtime.model import Model
@@ -165,9 +166,9 @@ class Scheduler:
         stall_factor: while streams decode, a step's prefill takes about this many decode steps' time.
     """
 
-    def __init__(self, model: Model, *, max_batch: int = 8, max_queue: int = 64, capacity: int | None = None,
-                 chunk: int = CHUNK, prefix_cache: bool = True, prefix_cache_bytes: int | None = None,
-                 stall_factor: float = STALL_FACTOR) -> None:
+    def __init__(self, model: Model, *, max_batch: int = DEFAULTS.max_batch, max_queue: int = DEFAULTS.max_queue,
+                 capacity: int | None = None, chunk: int = CHUNK, prefix_cache: bool = True,
+                 prefix_cache_bytes: int | None = None, stall_factor: float = STALL_FACTOR) -> None:
         from phi_onnx.runtime.model import Model
 
         if not isinstance(model, Model):

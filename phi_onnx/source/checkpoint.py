@@ -13,6 +13,7 @@ import json
 import os
 import stat
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,8 @@ class Checkpoint:
         self._tensors: dict[str, TensorInfo] = {}
         for file in self.files:
             self._tensors.update(_read_header(file))
+        #: Names a builder asked for (`info`/`read`): what `check_all_read` compares the checkpoint with.
+        self.used: set[str] = set()
 
     def __contains__(self, name: str) -> bool:
         return name in self._tensors
@@ -75,6 +78,7 @@ class Checkpoint:
         """Dtype, shape and location of a tensor; a clear error if the checkpoint lacks it."""
         try:
             info = self._tensors[name]
+            self.used.add(name)
         except KeyError:
             raise CheckpointError(
                 f"The checkpoint in {self.folder} has no tensor {name!r}.",
@@ -103,6 +107,28 @@ class Checkpoint:
                                   hint="The file is truncated; download it again.")
         array = buffer.view(info.dtype).reshape(info.shape)
         return array if array.dtype == np.dtype(dtype) else array.astype(dtype)
+
+    def check_all_read(self, architecture: str, ignore: Iterable[str] = ()) -> None:
+        """Refuse a checkpoint holding tensors the builder never asked for (as llama.cpp refuses unmapped
+        tensors): they belong to a variant phi-onnx does not build, and dropping them would export a
+        different model without a word. `ignore`: names known to carry nothing the graph needs (a tied
+        LM head's copy); rotary `inv_freq` buffers are always ignored (recomputed from config.json).
+
+        Raises:
+            CheckpointError: naming the first unread tensors and how many there are.
+        """
+        skipped = set(ignore)
+        unread = [name for name in self._tensors
+                  if name not in self.used and name not in skipped and not name.endswith("rotary_emb.inv_freq")]
+        if unread:
+            shown = ", ".join(repr(name) for name in unread[:5]) + (f" and {len(unread) - 5} more" if len(unread) > 5
+                                                                    else "")
+            raise CheckpointError(
+                f"The checkpoint in {self.folder} holds {len(unread)} tensor{'s' if len(unread) != 1 else ''} that "
+                f"no part of the {architecture} graph reads: {shown}.",
+                hint="These weights belong to a variant phi-onnx does not build (exporting without them would "
+                     "change the model). Use a checkpoint of a supported architecture (`phi-onnx models`), or "
+                     "remove the tensors if they are known to be unused.")
 
     def sha256(self) -> str:
         """One digest over all weight files (their names and bytes), for provenance and caching."""

@@ -101,6 +101,27 @@ def test_weights_that_do_not_match_the_config(tmp_path, make_checkpoint):
         export(ckpt, tmp_path / "out")
 
 
+def test_a_tensor_no_builder_reads_is_refused_by_name(tmp_path, make_checkpoint):
+    """An unknown variant's extra weights are an error naming them, not dropped silently (as llama.cpp refuses
+    unmapped tensors); nothing is written."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(make_checkpoint("phi3-mha"), ckpt)
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors["model.layers.0.self_attn.extra_gate.weight"] = np.ones((4, 4), np.float32)
+    save_file(tensors, ckpt / "model.safetensors")
+    result = run_cli("export", str(ckpt), "-o", str(tmp_path / "out"), "--precision", "fp32")
+    assert_clean_failure(result, "1 tensor that no part of the Phi3ForCausalLM graph reads",
+                         "'model.layers.0.self_attn.extra_gate.weight'", "variant phi-onnx does not build")
+    assert not (tmp_path / "out").exists()
+    del tensors["model.layers.0.self_attn.extra_gate.weight"]  # the same checkpoint without it exports
+    save_file(tensors, ckpt / "model.safetensors")
+    export(ckpt, tmp_path / "out", ExportOptions(precision="fp32"))
+    assert (tmp_path / "out" / "model.onnx").is_file()
+
+
 def test_existing_output_is_refused_then_overwritten(tmp_path, make_checkpoint):
     out = tmp_path / "out"
     out.mkdir()

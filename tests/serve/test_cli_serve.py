@@ -101,9 +101,9 @@ def test_serve_a_name_exports_it_into_the_store_once(monkeypatch: Any, tmp_path:
 
 
 def test_serve_refuses_a_kv_pool_larger_than_the_memory_available(monkeypatch: Any, tiny_export: Path) -> None:
-    import phi_onnx.runtime.scheduler as scheduler
+    import phi_onnx.runtime.kv_pool as kv_pool
 
-    monkeypatch.setattr(scheduler, "available_memory", lambda: 2**20)  # 1 MiB left
+    monkeypatch.setattr(kv_pool, "available_memory", lambda: 2**20)  # 1 MiB left
     result = CliRunner().invoke(main, ["serve", str(tiny_export), "--max-batch", "4", "--port", "0"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "KV cache for 4 requests" in result.output and "Lower --max-batch or --max-context." in result.output
@@ -111,19 +111,19 @@ def test_serve_refuses_a_kv_pool_larger_than_the_memory_available(monkeypatch: A
 
 def test_serve_shortens_default_slots_to_fit_memory_but_never_an_explicit_max_context(monkeypatch: Any,
                                                                                     tiny_export: Path) -> None:
-    import phi_onnx.runtime.scheduler as scheduler
+    import phi_onnx.runtime.kv_pool as kv_pool
     import phi_onnx.serve
     from phi_onnx.runtime.folder import read_folder
 
     folder = read_folder(tiny_export)
-    per_token = scheduler.pool_bytes(folder, 4, 1)[1] // 4
+    per_token = kv_pool.pool_bytes(folder, 4, 1)[1] // 4
     assert folder.default_max_length >= 1024  # else there is nothing to shorten
     # Beside the weights (they load first), half fits 600 tokens per slot.
-    monkeypatch.setattr(scheduler, "available_memory", lambda: folder.weight_bytes + 2 * per_token * 4 * 600)
+    monkeypatch.setattr(kv_pool, "available_memory", lambda: folder.weight_bytes + 2 * per_token * 4 * 600)
     seen: dict[str, Any] = {}
 
-    def fake_create_app(load: Any, **options: Any) -> Any:
-        seen.update(options)
+    def fake_create_app(load: Any, config: Any = None, **options: Any) -> Any:
+        seen.update(config.app_options() if config is not None else {}, **options)
         raise SystemExit(0)  # stop before uvicorn starts
 
     monkeypatch.setattr(phi_onnx.serve, "create_app", fake_create_app)
@@ -138,14 +138,14 @@ def test_serve_shortens_default_slots_to_fit_memory_but_never_an_explicit_max_co
 def test_serve_counts_the_weights_before_sizing_the_pool(monkeypatch: Any, tiny_export: Path) -> None:
     """The model loads before the pool: memory the weights take is not the pool's (else the Scheduler's own check,
     after the load, refuses in the background and the server stays unhealthy)."""
-    import phi_onnx.runtime.scheduler as scheduler
+    import phi_onnx.runtime.kv_pool as kv_pool
     import phi_onnx.serve
     from phi_onnx.runtime.folder import read_folder
 
     folder = read_folder(tiny_export)
-    tokens, nbytes = scheduler.pool_bytes(folder, 4, 256)
+    tokens, nbytes = kv_pool.pool_bytes(folder, 4, 256)
     assert folder.weight_bytes > nbytes / 9  # without the weights counted, the pool would pass 0.9 x available
-    monkeypatch.setattr(scheduler, "available_memory", lambda: folder.weight_bytes + nbytes)
+    monkeypatch.setattr(kv_pool, "available_memory", lambda: folder.weight_bytes + nbytes)
     monkeypatch.setattr(phi_onnx.serve, "create_app", lambda *a, **k: sys.exit(0))  # a regression: no server
     result = CliRunner().invoke(main, ["serve", str(tiny_export), "--max-batch", "4", "--port", "0",
                                        "--max-context", str(tokens)])

@@ -98,12 +98,15 @@ def test_missing_ray_names_the_extra(monkeypatch):
 
 
 def test_a_folder_that_is_not_an_export_or_bad_options_fail_before_ray_starts(tmp_path, tiny_export):
+    from phi_onnx.cli.serve_ray import serve_cluster
+    from phi_onnx.serve.config import ServeConfig
+
     with pytest.raises(PhiOnnxError, match="export"):
-        pray.serve_cluster(str(tmp_path / "nowhere"), replicas=2, min_replicas=None, max_replicas=None,
-                           gpus_per_replica=0, ray_address=None, host="127.0.0.1", port=0, app_options={})
+        serve_cluster(str(tmp_path / "nowhere"), ServeConfig(port=0), replicas=2, min_replicas=None,
+                      max_replicas=None, gpus_per_replica=0, ray_address=None)
     with pytest.raises(OptionsError, match=re.escape("3..2")):
-        pray.serve_cluster(str(tiny_export), replicas="auto", min_replicas=3, max_replicas=2,
-                           gpus_per_replica=0, ray_address=None, host="127.0.0.1", port=0, app_options={})
+        serve_cluster(str(tiny_export), ServeConfig(port=0), replicas="auto", min_replicas=3, max_replicas=2,
+                      gpus_per_replica=0, ray_address=None)
     ray = sys.modules.get("ray")
     assert ray is None or not ray.is_initialized()
     from click.testing import CliRunner

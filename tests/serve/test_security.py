@@ -209,8 +209,8 @@ def test_cli_host_and_origin_flags(monkeypatch: Any, tiny_export: Any) -> None:
 
     seen: dict[str, Any] = {}
 
-    def fake_create_app(load: Any, **options: Any) -> Any:
-        seen.update(options)
+    def fake_create_app(load: Any, config: Any = None, **options: Any) -> Any:
+        seen.update(config.app_options() if config is not None else {}, **options)
         raise SystemExit(0)  # stop before uvicorn starts
 
     monkeypatch.setattr(phi_onnx.serve, "create_app", fake_create_app)
@@ -219,8 +219,9 @@ def test_cli_host_and_origin_flags(monkeypatch: Any, tiny_export: Any) -> None:
                                        "--cors-origins", "https://app.example,http://localhost:3000",
                                        "--body-timeout", "5"])
     assert result.exit_code == 0, result.output
-    assert seen["allowed_hosts"] == ["a.lan", "b.lan:8000", "c.lan", "localhost"]
-    assert seen["cors_origins"] == ["https://app.example", "http://localhost:3000"] and seen["body_timeout"] == 5
+    assert list(seen["allowed_hosts"]) == ["a.lan", "b.lan:8000", "c.lan", "localhost"]
+    assert list(seen["cors_origins"]) == ["https://app.example", "http://localhost:3000"]
+    assert seen["body_timeout"] == 5
     for flags, message in ((["--allowed-hosts", "a b"], "not a host name"),
                            (["--cors-origins", "app.example"], "not a web origin")):
         bad = CliRunner().invoke(main, ["serve", str(tiny_export), "--port", "0", *flags])
