@@ -267,8 +267,13 @@ class Scheduler:
 
     @property
     def held_tokens(self) -> int:
-        """Tokens whose keys and values the pool holds, over every slot."""
-        return sum(self.pool.filled(s) for s in range(self.max_batch))
+        """Tokens whose keys and values the pool holds for running requests."""
+        return sum(self.pool.filled(s) for s in range(self.max_batch) if self.slots[s] is not None)
+
+    @property
+    def idle_tokens(self) -> int:
+        """Tokens kept in free slots for prefix reuse."""
+        return sum(self.pool.filled(s) for s in range(self.max_batch) if self.slots[s] is None)
 
     def check(self, prompt_tokens: int, max_new_tokens: int | None = None) -> None:
         """Raise PromptTooLongError unless `prompt_tokens` (+ `max_new_tokens`) fit one slot."""

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from phi_onnx.runtime.scheduler import Event, FinishEvent, TokenEvent
 
@@ -131,7 +131,7 @@ class RequestMetrics:
     def _queued(self, job: Request, ended: float) -> None:
         # Submission to admission into a slot (the prefill is not queue time); a request that ended
         # without being admitted waited all along.
-        admitted = job.admitted_at or job.first_token_at or ended
+        admitted = getattr(job, "admitted_at", None) or job.first_token_at or ended
         self.metrics.queue.labels(self.model).observe(max(admitted - job.submitted_at, 0.0))
 
 
@@ -149,13 +149,20 @@ class _PoolCollector:
 
     @staticmethod
     def _families(s: Any, model: str) -> Iterator[Metric]:
+        store = getattr(s, "store", None)
         values = [
             ("phi_onnx_active_requests", "Requests holding a KV slot.", s.active if s else 0),
             ("phi_onnx_queued_requests", "Requests waiting for a KV slot.", s.queued if s else 0),
             ("phi_onnx_kv_slots_used", "KV pool slots held by a request.", s.active if s else 0),
             ("phi_onnx_kv_slots_capacity", "KV pool slots (requests decoded together).", s.max_batch if s else 0),
-            ("phi_onnx_kv_tokens_used", "Tokens whose keys and values the KV pool holds.",
-             s.held_tokens if s else 0),
+            ("phi_onnx_kv_tokens_used", "Tokens whose keys and values the KV pool holds for running requests.",
+             getattr(s, "held_tokens", None) if s else 0),
+            ("phi_onnx_prefix_cache_slot_tokens", "Tokens kept in free slots for prefix reuse.",
+             getattr(s, "idle_tokens", None) if s else 0),
+            ("phi_onnx_prefix_store_bytes", "Bytes of prompt prefixes kept in the prefix store.",
+             store.nbytes if store is not None else (None if s else 0)),
+            ("phi_onnx_prefix_store_entries", "Prompt prefixes kept in the prefix store.",
+             len(store.entries) if store is not None else (None if s else 0)),
             ("phi_onnx_kv_tokens_capacity", "Tokens the KV pool can hold (slots x tokens per slot).",
              s.max_batch * s.capacity if s else 0),
             ("phi_onnx_kv_pool_bytes", "Bytes allocated for the KV pool.", s.pool_bytes if s else 0),
@@ -165,3 +172,15 @@ class _PoolCollector:
             if model and value is not None:
                 family.add_metric([model], value)
             yield family
+        counts = [
+            ("phi_onnx_prompt_tokens_reused", "Prompt tokens a request found in its own slot.", "reused_tokens"),
+            ("phi_onnx_prompt_tokens_copied", "Prompt tokens copied from another slot or the prefix store.",
+             "copied_tokens"),
+            ("phi_onnx_prompt_tokens_computed", "Prompt tokens prefilled.", "computed_tokens"),
+        ]
+        for name, documentation, attribute in counts:
+            counter = CounterMetricFamily(name, documentation, labels=["model"])
+            value = getattr(s, attribute, None) if s else 0
+            if model and value is not None:
+                counter.add_metric([model], value)
+            yield counter

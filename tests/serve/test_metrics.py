@@ -150,6 +150,11 @@ def test_metrics_after_a_small_load_match_the_requests(server: LiveServer, tiny_
     for gauge in ("phi_onnx_active_requests", "phi_onnx_queued_requests", "phi_onnx_kv_slots_used",
                   "phi_onnx_kv_tokens_used"):
         assert value(samples, gauge) == 0, gauge
+    # Prefix reuse: every prompt token was reused, copied or computed, as the scheduler counted them.
+    assert value(samples, "phi_onnx_prompt_tokens_reused_total") == scheduler.reused_tokens
+    assert value(samples, "phi_onnx_prompt_tokens_copied_total") == scheduler.copied_tokens
+    assert value(samples, "phi_onnx_prompt_tokens_computed_total") == scheduler.computed_tokens > 0
+    assert value(samples, "phi_onnx_prefix_cache_slot_tokens") == scheduler.idle_tokens > 0  # the last one's
 
 
 def test_the_grafana_dashboard_graphs_series_the_server_has() -> None:
@@ -195,12 +200,12 @@ def test_gauges_read_the_scheduler_and_leave_out_what_it_does_not_count() -> Non
 
     from phi_onnx.serve.metrics import Metrics
 
-    scheduler = SimpleNamespace(active=2, queued=1, max_batch=4, capacity=128, pool_bytes=4096, filled=[10, 0, 7, 0])
+    scheduler = SimpleNamespace(active=2, queued=1, max_batch=4, capacity=128, pool_bytes=4096, held_tokens=17)
     registry = Metrics(lambda: scheduler, lambda: "m").registry
     read = {name: registry.get_sample_value(name, {"model": "m"}) for name in GAUGES}
     assert read == {"phi_onnx_active_requests": 2, "phi_onnx_queued_requests": 1, "phi_onnx_kv_slots_used": 2,
                     "phi_onnx_kv_slots_capacity": 4, "phi_onnx_kv_tokens_used": 17,
                     "phi_onnx_kv_tokens_capacity": 512, "phi_onnx_kv_pool_bytes": 4096}
-    del scheduler.filled  # a scheduler without per-slot counts: no sample rather than a made-up 0
+    del scheduler.held_tokens  # a scheduler without per-slot counts: no sample rather than a made-up 0
     assert registry.get_sample_value("phi_onnx_kv_tokens_used", {"model": "m"}) is None
     assert registry.get_sample_value("phi_onnx_kv_slots_used", {"model": "m"}) == 2
