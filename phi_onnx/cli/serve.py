@@ -133,13 +133,19 @@ def _loopback(host: str) -> bool:
               help="Seconds a request's body may take to arrive (408 after).")
 @click.option("--max-connections", type=click.IntRange(min=1), default=DEFAULTS.max_connections, show_default=True,
               help="Open connections served at once; requests on more get 503 with Retry-After.")
+@click.option("--prefix-cache/--no-prefix-cache", default=DEFAULTS.prefix_cache, show_default=True,
+              help="Reuse prompt prefixes across requests (finished requests' slots, and a store of prefixes).")
+@click.option("--prefix-cache-bytes", type=click.IntRange(min=0), default=None,
+              help="Bytes the prefix store may hold beyond the slots (default: a fifth of the memory available; "
+                   "0: the slots only).")
 @user_errors
 def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int, max_queue: int,
           max_context: int | None, model_name: str | None, device: str, precision: str | None,
           revision: str | None, threads: int | None, grace: float,
           replicas: str | None, min_replicas: int | None, max_replicas: int | None,
           gpus_per_replica: float | None, ray_address: str | None, allowed_hosts: tuple[str, ...],
-          cors_origins: tuple[str, ...], header_timeout: float, body_timeout: float, max_connections: int) -> None:
+          cors_origins: tuple[str, ...], header_timeout: float, body_timeout: float, max_connections: int,
+          prefix_cache: bool, prefix_cache_bytes: int | None) -> None:
     """Serve MODEL with OpenAI's API (/v1/chat/completions, /v1/completions) and a chat page at /.
 
     MODEL is an export folder, or a short name, hub id or checkpoint folder, exported once into the local
@@ -164,7 +170,8 @@ def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int,
     config = ServeConfig(max_batch=max_batch, max_queue=max_queue, api_key=api_key, model_name=model_name,
                          capacity=max_context, allowed_hosts=tuple(hosts), cors_origins=tuple(origins),
                          body_timeout=body_timeout, host=host, port=port, grace=grace,
-                         header_timeout=header_timeout, max_connections=max_connections)
+                         header_timeout=header_timeout, max_connections=max_connections, prefix_cache=prefix_cache,
+                         prefix_cache_bytes=prefix_cache_bytes)
     sockets = _listen(host, port)  # before the model is exported or loaded
     click.get_current_context().call_on_close(lambda: [sock.close() for sock in sockets])
     if not _loopback(host) and not api_key:

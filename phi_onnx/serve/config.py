@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 #: Options of create_app that are not the listener's (what Ray passes on to each replica).
 APP_FIELDS = ("max_batch", "max_queue", "capacity", "chunk", "api_key", "model_name", "replica_name",
-              "allowed_hosts", "cors_origins", "max_body_bytes", "body_timeout")
+              "allowed_hosts", "cors_origins", "max_body_bytes", "body_timeout", "prefix_cache", "prefix_cache_bytes")
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,8 @@ class ServeConfig:
         allowed_hosts: Host names served besides the loopback names and the address a connection came in on.
         cors_origins: web origins whose pages may call the API from a browser.
         max_body_bytes: largest request body (413 beyond); body_timeout: seconds a body may take (408 after).
+        prefix_cache: reuse prompt prefixes across requests (the Scheduler's slots and prefix store).
+        prefix_cache_bytes: the prefix store's budget (None: a fifth of the memory available at start).
         host, port, grace, header_timeout, max_connections: the CLI's listener (phi_onnx.serve.server).
     """
 
@@ -47,6 +49,8 @@ class ServeConfig:
     cors_origins: tuple[str, ...] | None = None
     max_body_bytes: int = 4 * 1024 * 1024
     body_timeout: float = 60.0
+    prefix_cache: bool = True
+    prefix_cache_bytes: int | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     grace: float = 10.0

@@ -123,7 +123,8 @@ class EngineClient:
     def _ready(self, loaded: Model) -> None:
         c = self.config
         chunk = {} if c.chunk is None else {"chunk": c.chunk}
-        scheduler = Scheduler(loaded, max_batch=c.max_batch, max_queue=c.max_queue, capacity=c.capacity, **chunk)
+        scheduler = Scheduler(loaded, max_batch=c.max_batch, max_queue=c.max_queue, capacity=c.capacity,
+                              prefix_cache=c.prefix_cache, prefix_cache_bytes=c.prefix_cache_bytes, **chunk)
         scheduler.start()
         self.chars_per_token = max_chars_per_token(loaded.path)
         self.model, self.scheduler = loaded, scheduler

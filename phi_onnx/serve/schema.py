@@ -108,7 +108,7 @@ STREAM_OPTION_FIELDS: dict[str, Policy] = {
     "include_obfuscation": Policy("ignored", "random padding in stream chunks; the content is the same"),
 }
 #: Beyond OpenAI's API, as in vLLM (honoured).
-EXTENSIONS = frozenset({"top_k", "repetition_penalty", "min_tokens", "ignore_eos"})
+EXTENSIONS = frozenset({"top_k", "repetition_penalty", "min_tokens", "ignore_eos", "return_token_ids"})
 #: Content part types OpenAI documents that carry something other than text.
 MEDIA_PARTS = {"image_url": "an image", "input_audio": "audio", "file": "a file"}
 _TOOL_ROLES = {"tool": "tool results", "function": "function results"}
@@ -186,6 +186,7 @@ class _Sampling(_Body):
     repetition_penalty: Annotated[Float, Field(gt=0, le=10)] | None = None
     min_tokens: Annotated[Int, Field(ge=0)] = 0
     ignore_eos: StrictBool = False
+    return_token_ids: StrictBool = False  # each choice (and streamed chunk) carries the generated ids
     max_tokens: Annotated[Int, Field(ge=1)] | None = None
     user: str | None = None
 

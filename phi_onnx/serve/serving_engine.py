@@ -32,17 +32,18 @@ class ResponseBuilder:
     object_name = "text_completion"
     chunk_name = "text_completion"
 
-    def __init__(self, model: Model, name: str, logprobs: int | None) -> None:
-        self.model, self.name, self.logprobs = model, name, logprobs
+    def __init__(self, model: Model, name: str, logprobs: int | None, token_ids: bool = False) -> None:
+        self.model, self.name, self.logprobs, self.token_ids = model, name, logprobs, token_ids
         self.id = self.prefix + uuid.uuid4().hex
         self.created = int(time.time())
 
     def token_text(self, token_id: int) -> str:
         return self.model.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def usage(self, finish: FinishEvent) -> dict[str, int]:
+    def usage(self, finish: FinishEvent) -> dict[str, Any]:
         return {"prompt_tokens": finish.prompt_tokens, "completion_tokens": finish.completion_tokens,
-                "total_tokens": finish.prompt_tokens + finish.completion_tokens}
+                "total_tokens": finish.prompt_tokens + finish.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": finish.cached_tokens}}
 
     def head(self, chunk: bool) -> dict[str, Any]:
         return {"id": self.id, "object": self.chunk_name if chunk else self.object_name, "created": self.created,
@@ -63,6 +64,8 @@ class ResponseBuilder:
         """The non-streaming response."""
         choice: dict[str, Any] = {"index": 0, "finish_reason": FINISH[finish.reason],
                                   "logprobs": self.choice_logprobs(tokens), **self.whole_choice(tokens, finish)}
+        if self.token_ids:
+            choice["token_ids"] = [t.token_id for t in tokens]
         return {**self.head(False), "choices": [choice], "usage": self.usage(finish)}
 
     def chunk(self, text: str | None, tokens: list[TokenEvent], finish: str | None, usage: bool,
@@ -70,6 +73,8 @@ class ResponseBuilder:
         """One SSE `data:` line with a delta."""
         choice: dict[str, Any] = {"index": 0, "logprobs": self.choice_logprobs(tokens) if tokens else None,
                                   "finish_reason": finish, **self.delta(text, first)}
+        if self.token_ids:
+            choice["token_ids"] = [t.token_id for t in tokens]
         body = {**self.head(True), "choices": [choice]}
         if usage:
             body["usage"] = None
@@ -160,7 +165,7 @@ class OpenAIServing:
                            param=self.param, code="context_length_exceeded")
         options = self.options(loaded, body, max_tokens or sched.capacity - len(prompt))
         generation = self.client.generate(prompt, options)
-        reply = self.builder(loaded, name, self.logprobs(body))
+        reply = self.builder(loaded, name, self.logprobs(body), body.return_token_ids)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(self.stream(generation, reply, usage), media_type="text/event-stream",
@@ -204,7 +209,7 @@ class OpenAIServing:
                 async for event in events:
                     if isinstance(event, FinishEvent):
                         break
-                    if event.text or reply.logprobs is not None:
+                    if event.text or reply.logprobs is not None or reply.token_ids:
                         yield reply.chunk(event.text, [event], None, usage)
             except ShuttingDown:
                 yield f"data: {json.dumps(shutting_down_error().body())}\n\n"
