@@ -159,7 +159,7 @@ def main() -> None:
                                     args.turn_tokens, args.reply_tokens, args.seed))
     else:
         row = asyncio.run(burst(args.url, args.api, args.vocab, args.requests, args.concurrency, args.prefix_tokens,
-                                args.question_tokens, args.reply_tokens, args.seed))
+                                args.question_tokens, args.reply_tokens, args.seed + 1))  # not multiturn's ids
     row = {"api": args.api, "workload": args.workload, **row}
     print(json.dumps(row), flush=True)
     if args.json:
