@@ -1,0 +1,209 @@
+"""Switchable LoRA: projections with LoRA A/B graph inputs, and adapters as `.onnx_adapter` files.
+
+Every layer projection `y = x W (+ b)` of an export with LoRA inputs computes
+
+    y += (x @ A[adapter_index[b]]) @ B[adapter_index[b]]
+
+where `{scope}.lora_A` [adapters, in, r] and `{scope}.lora_B` [adapters, r, out] are graph inputs with
+a zero-rank default (so a run that binds nothing computes the base model, at the cost of a few empty
+MatMuls and an Add of zeros), and `adapter_index` [batch] picks each row's adapter from the stack.
+The scale is folded into B. A runtime that serves several adapters stacks them (each padded with zeros
+to the largest rank) and gives each row its index; one adapter is a stack of one.
+
+An adapter file holds, per projection it adapts, `{scope}.lora_A` [1, in, r] and `{scope}.lora_B`
+[1, r, out] in the export's activation dtype, in ONNX Runtime's adapter format, so onnxruntime-genai's
+`Adapters` API can load it too (its `adapter_index` keeps the default, 0). The export records which
+checkpoint weights feed each projection (packed q/k/v, reordered rows) in `adapters.json`, so adapters
+can be added later without the base checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from phi_onnx.export.graph import GraphBuilder, Value
+from phi_onnx.source.adapter import AdapterError, LoraAdapter
+
+#: The export's adapter index: names each adapter's file, where it came from and its sha256.
+INDEX = "adapters.json"
+SUFFIX = ".onnx_adapter"
+INDEX_INPUT = "adapter_index"
+
+
+@dataclass(frozen=True)
+class LoraTarget:
+    """One projection with LoRA inputs: the checkpoint weights packed into it (their output widths, in
+    order), its input width, and the row order applied to the packed output (None: as packed)."""
+
+    weights: tuple[str, ...]
+    widths: tuple[int, ...]
+    in_features: int
+    rows: tuple[int, ...] | None = None
+
+    @property
+    def out_features(self) -> int:
+        """The packed projection's output width."""
+        return sum(self.widths)
+
+    def to_dict(self) -> dict[str, Any]:
+        """For adapters.json."""
+        return {"weights": list(self.weights), "widths": list(self.widths), "in_features": self.in_features,
+                "rows": None if self.rows is None else list(self.rows)}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> LoraTarget:
+        """From adapters.json (checked by the caller's error handler)."""
+        rows = data["rows"]
+        return cls(tuple(str(w) for w in data["weights"]), tuple(int(w) for w in data["widths"]),
+                   int(data["in_features"]), None if rows is None else tuple(int(r) for r in rows))
+
+
+class LoraInputs:
+    """Adds LoRA inputs to projections while a graph is built, and remembers them (by scope)."""
+
+    def __init__(self, g: GraphBuilder, dtype: ir.DataType, np_dtype: Any) -> None:
+        self.g, self.dtype, self.np_dtype = g, dtype, np.dtype(np_dtype)
+        self.targets: dict[str, LoraTarget] = {}
+        self._index: Value | None = None
+
+    def apply(self, x: Value, y: Value, target: LoraTarget) -> Value:
+        """`y + (x @ A[idx]) @ B[idx]` for the projection in the current scope (whose output is `y`)."""
+        g = self.g
+        scope = g.prefix
+        self.targets[scope] = target
+        if self._index is None:
+            self._index = self._input(INDEX_INPUT, ir.DataType.INT64, ["adapter_rows"], np.zeros(1, np.int64))
+        a = self._input(f"{scope}.lora_A", self.dtype, ["adapters", target.in_features, f"{scope}.rank"],
+                        np.zeros((1, target.in_features, 0), self.np_dtype))
+        b = self._input(f"{scope}.lora_B", self.dtype, ["adapters", f"{scope}.rank", target.out_features],
+                        np.zeros((1, 0, target.out_features), self.np_dtype))
+        with g.scope("lora"):
+            down = g.op("MatMul", x, g.op("Gather", a, self._index, axis=0))
+            up = g.op("MatMul", down, g.op("Gather", b, self._index, axis=0))
+            return g.op("Add", y, up)
+
+    def _input(self, name: str, dtype: ir.DataType, shape: list[Any], default: np.ndarray) -> Value:
+        # An input that is also an initializer: optional, with `default` when a run does not bind it.
+        value = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape),
+                         const_value=ir.Tensor(default, name=name))
+        self.g.inputs.append(value)
+        self.g.initializers.append(value)
+        return value
+
+
+def adapter_parameters(adapter: LoraAdapter, targets: Mapping[str, LoraTarget],
+                       np_dtype: Any = np.float32) -> dict[str, np.ndarray]:
+    """The graph inputs that make `adapter` active: {scope.lora_A: [1, in, r], scope.lora_B: [1, r, out]}.
+
+    Raises:
+        AdapterError: the adapter adapts a weight no projection has LoRA inputs for, or does not fit its shape.
+    """
+    covered = {weight: scope for scope, target in targets.items() for weight in target.weights}
+    for weight in adapter.modules:
+        if weight not in covered:
+            raise AdapterError(f"{adapter.path}: the adapter adapts {weight!r}, which has no LoRA inputs in this "
+                               "export.", hint="Switchable adapters may adapt the layers' attention and MLP "
+                                               "projections; merge this one with --merge-adapter instead.")
+    shapes = {w: (width, t.in_features) for t in targets.values() for w, width in zip(t.weights, t.widths,
+                                                                                       strict=True)}
+    adapter.check_shapes(shapes)
+    params: dict[str, np.ndarray] = {}
+    for scope, target in targets.items():
+        present = [w for w in target.weights if w in adapter.modules]
+        if not present:
+            continue
+        factors = {w: adapter.factors(w) for w in present}
+        rank = sum(a.shape[0] for a, _ in factors.values())
+        a_packed = np.zeros((rank, target.in_features), np.float32)
+        b_packed = np.zeros((target.out_features, rank), np.float32)
+        row, col = 0, 0
+        for weight, width in zip(target.weights, target.widths, strict=True):
+            if weight in factors:
+                a, b = factors[weight]
+                a_packed[col:col + a.shape[0]] = a
+                b_packed[row:row + width, col:col + a.shape[0]] = b
+                col += a.shape[0]
+            row += width
+        if target.rows is not None:
+            b_packed = b_packed[list(target.rows)]
+        params[f"{scope}.lora_A"] = np.ascontiguousarray(a_packed.T[None], dtype=np_dtype)
+        params[f"{scope}.lora_B"] = np.ascontiguousarray(b_packed.T[None], dtype=np_dtype)
+    return params
+
+
+def write_adapter_file(params: Mapping[str, np.ndarray], path: Path) -> None:
+    """Write `params` as an ONNX Runtime adapter file (`onnxruntime.AdapterFormat`)."""
+    import onnxruntime as ort
+
+    made = ort.AdapterFormat()
+    made.set_adapter_version(1)
+    made.set_model_version(1)
+    made.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+                         for name, value in params.items()})
+    made.export_adapter(str(path))
+
+
+def read_adapter_file(path: Path) -> dict[str, np.ndarray]:
+    """An adapter file's parameters, copied into numpy arrays.
+
+    Raises:
+        AdapterError: the file is missing or not an ONNX Runtime adapter file.
+    """
+    import onnxruntime as ort
+
+    try:
+        made = ort.AdapterFormat.read_adapter(str(path))
+        return {name: np.array(value.numpy()) for name, value in made.get_parameters().items()}
+    except Exception as error:  # onnxruntime raises its own types for a bad file
+        raise AdapterError(f"Cannot read the adapter file {path}: {error}",
+                           hint="Add the adapter again (phi-onnx adapter add).") from error
+
+
+def read_index(folder: Path) -> dict[str, Any] | None:
+    """The export's adapters.json (targets and adapters), or None when it has no LoRA inputs.
+
+    Raises:
+        AdapterError: the file is not a valid index.
+    """
+    from phi_onnx.jsonfile import read_json_object
+
+    path = folder / INDEX
+    if not path.is_file():
+        return None
+    data = read_json_object(path, AdapterError, "Export the model again with --adapter.")
+    try:
+        targets = {str(k): LoraTarget.from_dict(v) for k, v in data["targets"].items()}
+        adapters = {str(k): dict(v) for k, v in data["adapters"].items()}
+        for name, entry in adapters.items():
+            if not isinstance(entry.get("file"), str) or entry["file"] != f"{name}{SUFFIX}":
+                raise ValueError(f"adapter {name!r} has no valid file")
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise AdapterError(f"{path} is not a valid adapter index ({error}).",
+                           hint="Export the model again with --adapter.") from None
+    return {"format": data.get("format", 1), "dtype": data.get("dtype", "fp32"), "targets": targets,
+            "adapters": adapters}
+
+
+def write_index(folder: Path, index: Mapping[str, Any]) -> None:
+    """Replace adapters.json atomically."""
+    data = {"format": 1, "dtype": index["dtype"],
+            "targets": {k: t.to_dict() for k, t in index["targets"].items()},
+            "adapters": dict(sorted(index["adapters"].items()))}
+    temp = folder / f".{INDEX}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        with temp.open("x", encoding="utf-8") as handle:
+            handle.write(json.dumps(data, indent=1) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, folder / INDEX)
+    finally:
+        temp.unlink(missing_ok=True)
