@@ -69,7 +69,9 @@ def load(path: str | os.PathLike[str], device: str = "auto", backend: str = "aut
     check_vocabulary(folder, tokenizer.vocab_size)
     choice = resolve_device(device, folder.export_device)
     if backend == "auto":
-        backend = "genai" if genai_available() else "ort"
+        # Switchable adapters: the ort backend batches rows with different adapters; genai runs one at a time.
+        lora = (folder.path / "adapters.json").is_file()
+        backend = "genai" if genai_available() and not lora else "ort"
         if backend == "ort":
             log.info("onnxruntime-genai is not installed; using the ort backend.")
     if backend == "genai":
@@ -188,6 +190,14 @@ class Model:
         return core
 
     @property
+    def adapters(self) -> tuple[str, ...]:
+        """The names of the export's switchable LoRA adapters (`generate(..., adapter=NAME)`); empty without."""
+        from phi_onnx.export.lora import read_index
+
+        index = read_index(self.folder.path)
+        return tuple(sorted(index["adapters"])) if index is not None else ()
+
+    @property
     def device_reason(self) -> str:
         """Why this device was chosen (e.g. why CUDA was not used)."""
         return self.device.reason
@@ -251,8 +261,14 @@ class Model:
 
     # -- generation ----------------------------------------------------------------------------
     def options(self, **kwargs: Any) -> GenerationOptions:
-        """The load-time defaults with `kwargs` applied (validated)."""
-        return GenerationOptions.from_kwargs(self.defaults, **kwargs)
+        """The load-time defaults with `kwargs` applied (validated; an adapter must be one of `adapters`)."""
+        options = GenerationOptions.from_kwargs(self.defaults, **kwargs)
+        if options.adapter is not None and options.adapter not in self.adapters:
+            listed = ", ".join(self.adapters) or "none"
+            raise OptionsError(f"This model has no adapter {options.adapter!r} (its adapters: {listed}).",
+                               hint="Pick one of them (Model.adapters), or add it with "
+                                    "`phi-onnx adapter add FOLDER NAME=PATH`.")
+        return options
 
     @overload
     def generate(self, prompt: Prompt, **options: Any) -> GenerationResult: ...

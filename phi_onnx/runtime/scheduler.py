@@ -249,6 +249,7 @@ class Scheduler:
                                hint="Pass ids from model.encode(), not floats or strings.")
         ids = [int(t) for t in items]
         check_prompt(ids, self.vocab, self.capacity, where="this server's context")
+        self.core.check_adapter(options.adapter)
         if sink is not None and not callable(sink):
             raise OptionsError(f"sink must be callable (got {type(sink).__name__}).",
                                hint="Pass a function taking one event, or no sink to iterate the request.")
@@ -336,6 +337,7 @@ class Scheduler:
                 request.slot, request.admitted_at = slot, time.perf_counter()
                 self.slots[slot] = request
                 self.pool.clear(slot)
+                self.pool.adapter[slot] = request.options.adapter  # rows of one run may differ
 
     def step(self) -> None:
         """One scheduling step on the caller's thread (for tests and tools, when `start()` was not called)."""
