@@ -207,3 +207,108 @@ def write_index(folder: Path, index: Mapping[str, Any]) -> None:
         os.replace(temp, folder / INDEX)
     finally:
         temp.unlink(missing_ok=True)
+
+
+def list_adapters(folder: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """The switchable adapters of an export ({name: its record in adapters.json}).
+
+    Raises:
+        AdapterError: the folder has no LoRA inputs (no adapters.json) or its index is broken.
+    """
+    return dict(_index_of(Path(folder))["adapters"])
+
+
+def add_adapter(folder: str | os.PathLike[str], name: str, path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Add PEFT LoRA adapter `path` to an export with LoRA inputs as `NAME.onnx_adapter`; returns its record.
+
+    The file is written under a hidden name and linked into place (never over an existing file), then
+    adapters.json and the manifest are replaced atomically; a failure leaves the export as it was.
+
+    Raises:
+        AdapterError: no LoRA inputs in the export, the name is taken (or a file of that name exists that
+            phi-onnx did not write), the adapter is unreadable or does not fit the model.
+    """
+    from phi_onnx.export.pipeline import adapter_record
+    from phi_onnx.source.adapter import check_adapter_name, read_adapter
+
+    target = Path(folder)
+    index = _index_of(target)
+    check_adapter_name(name)
+    if name in index["adapters"]:
+        raise AdapterError(f"{target} already has an adapter {name!r}.",
+                           hint=f"Remove it first (phi-onnx adapter rm {target} {name}) or pick another name.")
+    final = target / f"{name}{SUFFIX}"
+    if final.exists() or final.is_symlink():
+        raise AdapterError(f"{final} exists but is not one of the export's adapters; phi-onnx does not replace "
+                           "files it did not write.", hint="Move that file away or pick another name.")
+    adapter = read_adapter(path)
+    np_dtype = np.float16 if index["dtype"] == "fp16" else np.float32
+    params = adapter_parameters(adapter, index["targets"], np_dtype)
+    record = adapter_record(name, adapter)
+    temp = target / f".{name}{SUFFIX}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    linked = False
+    try:
+        write_adapter_file(params, temp)
+        os.link(temp, final)  # fails if the name appeared meanwhile: nothing is replaced
+        linked = True
+        write_index(target, {**index, "adapters": {**index["adapters"], name: record}})
+        _update_manifest(target)
+    except FileExistsError:
+        raise AdapterError(f"{final} appeared while the adapter was written; it was left alone.",
+                           hint="Pick another name.") from None
+    except BaseException:
+        if linked:
+            final.unlink(missing_ok=True)  # ours: linked a moment ago
+            write_index(target, index)
+        raise
+    finally:
+        temp.unlink(missing_ok=True)
+    return record
+
+
+def remove_adapter(folder: str | os.PathLike[str], name: str) -> None:
+    """Remove adapter `name` from an export (its entry, then its file), leaving everything else.
+
+    Raises:
+        AdapterError: the export has no adapter of that name.
+    """
+    target = Path(folder)
+    index = _index_of(target)
+    if name not in index["adapters"]:
+        listed = ", ".join(sorted(index["adapters"])) or "none"
+        raise AdapterError(f"{target} has no adapter {name!r} (its adapters: {listed}).",
+                           hint=f"See `phi-onnx adapter list {target}`.")
+    adapters = dict(index["adapters"])
+    entry = adapters.pop(name)
+    write_index(target, {**index, "adapters": adapters})
+    (target / entry["file"]).unlink(missing_ok=True)  # the index names it NAME.onnx_adapter (checked on read)
+    _update_manifest(target)
+
+
+def _index_of(folder: Path) -> dict[str, Any]:
+    if not folder.is_dir():
+        raise AdapterError(f"{folder} is not an export folder.", hint="Pass the folder `phi-onnx export` wrote.")
+    index = read_index(folder)
+    if index is None:
+        raise AdapterError(f"{folder} has no LoRA inputs (no {INDEX}), so adapters cannot be added to it.",
+                           hint="Export it with --adapter NAME=PATH (any adapter) to get LoRA inputs, or merge an "
+                                "adapter with --merge-adapter.")
+    return index
+
+
+def _update_manifest(folder: Path) -> None:
+    """Record the adapter files (and their sha256) in the manifest, so `verify` and `check_files` know them."""
+    from phi_onnx.manifest import read_manifest, write_manifest
+    from phi_onnx.source.checkpoint import file_sha256
+
+    manifest = read_manifest(folder)
+    if manifest is None or not isinstance(manifest.get("files"), dict):
+        return
+    files = {k: v for k, v in manifest["files"].items() if not k.endswith(SUFFIX)}
+    index = read_index(folder)
+    adapters = index["adapters"] if index is not None else {}
+    for entry in adapters.values():
+        files[entry["file"]] = file_sha256(folder / entry["file"])
+    files[INDEX] = file_sha256(folder / INDEX)
+    manifest["files"] = dict(sorted(files.items()))
+    write_manifest(folder, manifest)
