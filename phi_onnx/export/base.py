@@ -119,7 +119,9 @@ class DecoderBuilder:
 
     def _lora(self, x: Value, y: Value, scope: str, target: LoraTarget) -> Value:
         """`y` plus the LoRA branch, for a layer projection of an export with switchable adapters."""
-        if self.lora is None or not target.weights[0].startswith("model.layers."):
+        # Not in graphs built on another GraphBuilder (GPTQ's per-layer calibration stages swap `g`): with no
+        # adapter bound the branch adds zeros, so those graphs compute the same without it.
+        if self.lora is None or self.lora.g is not self.g or not target.weights[0].startswith("model.layers."):
             return y
         with self.g.scope(scope):
             return self.lora.apply(x, y, target)

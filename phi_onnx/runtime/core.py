@@ -14,6 +14,9 @@ touches ONNX Runtime is here:
   recomputed from empty first.
 
 Which tokens each slot holds is the pool's bookkeeping (`KVPool.held`), updated here after each run.
+An export with switchable LoRA adapters runs each slot with its own (`KVPool.adapter`, set by the
+caller when it fills the slot): `run` binds the stack of the adapters its rows use and each row's index
+(`runtime.lora.LoraBank`), so rows with different adapters share runs and the run key needs no adapter.
 """
 
 from __future__ import annotations

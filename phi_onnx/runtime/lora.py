@@ -52,7 +52,7 @@ class LoraBank:
         self._params: dict[str, dict[str, np.ndarray]] = {}
         self._stacks: OrderedDict[Members, dict[str, Any]] = OrderedDict()
         self._bound: dict[int, tuple[Any, Members, Any]] = {}  # id(binding) → (binding, members, their stack)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # params() may run on a submitting thread
 
     def check(self, name: str | None) -> None:
         """Refuse an adapter name this export does not have (None, the base, is always there)."""
@@ -64,6 +64,10 @@ class LoraBank:
     def params(self, name: str) -> dict[str, np.ndarray]:
         """Adapter `name`'s tensors ({scope.lora_A: [1, in, r], scope.lora_B: [1, r, out]}), read once, checked."""
         self.check(name)
+        with self._lock:
+            return self._read(name)
+
+    def _read(self, name: str) -> dict[str, np.ndarray]:
         if name not in self._params:
             params = read_adapter_file(self.folder / f"{name}{SUFFIX}")
             for key, value in params.items():

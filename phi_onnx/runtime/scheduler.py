@@ -223,6 +223,8 @@ class Scheduler:
 
         `logprobs` (top alternatives, or 0 for the chosen token's only), `presence_penalty` and
         `frequency_penalty` are GenerationOptions fields now; the keywords remain for older callers.
+        `options.adapter` picks the request's switchable LoRA adapter (None: the base); requests with
+        different adapters decode in the same runs.
 
         Raises OptionsError / PromptTooLongError for a bad request, QueueFullError when the queue is full.
         """

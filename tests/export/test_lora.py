@@ -119,9 +119,15 @@ def test_switchable_export_matches_peft_for_each_adapter_and_the_base(phi3, swit
             assert np.abs(prompt_then_decode(switchable, ids, 8) - peft_logits(reference, ids)).max() <= TOL
 
 
-def test_mixed_batch_through_the_scheduler_gives_each_request_its_solo_tokens(switchable):
+def test_mixed_batch_through_the_scheduler_gives_each_request_its_solo_tokens(switchable, monkeypatch):
     import phi_onnx
+    from phi_onnx.runtime.lora import LoraBank
     from phi_onnx.runtime.scheduler import Scheduler
+
+    runs: list[tuple[Any, ...]] = []
+    bind = LoraBank.bind
+    monkeypatch.setattr(LoraBank, "bind", lambda self, binding, rows: (runs.append(tuple(rows)),
+                                                                       bind(self, binding, rows))[1])
 
     with phi_onnx.load(switchable, backend="ort") as model:
         jobs = [(random_ids(n, seed=10 + i).ravel().tolist(), new, adapter)
@@ -141,6 +147,7 @@ def test_mixed_batch_through_the_scheduler_gives_each_request_its_solo_tokens(sw
                 break
             scheduler.step()
         assert [h.generated for h in handles] == solo
+        assert any({None, "a1", "a2"} <= set(rows) for rows in runs)  # the base and both adapters in one run
         with pytest.raises(PhiOnnxError, match="no adapter 'nope'"):
             scheduler.submit([1, 2, 3], model.options(max_new_tokens=2).__class__(adapter="nope"))
         scheduler.close()
@@ -169,6 +176,22 @@ def test_int4_base_with_an_adapter_runs_and_differs_from_the_base(phi3):
         adapted = model.engine.start([prompt], 32, adapter="a1")[0]
         assert np.isfinite(adapted).all() and np.abs(adapted - base).max() > 0.1
         assert model.generate(prompt, adapter="a1", max_new_tokens=6).new_tokens == 6
+
+
+def test_gptq_int4_with_switchable_and_merged_adapters(phi3):
+    """GPTQ's calibration graphs are built by the family code too; they run without the LoRA branch."""
+    import phi_onnx
+
+    prompt = random_ids(10, seed=6).ravel().tolist()
+    tokens = {}
+    for kind, extra in (("switch", {"adapters": (("a1", str(phi3["a1"])),)}),
+                        ("merged", {"merge_adapter": str(phi3["a1"])})):
+        out = phi3["root"] / f"gptq-{kind}"
+        export(phi3["checkpoint"], out, ExportOptions(precision="int4", algo="gptq", calibration_tokens=256, **extra))
+        with phi_onnx.load(out, backend="ort") as model:
+            tokens[kind] = model.generate(prompt, adapter="a1" if kind == "switch" else None, max_new_tokens=6,
+                                          min_new_tokens=6).token_ids
+    assert len(tokens["switch"]) == len(tokens["merged"]) == 6
 
 
 def test_phi2_unfused_qkv_dense_and_mlp_merged_and_switchable(tmp_path, tokenizer_dir):
