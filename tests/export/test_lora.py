@@ -263,6 +263,7 @@ def test_wrong_shaped_missing_and_unsupported_adapters_are_refused(phi3, make_ch
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
 
 
+@pytest.mark.slow  # a dozen CLI subprocesses
 def test_adapter_add_list_rm(phi3, switchable, tmp_path, make_checkpoint):
     import shutil
 
