@@ -1,15 +1,15 @@
 """Switchable LoRA adapters at run time: which rows of a run use which adapter.
 
 An export made with `--adapter` has LoRA inputs on its projections (`phi_onnx.export.lora`) and its
-adapters as `NAME.onnx_adapter` files listed in `adapters.json`. A run binds, per projection, the
-stack of the adapters its rows use — row 0 of the stack all zeros when some rows run the base — each
-padded with zeros to the stack's largest rank, and `adapter_index` [rows] picks each row's entry. So
-one run serves rows with different adapters (and the base), and a base-only run binds zero-rank
-stacks, which cost a few empty MatMuls.
+adapters as `NAME.onnx_adapter` files listed in `adapters.json`. A run binds, per projection, the LoRA
+pairs of the adapters its rows use concatenated along the rank, which adapter owns each rank column,
+and `adapter_index` [rows]; each row keeps its own adapter's columns (none for the base). So one run
+serves rows with different adapters (and the base), and a base-only run binds rank-0 tensors, which
+cost a few empty MatMuls.
 
-Adapter files are read when first used; stacks are built once per set of adapters and kept (a few).
-ONNX Runtime's `run_with_iobinding` ignores RunOptions' active adapters, so the tensors are bound
-as inputs here.
+Adapter files are read when first used; the concatenations are built once per set of adapters and
+kept (a few). ONNX Runtime's `run_with_iobinding` ignores RunOptions' active adapters, so the tensors
+are bound as inputs here.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ class LoraBank:
                                hint="Pick one of them, or add it with `phi-onnx adapter add FOLDER NAME=PATH`.")
 
     def params(self, name: str) -> dict[str, np.ndarray]:
-        """Adapter `name`'s tensors ({scope.lora_A: [1, in, r], scope.lora_B: [1, r, out]}), read once, checked."""
+        """Adapter `name`'s tensors ({scope.lora_A: [in, r], scope.lora_B: [r, out], scope.lora_adapter: [r]}),
+        read once, checked."""
         self.check(name)
         with self._lock:
             return self._read(name)
@@ -73,14 +74,16 @@ class LoraBank:
             for key, value in params.items():
                 scope, _, side = key.rpartition(".")
                 target = self.targets.get(scope)
-                ok = target is not None and value.ndim == 3 and value.shape[0] == 1 and (
-                    (side == "lora_A" and value.shape[1] == target.in_features) or
-                    (side == "lora_B" and value.shape[2] == target.out_features))
+                ok = target is not None and (
+                    (side == "lora_A" and value.ndim == 2 and value.shape[0] == target.in_features) or
+                    (side == "lora_B" and value.ndim == 2 and value.shape[1] == target.out_features) or
+                    (side == "lora_adapter" and value.ndim == 1))
                 if not ok:
                     raise AdapterError(f"{self.folder / (name + SUFFIX)}: parameter {key!r} {list(value.shape)} does "
                                        "not match any LoRA input of this model.",
                                        hint="Add the adapter again (phi-onnx adapter add).")
-            self._params[name] = {k: v.astype(self.np_dtype, copy=False) for k, v in params.items()}
+            self._params[name] = {k: v if k.endswith(".lora_adapter") else v.astype(self.np_dtype, copy=False)
+                                  for k, v in params.items()}
         return self._params[name]
 
     def bind(self, binding: Any, rows: Sequence[str | None]) -> None:
@@ -106,17 +109,19 @@ class LoraBank:
         params = [self.params(n) if n is not None else {} for n in members]
         stack = {}
         for scope, target in self.targets.items():
-            a_parts = [p.get(f"{scope}.lora_A") for p in params]
-            b_parts = [p.get(f"{scope}.lora_B") for p in params]
-            rank = max((a.shape[2] for a in a_parts if a is not None), default=0)
-            a = np.zeros((len(members), target.in_features, rank), self.np_dtype)
-            b = np.zeros((len(members), rank, target.out_features), self.np_dtype)
-            for i, (pa, pb) in enumerate(zip(a_parts, b_parts, strict=True)):
-                if pa is not None and pb is not None:
-                    a[i, :, :pa.shape[2]] = pa[0]
-                    b[i, :pb.shape[1]] = pb[0]
-            stack[f"{scope}.lora_A"] = ort.OrtValue.ortvalue_from_numpy(a, self.device, self.device_id)
-            stack[f"{scope}.lora_B"] = ort.OrtValue.ortvalue_from_numpy(b, self.device, self.device_id)
+            a_parts, b_parts, owners = [], [], []
+            for i, p in enumerate(params):
+                a, b = p.get(f"{scope}.lora_A"), p.get(f"{scope}.lora_B")
+                if a is not None and b is not None:
+                    a_parts.append(a)
+                    b_parts.append(b)
+                    owners.append(np.full(a.shape[1], i, np.int64))
+            a = np.concatenate(a_parts, axis=1) if a_parts else np.zeros((target.in_features, 0), self.np_dtype)
+            b = np.concatenate(b_parts, axis=0) if b_parts else np.zeros((0, target.out_features), self.np_dtype)
+            owner = np.concatenate(owners) if owners else np.zeros(0, np.int64)
+            for key, value in (("lora_A", a), ("lora_B", b), ("lora_adapter", owner)):
+                stack[f"{scope}.{key}"] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self.device,
+                                                                           self.device_id)
         self._stacks[members] = stack
         while len(self._stacks) > MAX_STACKS:
             self._stacks.popitem(last=False)
@@ -136,7 +141,8 @@ def require_lora_inputs(model: bytes | Path) -> bytes:
     graph = proto.graph
     inputs = {i.name for i in graph.input}
     kept = [init for init in graph.initializer
-            if not (init.name in inputs and (init.name == INDEX_INPUT or init.name.endswith((".lora_A", ".lora_B"))))]
+            if not (init.name in inputs and (init.name == INDEX_INPUT or
+                                             init.name.endswith((".lora_A", ".lora_B", ".lora_adapter"))))]
     del graph.initializer[:]
     graph.initializer.extend(kept)
     return proto.SerializeToString()
