@@ -58,6 +58,10 @@ def _show_steps(logger_name: str) -> None:
               help="Calibration text file for --algo gptq/clip (default for gptq: a built-in text).")
 @click.option("--calibration-tokens", type=int, default=None,
               help="At most this many calibration tokens (default 4096; more takes longer).")
+@click.option("--merge-adapter", type=click.Path(file_okay=False), default=None,
+              help="A PEFT LoRA adapter folder to merge into the weights (before quantization).")
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME=PATH",
+              help="A PEFT LoRA adapter to ship switchable beside the base as NAME.onnx_adapter (repeatable).")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--verify", "run_verify", is_flag=True,
@@ -67,17 +71,20 @@ def _show_steps(logger_name: str) -> None:
 @user_errors
 def export(source: str, output: str, precision: str, device: str, block_size: int, symmetric: bool,
            accuracy_level: int | None, max_length: int | None, embeddings: str, lm_head_bits: str,
-           algo: str, calibration: str | None, calibration_tokens: int | None, revision: str | None,
-           overwrite: bool, run_verify: bool, as_json: bool) -> None:
+           algo: str, calibration: str | None, calibration_tokens: int | None, merge_adapter: str | None,
+           adapters: tuple[str, ...], revision: str | None, overwrite: bool, run_verify: bool,
+           as_json: bool) -> None:
     """Export SOURCE (short name, hub id or local folder) to an ONNX model folder."""
     from phi_onnx.export import ExportOptions
     from phi_onnx.export import export as run_export
+    from phi_onnx.source.adapter import adapter_names
 
     options = ExportOptions(precision=precision, device=device, block_size=block_size,  # type: ignore[arg-type]
                             symmetric=symmetric, accuracy_level=accuracy_level, max_length=max_length,
                             embeddings=embeddings, lm_head_bits=int(lm_head_bits),  # type: ignore[arg-type]
                             algo=algo, calibration=calibration,  # type: ignore[arg-type]
-                            calibration_tokens=calibration_tokens)
+                            calibration_tokens=calibration_tokens, merge_adapter=merge_adapter,
+                            adapters=tuple(adapter_names(adapters)))
     if run_verify:
         from phi_onnx.verify import require_reference_extra
 
@@ -305,9 +312,10 @@ def rm(name_or_id: str) -> None:
                              f"{damaged}), id {entry.id}."))
 
 
+from phi_onnx.cli.adapter import adapter  # noqa: E402 - registered after the group exists
 from phi_onnx.cli.quantize import quantize  # noqa: E402 - registered after the group exists
 from phi_onnx.cli.run import bench, chat, generate  # noqa: E402 - registered after the group exists
 from phi_onnx.cli.serve import serve  # noqa: E402
 
-for _command in (chat, generate, bench, serve, quantize):
+for _command in (chat, generate, bench, serve, quantize, adapter):
     main.add_command(_command)

@@ -18,6 +18,7 @@ import onnx_ir as ir
 from phi_onnx.export.embeddings import EMBEDDING, QuantizedTables
 from phi_onnx.export.graph import GraphBuilder, Value
 from phi_onnx.export.layers import AttentionInputs, attention_inputs, concat_loader, layer_norm, raise_shape
+from phi_onnx.export.lora import LoraInputs, LoraTarget
 from phi_onnx.export.options import ExportOptions
 from phi_onnx.export.weights import Weights
 from phi_onnx.source.checkpoint import Checkpoint
@@ -41,6 +42,8 @@ class DecoderBuilder:
         self.w = Weights(options)
         self.g = GraphBuilder()
         self.tables = QuantizedTables(options, self.w.io_dtype, self.w.np_dtype)
+        #: LoRA inputs on the layers' projections (switchable adapters), when the export has adapters
+        self.lora = LoraInputs(self.g, self.w.io_dtype, self.w.np_dtype) if options.adapters else None
 
     # -- hooks for families -------------------------------------------------------------------
     def check(self) -> None:
@@ -110,7 +113,18 @@ class DecoderBuilder:
                 if bias_load is not None:
                     y = self.g.op("Add", y, self.w.tensor(self.g, f"{self.g.prefix}.bias", (out_features,), bias_load))
             return y
-        return self.w.linear(self.g, x, scope, out_features, in_features, load, bias_load)
+        y = self.w.linear(self.g, x, scope, out_features, in_features, load, bias_load)
+        return self._lora(x, y, scope, LoraTarget((name,), (out_features,), in_features,
+                                                   None if rows is None else tuple(int(r) for r in rows)))
+
+    def _lora(self, x: Value, y: Value, scope: str, target: LoraTarget) -> Value:
+        """`y` plus the LoRA branch, for a layer projection of an export with switchable adapters."""
+        # Not in graphs built on another GraphBuilder (GPTQ's per-layer calibration stages swap `g`): with no
+        # adapter bound the branch adds zeros, so those graphs compute the same without it.
+        if self.lora is None or self.lora.g is not self.g or not target.weights[0].startswith("model.layers."):
+            return y
+        with self.g.scope(scope):
+            return self.lora.apply(x, y, target)
 
     def layer_norm(self, name: str, x: Value) -> Value:
         """LayerNorm `name` (its `.weight` and `.bias`), in a scope named after its last part."""
@@ -131,7 +145,8 @@ class DecoderBuilder:
         weight = concat_loader(self.ckpt, [f"{n}.weight" for n in names], [(w, cfg.hidden_size) for w in widths])
         biased = f"{names[0]}.bias" in self.ckpt if bias is None else bias
         bias_load = concat_loader(self.ckpt, [f"{n}.bias" for n in names], [(w,) for w in widths]) if biased else None
-        return self.w.linear(self.g, x, "qkv_proj", sum(widths), cfg.hidden_size, weight, bias_load)
+        y = self.w.linear(self.g, x, "qkv_proj", sum(widths), cfg.hidden_size, weight, bias_load)
+        return self._lora(x, y, "qkv_proj", LoraTarget(tuple(f"{n}.weight" for n in names), widths, cfg.hidden_size))
 
     def build(self) -> ir.Model:
         """The whole graph, with initializers still lazy."""

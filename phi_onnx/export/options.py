@@ -44,6 +44,9 @@ class ExportOptions:
             under "gptq", no data under "clip".
         calibration_tokens: at most this many calibration tokens (whole 256-token windows); None:
             4096. Calibration time grows with it.
+        merge_adapter: a PEFT LoRA adapter folder merged into the weights (before quantization).
+        adapters: (name, PEFT LoRA adapter folder) pairs: the graph gets LoRA inputs on the layers'
+            projections and each adapter is written beside it as `name.onnx_adapter`.
     """
 
     precision: Precision = "int4"
@@ -57,9 +60,12 @@ class ExportOptions:
     algo: Algo = "rtn"
     calibration: str | tuple[str, ...] | None = None
     calibration_tokens: int | None = None
+    merge_adapter: str | None = None
+    adapters: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         _check_types(self)
+        _check_adapters(self)
         if self.precision not in PRECISIONS:
             raise OptionsError(f"Unknown precision {self.precision!r}.",
                                hint=f"Choose one of: {', '.join(PRECISIONS)}.")
@@ -156,6 +162,12 @@ class ExportOptions:
         # Only where calibration runs: an rtn export's record (and its store key) is what it was before
         # the option existed.
         del data["calibration_tokens"]
+        # Recorded only when given (the manifest records the adapters themselves, with their sha256).
+        for name in ("merge_adapter", "adapters"):
+            if not data[name]:
+                del data[name]
+        if self.adapters:
+            data["adapters"] = dict(self.adapters)
         if self.calibrates:
             data["calibration_tokens"] = self.resolved_calibration_tokens
         return data
@@ -165,8 +177,28 @@ class ExportOptions:
 _TYPES: dict[str, tuple[type, bool]] = {
     "precision": (str, False), "device": (str, False), "block_size": (int, False), "symmetric": (bool, False),
     "accuracy_level": (int, True), "max_length": (int, True), "algo": (str, False), "embeddings": (str, False),
-    "lm_head_bits": (int, False), "calibration_tokens": (int, True),
+    "lm_head_bits": (int, False), "calibration_tokens": (int, True), "merge_adapter": (str, True),
 }
+
+
+def _check_adapters(options: ExportOptions) -> None:
+    """`adapters` as a tuple of (valid name, path) pairs, each name once."""
+    from phi_onnx.source.adapter import check_adapter_name
+
+    pairs = options.adapters
+    if isinstance(pairs, dict):
+        pairs = tuple(pairs.items())
+    if not isinstance(pairs, list | tuple) or not all(
+            isinstance(p, list | tuple) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs):
+        raise OptionsError(f"ExportOptions.adapters must be (name, path) pairs, not {pairs!r}.",
+                           hint='Pass e.g. ExportOptions(adapters=(("support", "./my-adapter"),)).')
+    pairs = tuple((str(name), str(path)) for name, path in pairs)
+    names = [name for name, _ in pairs]
+    for name in names:
+        check_adapter_name(name)
+    if len(set(names)) != len(names):
+        raise OptionsError("An adapter name is given twice.", hint="Give each adapter its own name.")
+    object.__setattr__(options, "adapters", pairs)
 
 
 def _check_types(options: ExportOptions) -> None:

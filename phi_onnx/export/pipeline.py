@@ -20,12 +20,14 @@ import onnx_ir as ir
 
 from phi_onnx.errors import OutputWriteError, PhiOnnxError, SourceError
 from phi_onnx.export.genai_config import genai_config
+from phi_onnx.export.lora import SUFFIX, adapter_parameters, write_adapter_file, write_index
 from phi_onnx.export.options import ExportOptions
 from phi_onnx.export.output import check_target, staged_output
 from phi_onnx.export.registry import builder_for
 from phi_onnx.manifest import EXPORT_TOOLS, tool_versions, write_manifest
 from phi_onnx.paths import expand_user
 from phi_onnx.quantize.sequential import prepare_int4
+from phi_onnx.source.adapter import LoraAdapter, MergedCheckpoint, read_adapter
 from phi_onnx.source.checkpoint import Checkpoint, file_sha256
 from phi_onnx.source.config import check_tensors, load_config
 from phi_onnx.source.hub import TOKENIZER_FILES, ResolvedSource, resolve_source
@@ -94,6 +96,9 @@ def export(source: str | os.PathLike[str], output: str | os.PathLike[str], optio
     # Checked first so that a refusal costs nothing; again once the source is resolved, and at the move.
     check_target(target, overwrite=overwrite, protected=[*early, (Path.cwd(), "the current directory")])
     started = time.perf_counter()
+    # Adapters are read (and refused) before anything is downloaded or built.
+    merged = read_adapter(options.merge_adapter) if options.merge_adapter else None
+    switchable = [(name, read_adapter(path)) for name, path in options.adapters]
     if known is not None:
         builder_for(known.architecture)  # refuses a model we cannot build before downloading it
     resolved = resolve_source(str(source), revision=revision)
@@ -103,12 +108,19 @@ def export(source: str | os.PathLike[str], output: str | os.PathLike[str], optio
     builder_cls = builder_for(cfg.architecture)
     checkpoint = Checkpoint(resolved.path)
     check_tensors(cfg, checkpoint.names())  # before the builder allocates anything per layer
+    if merged is not None:
+        checkpoint = MergedCheckpoint(checkpoint, merged)  # every weight read (and quantized) is merged
+    for _, adapter in switchable:
+        adapter.check_base(checkpoint)
     weights_hash = _Background(checkpoint.sha256)  # reads the whole checkpoint; overlap it with the build
     log.info("Building the %s graph from %s as %s", cfg.architecture, resolved.path, options.variant())
     builder = builder_cls(cfg, checkpoint, options)
     model = builder.build()
     checkpoint.check_all_read(cfg.architecture, ignore=["lm_head.weight"] if cfg.tie_word_embeddings else [])
     quantization = prepare_int4(builder, resolved.path)  # GPTQ runs here, before anything is written
+    targets = builder.lora.targets if builder.lora is not None else {}
+    # Computed before the staging folder exists: an adapter that does not fit leaves nothing behind.
+    adapter_params = {name: adapter_parameters(adapter, targets, builder.w.np_dtype) for name, adapter in switchable}
 
     with staged_output(target, checked=checked, protected=protected,
                        needed=_size_estimate(model, resolved.path)) as staging:
@@ -118,15 +130,32 @@ def export(source: str | os.PathLike[str], output: str | os.PathLike[str], optio
         builder.write_assets(resolved.path, staging)
         (staging / "genai_config.json").write_text(
             json.dumps(genai_config(cfg, options, builder_cls.genai_type), indent=4) + "\n")
+        if builder.lora is not None:
+            for name, params in adapter_params.items():
+                write_adapter_file(params, staging / f"{name}{SUFFIX}")
+            write_index(staging, {"dtype": options.io_dtype, "targets": targets, "adapters": {
+                name: adapter_record(name, adapter) for name, adapter in switchable}})
         op_counts = dict(sorted(Counter(
             (n.domain + "." if n.domain else "") + n.op_type for n in model.graph).items()))
         log.info("Hashing the source weights for the manifest")
         manifest = _manifest(resolved, weights_hash.result(), cfg.architecture, options, staging, op_counts)
         manifest["quantization"] = quantization
+        if merged is not None:
+            manifest["merged_adapter"] = adapter_record(None, merged)
         write_manifest(staging, manifest)
     files = {p.name: p.stat().st_size for p in sorted(target.iterdir())}
     return ExportResult(target, str(source), cfg.architecture, options, time.perf_counter() - started,
                         files, op_counts)
+
+
+def adapter_record(name: str | None, adapter: LoraAdapter) -> dict[str, Any]:
+    """What the manifest and adapters.json record of an adapter: where it came from and its sha256."""
+    record: dict[str, Any] = {"source": str(adapter.path), "sha256": adapter.sha256(),
+                              "rank": max(m.rank for m in adapter.modules.values()),
+                              "modules": len(adapter.modules)}
+    if name is not None:
+        record["file"] = f"{name}{SUFFIX}"
+    return record
 
 
 class _Background:

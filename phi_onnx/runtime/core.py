@@ -14,6 +14,9 @@ touches ONNX Runtime is here:
   recomputed from empty first.
 
 Which tokens each slot holds is the pool's bookkeeping (`KVPool.held`), updated here after each run.
+An export with switchable LoRA adapters runs each slot with its own (`KVPool.adapter`, set by the
+caller when it fills the slot): `run` binds the stack of the adapters its rows use and each row's index
+(`runtime.lora.LoraBank`), so rows with different adapters share runs and the run key needs no adapter.
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from phi_onnx.runtime.errors import DeviceError, ModelFolderError
+from phi_onnx.export.lora import INDEX as LORA_INDEX
+from phi_onnx.runtime.errors import DeviceError, ModelFolderError, OptionsError
 from phi_onnx.runtime.folder import REEXPORT_HINT, ModelFolder
 from phi_onnx.runtime.kv_pool import KVLayout, KVPool
 from phi_onnx.runtime.logits_to_keep import INPUT as LOGITS_TO_KEEP
 from phi_onnx.runtime.logits_to_keep import add_logits_to_keep
 from phi_onnx.runtime.longrope import LongRope
+from phi_onnx.runtime.lora import LoraBank, require_lora_inputs
 from phi_onnx.runtime.providers import CUDA, INSTALL_CUDA_HINT, DeviceChoice
 
 log = logging.getLogger(__name__)
@@ -70,6 +75,25 @@ class DecodeCore:
         self.chunk = MAX_CHUNK if self.keeps_logits else int(
             np.clip(LOGITS_BUDGET_BYTES // (4 * self.vocab), 64, MAX_CHUNK))
         self.recomputes = 0  # how many times a LongRoPE switch forced a full recompute
+        #: the export's switchable LoRA adapters (None: no LoRA inputs); each slot's is `pool.adapter[slot]`
+        self.lora: LoraBank | None = None
+        if (folder.path / LORA_INDEX).is_file():
+            self.lora = LoraBank(folder.path, "cuda" if device.kind == "cuda" else "cpu", device.device_id)
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """The names of the export's switchable adapters (empty without)."""
+        return self.lora.names if self.lora is not None else ()
+
+    def check_adapter(self, name: str | None) -> None:
+        """Refuse an adapter this export does not have (OptionsError naming the ones it has)."""
+        if name is None:
+            return
+        if self.lora is None:
+            raise OptionsError(f"This model has no adapters, so adapter {name!r} cannot be used.",
+                               hint="Export it with --adapter NAME=PATH, or drop the adapter option.")
+        self.lora.check(name)
+        self.lora.params(name)  # a broken file is refused now, not inside a run
 
     def pool(self, slots: int, capacity: int, *, prefault: bool = False) -> KVPool:
         """A new KVPool for this model on its device."""
@@ -94,6 +118,8 @@ class DecodeCore:
         logits = np.empty((rows, keep, self.vocab), dtype=np.float32)
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", mask)
+        if self.lora is not None:
+            self.lora.bind(binding, pool.adapter[lo:hi])
         if self.keeps_logits:
             binding.bind_cpu_input(LOGITS_TO_KEEP, np.array(keep, dtype=np.int64))
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
@@ -211,10 +237,16 @@ def _session(folder: ModelFolder, device: DeviceChoice, threads: int | None) -> 
         made = ort.SessionOptions()
         if threads:
             made.intra_op_num_threads = threads
+        if (folder.path / LORA_INDEX).is_file():
+            # ORT warns once per LoRA input that an initializer which is also an input is not constant-folded:
+            # that is the point (they are optional inputs with zero-rank defaults).
+            made.log_severity_level = 3
         return made
 
     try:
         graph = add_logits_to_keep(folder.model_path)
+        if (folder.path / LORA_INDEX).is_file():
+            graph = require_lora_inputs(graph if graph is not None else folder.model_path)
         if graph is not None:
             rewritten = options()
             # The copy is loaded from memory; its weights stay in the folder's external data.

@@ -31,9 +31,11 @@ class Engine(Protocol):
     max_batch: int | None
     recomputes: int
 
-    def start(self, prompts: Sequence[Sequence[int]], capacity: int) -> tuple[np.ndarray, int]:
-        """Run the prompts (row b in slot b), in a cache of at least `capacity` tokens per row;
-        returns (last logits [rows, vocab], prompt tokens served from the cache)."""
+    def start(self, prompts: Sequence[Sequence[int]], capacity: int, *,
+              adapter: str | None = None) -> tuple[np.ndarray, int]:
+        """Run the prompts (row b in slot b) with switchable LoRA `adapter` (None: the base), in a cache of
+        at least `capacity` tokens per row; returns (last logits [rows, vocab], prompt tokens served from
+        the cache)."""
         ...
 
     def step(self, tokens: Mapping[int, int]) -> Mapping[int, np.ndarray]:

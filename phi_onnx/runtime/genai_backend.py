@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from phi_onnx.runtime.engine import round_capacity
-from phi_onnx.runtime.errors import DeviceError, ModelFolderError
+from phi_onnx.runtime.errors import DeviceError, ModelFolderError, OptionsError
 from phi_onnx.runtime.folder import REEXPORT_HINT, ModelFolder
 from phi_onnx.runtime.longrope import LongRope
 from phi_onnx.runtime.providers import CPU, CUDA, DeviceChoice
@@ -74,6 +74,9 @@ class GenaiEngine:
         self.provider = CUDA if device.kind == "cuda" else CPU
         self.generator: Any = None
         self.capacity = 0
+        self.adapter: str | None = None  # the switchable LoRA adapter the generator runs
+        self._adapters: Any = None  # og.Adapters, with the files loaded so far
+        self._loaded: set[str] = set()
 
     def _prepare(self, capacity: int) -> None:
         """A new Generator (empty cache) when `capacity` exceeds the current one's max_length."""
@@ -83,13 +86,19 @@ class GenaiEngine:
         params = self.og.GeneratorParams(self.model)
         params.set_search_options(max_length=capacity, do_sample=False, batch_size=1)
         self.generator = self.og.Generator(self.model, params)
+        if self.adapter is not None:
+            self.generator.set_active_adapter(self._adapters, self.adapter)
         self.capacity = capacity
         self.held, self.long = [], False
 
-    def start(self, prompts: Sequence[Sequence[int]], capacity: int) -> tuple[np.ndarray, int]:
-        """Run one prompt, reusing the prefix the generator holds; (last logits [1, vocab], cached tokens)."""
+    def start(self, prompts: Sequence[Sequence[int]], capacity: int, *,
+              adapter: str | None = None) -> tuple[np.ndarray, int]:
+        """Run one prompt with switchable LoRA `adapter` (None: the base), reusing the prefix the generator
+        holds; (last logits [1, vocab], cached tokens)."""
         if len(prompts) != 1:
             raise ValueError("the genai backend runs one sequence at a time")  # Model runs batches one by one
+        if adapter != self.adapter:
+            self._use_adapter(adapter)
         self._prepare(capacity)
         prompt = prompts[0]
         cached = self.rope.reusable(self.held, self.long, prompt)
@@ -123,6 +132,25 @@ class GenaiEngine:
             self.long = self.rope.is_long(len(tokens))
         self.held = [int(t) for t in tokens]
         return logits
+
+    def _use_adapter(self, name: str | None) -> None:
+        """A new generator (empty cache) running adapter `name`, loaded into onnxruntime-genai's Adapters."""
+        from phi_onnx.export.lora import SUFFIX, read_index
+
+        if name is not None:
+            index = read_index(self.folder.path)
+            names = sorted(index["adapters"]) if index is not None else []
+            if name not in names:
+                raise OptionsError(f"This model has no adapter {name!r} (its adapters: {', '.join(names) or 'none'}).",
+                                   hint="Pick one of them, or drop the adapter option.")
+            if self._adapters is None:
+                self._adapters = self.og.Adapters(self.model)
+            if name not in self._loaded:
+                self._adapters.load(str(self.folder.path / f"{name}{SUFFIX}"), name)
+                self._loaded.add(name)
+        self.adapter = name
+        self.generator, self.capacity = None, 0
+        self.held, self.long = [], False
 
     def forget(self) -> None:
         """Drop the held tokens (the next run rewinds the generator to 0)."""

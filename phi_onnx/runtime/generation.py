@@ -114,7 +114,8 @@ class Generation:
         self.started = time.perf_counter()
         # Rows that end early stay in their slots (not run), so each slot needs its own longest run.
         logits, self.cached_tokens = engine.start([r.prompt for r in rows],
-                                                  max(len(r.prompt) + r.budget for r in rows))
+                                                  max(len(r.prompt) + r.budget for r in rows),
+                                                  adapter=rows[0].options.adapter)
         out: Mapping[int, np.ndarray] = dict(enumerate(logits))
         while True:
             prepare_step([rows[b] for b in out])

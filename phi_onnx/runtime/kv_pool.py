@@ -74,6 +74,8 @@ class KVPool:
         self.bases = [int(b.ctypes.data if isinstance(b, np.ndarray) else b.data_ptr()) for b in self.buffers]
         self.held: list[list[int]] = [[] for _ in range(slots)]
         self.long = [False] * slots
+        #: each slot's switchable LoRA adapter (None: the base); its entries were computed with it
+        self.adapter: list[str | None] = [None] * slots
         self._bindings: dict[tuple[int, int], Any] = {}
         self._session: Any = None
 
@@ -130,6 +132,7 @@ class KVPool:
             for buffer in self.buffers:
                 buffer[dst, :, :n] = buffer[src, :, :n]
         self.held[dst], self.long[dst] = list(self.held[src][:n]), self.long[src]
+        self.adapter[dst] = self.adapter[src]  # the entries were computed with its adapter
 
     def keep(self, slot: int, n: int) -> None:
         """Keep only the first `n` held tokens of `slot` (later entries are overwritten by the next run)."""

@@ -76,7 +76,9 @@ def load(path: str | os.PathLike[str], device: str = "auto", backend: str = "aut
     check_vocabulary(folder, tokenizer.vocab_size)
     choice = resolve_device(device, folder.export_device)
     if backend == "auto":
-        backend = "genai" if genai_available() else "ort"
+        # Switchable adapters: the ort backend batches rows with different adapters; genai runs one at a time.
+        lora = (folder.path / "adapters.json").is_file()
+        backend = "genai" if genai_available() and not lora else "ort"
         if backend == "ort":
             log.info("onnxruntime-genai is not installed; using the ort backend.")
     if backend == "genai":
@@ -208,6 +210,14 @@ class Model:
         return core
 
     @property
+    def adapters(self) -> tuple[str, ...]:
+        """The names of the export's switchable LoRA adapters (`generate(..., adapter=NAME)`); empty without."""
+        from phi_onnx.export.lora import read_index
+
+        index = read_index(self.folder.path)
+        return tuple(sorted(index["adapters"])) if index is not None else ()
+
+    @property
     def device_reason(self) -> str:
         """Why this device was chosen (e.g. why CUDA was not used)."""
         return self.device.reason
@@ -271,13 +281,18 @@ class Model:
 
     # -- generation ----------------------------------------------------------------------------
     def options(self, **kwargs: Any) -> GenerationOptions:
-        """The load-time defaults with `kwargs` applied (validated).
+        """The load-time defaults with `kwargs` applied (validated; an adapter must be one of `adapters`).
 
         The constraint keywords (`CONSTRAINT_KEYWORDS`: json_schema, regex, grammar, json_object,
         strict) become a grammar logits processor, appended after any given `logits_processors`.
         """
         asked = {name: kwargs.pop(name) for name in CONSTRAINT_KEYWORDS if name in kwargs}
         opts = GenerationOptions.from_kwargs(self.defaults, **kwargs)
+        if opts.adapter is not None and opts.adapter not in self.adapters:
+            listed = ", ".join(self.adapters) or "none"
+            raise OptionsError(f"This model has no adapter {opts.adapter!r} (its adapters: {listed}).",
+                               hint="Pick one of them (Model.adapters), or add it with "
+                                    "`phi-onnx adapter add FOLDER NAME=PATH`.")
         if not asked:
             return opts
         from phi_onnx.runtime.grammar import constraint_from

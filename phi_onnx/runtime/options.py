@@ -60,6 +60,7 @@ class GenerationOptions:
         top_logprobs: also report the k most likely tokens at each step (0..20; implies logprobs).
         logits_processors: callables applied, in order, to each step's scores before sampling
             (`LogitsProcessor`); library only.
+        adapter: the switchable LoRA adapter to run (a name in `Model.adapters`); None runs the base.
     """
 
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
@@ -77,6 +78,7 @@ class GenerationOptions:
     logprobs: bool = field(default=False, metadata={"help": "Report each token's log-probability."})
     top_logprobs: int = field(default=0, metadata={"help": "Also report the k most likely tokens (0..20)."})
     logits_processors: tuple[LogitsProcessor, ...] = field(default=(), compare=False, metadata={"cli": False})
+    adapter: str | None = field(default=None, metadata={"help": "The LoRA adapter to run (export's --adapter NAME)."})
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -125,6 +127,8 @@ class GenerationOptions:
                "Ask for at most 20 alternatives.")
         if self.top_logprobs:
             object.__setattr__(self, "logprobs", True)
+        _check(self.adapter is None or (isinstance(self.adapter, str) and bool(self.adapter)),
+               f"adapter must be an adapter's name (got {self.adapter!r}).", "Use e.g. adapter='support'.")
 
     @property
     def do_sample(self) -> bool:

@@ -61,12 +61,17 @@ class OrtEngine:
             pool = self.pool = self.core.pool(rows, capacity)
         return pool
 
-    def start(self, prompts: Sequence[Sequence[int]], capacity: int) -> tuple[np.ndarray, int]:
-        """Prefill each prompt in its slot; (last logits [rows, vocab], cached prompt tokens)."""
+    def start(self, prompts: Sequence[Sequence[int]], capacity: int, *,
+              adapter: str | None = None) -> tuple[np.ndarray, int]:
+        """Prefill each prompt in its slot, with switchable LoRA `adapter` (None: the base); (last logits
+        [rows, vocab], cached prompt tokens)."""
+        self.core.check_adapter(adapter)
         pool, core = self._pool(len(prompts), capacity), self.core
         if len(prompts) == 1:
             prompt = prompts[0]
-            cached = core.rope.reusable(pool.held[0], pool.long[0], prompt)
+            # A cache computed with another adapter holds other keys and values: nothing of it is reusable.
+            cached = core.rope.reusable(pool.held[0], pool.long[0], prompt) if pool.adapter[0] == adapter else 0
+            pool.adapter[0] = adapter
             if not cached and pool.filled(0) and core.rope.must_recompute(pool.long[0], len(prompt)):
                 core.recomputes += 1  # the next turn crosses the switch: the whole conversation runs again
             pool.keep(0, cached)
@@ -75,6 +80,7 @@ class OrtEngine:
             return logits[None], cached
         for slot in range(len(prompts)):
             pool.clear(slot)
+            pool.adapter[slot] = adapter
         if core.batchable(prompts):
             return core.prefill_batch(pool, list(range(len(prompts))), prompts), 0
         log.debug("prefilling %d prompts one by one: their LongRoPE regimes differ", len(prompts))

@@ -34,6 +34,7 @@ MIN_TOKENS = 32
 class _Entry:
     tokens: list[int]
     long: bool
+    adapter: str | None  # the switchable LoRA adapter the rows were computed with (None: the base)
     rows: list[np.ndarray]  # per pool buffer: [kv_heads, n, head_dim]
 
     @property
@@ -53,10 +54,12 @@ class PrefixStore:
         self.saved = self.restored = self.evicted = 0
         self._ids = itertools.count()
 
-    def match(self, tokens: Sequence[int]) -> tuple[int | None, int]:
-        """(entry id, tokens of `tokens` it can serve) for the best entry, or (None, 0)."""
+    def match(self, tokens: Sequence[int], adapter: str | None = None) -> tuple[int | None, int]:
+        """(entry id, tokens of `tokens` it can serve) for the best entry computed with `adapter`, or (None, 0)."""
         best, length = None, 0
         for key, entry in self.entries.items():
+            if entry.adapter != adapter:
+                continue
             n = self.rope.reusable(entry.tokens, entry.long, tokens)
             if n > length:
                 best, length = key, n
@@ -64,22 +67,24 @@ class PrefixStore:
 
     def save(self, pool: KVPool, slot: int) -> None:
         """Copy what `slot` holds into the store (unless too short, already stored, or over the budget)."""
-        held = pool.held[slot]
+        held, adapter = pool.held[slot], pool.adapter[slot]
         n = len(held)
         if n < self.min_tokens or not self.budget or pool.device != "cpu":
             return
         # Already stored whole (this conversation was restored and not extended): keep the entry, refresh it.
         for key, entry in self.entries.items():
-            if len(entry.tokens) >= n and entry.long == pool.long[slot] and entry.tokens[:n] == held:
+            if len(entry.tokens) >= n and (entry.long, entry.adapter) == (pool.long[slot], adapter) and \
+                    entry.tokens[:n] == held:
                 self.entries.move_to_end(key)
                 return
         rows = [np.array(buffer[slot, :, :n]) for buffer in pool.buffers]
-        entry = _Entry(list(held), pool.long[slot], rows)
+        entry = _Entry(list(held), pool.long[slot], adapter, rows)
         if entry.nbytes > self.budget:
             return
         # An entry this one extends is now redundant.
         for key in [k for k, e in self.entries.items()
-                    if len(e.tokens) <= n and e.long == entry.long and held[: len(e.tokens)] == e.tokens]:
+                    if len(e.tokens) <= n and (e.long, e.adapter) == (entry.long, adapter)
+                    and held[: len(e.tokens)] == e.tokens]:
             self._drop(key)
         while self.nbytes + entry.nbytes > self.budget and self.entries:
             self._drop(next(iter(self.entries)))
@@ -93,7 +98,7 @@ class PrefixStore:
         entry = self.entries[key]
         for buffer, rows in zip(pool.buffers, entry.rows, strict=True):
             buffer[slot, :, :n] = rows[:, :n]
-        pool.held[slot], pool.long[slot] = list(entry.tokens[:n]), entry.long
+        pool.held[slot], pool.long[slot], pool.adapter[slot] = list(entry.tokens[:n]), entry.long, entry.adapter
         self.entries.move_to_end(key)
         self.restored += 1
 

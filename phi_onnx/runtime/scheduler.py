@@ -287,6 +287,8 @@ class Scheduler:
 
         `logprobs` (top alternatives, or 0 for the chosen token's only), `presence_penalty` and
         `frequency_penalty` are GenerationOptions fields now; the keywords remain for older callers.
+        `options.adapter` picks the request's switchable LoRA adapter (None: the base); requests with
+        different adapters decode in the same runs.
 
         Raises OptionsError / PromptTooLongError for a bad request, QueueFullError when the queue is full.
         """
@@ -313,6 +315,7 @@ class Scheduler:
                                hint="Pass ids from model.encode(), not floats or strings.")
         ids = [int(t) for t in items]
         check_prompt(ids, self.vocab, self.capacity, where="this server's context")
+        self.core.check_adapter(options.adapter)
         if sink is not None and not callable(sink):
             raise OptionsError(f"sink must be callable (got {type(sink).__name__}).",
                                hint="Pass a function taking one event, or no sink to iterate the request.")
@@ -404,15 +407,17 @@ class Scheduler:
         """The free slot for `request`: the one holding the longest prefix of its prompt, else an empty one,
         else the least recently used (its contents saved to the store first). Keeps only the shared prefix."""
         free = [s for s in range(self.max_batch) if self.slots[s] is None]
+        adapter, pool = request.options.adapter, self.pool
         if not self.prefix_cache:
-            self.pool.clear(free[0])
+            pool.clear(free[0])
+            pool.adapter[free[0]] = adapter
             return free[0]
-        rope, pool = self.core.rope, self.pool
-        shared = {s: rope.reusable(pool.held[s], pool.long[s], request.prompt) for s in free}
+        shared = {s: self._shared(s, request) for s in free}
         slot = max(free, key=lambda s: (shared[s], not pool.filled(s), -self.last_used[s]))
         if shared[slot] < pool.filled(slot) and self.store is not None:
             self.store.save(pool, slot)  # what this slot held would be lost: keep it for later
         pool.keep(slot, shared[slot])
+        pool.adapter[slot] = adapter  # the rows it keeps were computed with this adapter
         request.cached_tokens = shared[slot]
         self.reused_tokens += shared[slot]
         return slot
@@ -456,15 +461,16 @@ class Scheduler:
         """Copy into `request`'s slot a longer prefix of its prompt held by another slot or the store."""
         slot = request.slot
         assert slot is not None
-        pool, rope = self.pool, self.core.rope
+        pool = self.pool
         have = pool.filled(slot)
         source, length = None, have
         for other in range(self.max_batch):
             if other != slot:
-                n = rope.reusable(pool.held[other], pool.long[other], request.prompt)
+                n = self._shared(other, request)
                 if n > length:
                     source, length = other, n
-        stored, stored_length = self.store.match(request.prompt) if self.store is not None else (None, 0)
+        stored, stored_length = (self.store.match(request.prompt, request.options.adapter) if self.store is not None
+                                 else (None, 0))
         if stored is not None and stored_length > length:
             assert self.store is not None
             self.store.restore(stored, stored_length, pool, slot)
@@ -476,10 +482,20 @@ class Scheduler:
         self.copied_tokens += length - have
         request.cached_tokens += length - have
 
+    def _shared(self, slot: int, request: Request) -> int:
+        """Prompt tokens of `request` that `slot`'s rows can serve: a common prefix computed with the same
+        LongRoPE factors and the same adapter (another adapter's keys and values differ)."""
+        pool = self.pool
+        if pool.adapter[slot] != request.options.adapter:
+            return 0
+        return self.core.rope.reusable(pool.held[slot], pool.long[slot], request.prompt)
+
     def _shares_work(self, request: Request, earlier: list[Request]) -> bool:
         """Whether an earlier request in this step's prefill is computing a long prefix `request` shares."""
         rope, have = self.core.rope, self.pool.filled(request.slot or 0)
         for other in earlier:
+            if other.options.adapter != request.options.adapter:
+                continue
             shared = rope.reusable(other.prompt, rope.is_long(len(other.prompt)), request.prompt)
             if shared >= MIN_TOKENS and shared > have and self.pool.filled(other.slot or 0) < shared:
                 return True
