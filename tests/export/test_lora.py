@@ -150,6 +150,20 @@ def test_mixed_batch_through_the_scheduler_gives_each_request_its_solo_tokens(sw
         assert any({None, "a1", "a2"} <= set(rows) for rows in runs)  # the base and both adapters in one run
         with pytest.raises(PhiOnnxError, match="no adapter 'nope'"):
             scheduler.submit([1, 2, 3], model.options(max_new_tokens=2).__class__(adapter="nope"))
+        # Prefix reuse keys on the adapter: the same prompt again under another adapter reuses nothing
+        # (its keys and values differ) and still gets its solo tokens; under the same adapter it reuses.
+        scheduler.close()
+        scheduler = Scheduler(model, max_batch=2, max_queue=8, chunk=16)
+        prompt, new, _ = jobs[1]
+        for adapter, reused in (("a1", False), ("a2", False), ("a1", True), (None, False)):
+            handle = scheduler.submit(prompt, model.options(max_new_tokens=new, min_new_tokens=new, adapter=adapter))
+            for _ in range(300):
+                if handle.finish:
+                    break
+                scheduler.step()
+            assert handle.generated == model.generate(prompt, adapter=adapter, max_new_tokens=new,
+                                                      min_new_tokens=new).token_ids
+            assert (handle.finish.cached_tokens > 0) == reused, adapter
         scheduler.close()
 
 
