@@ -59,7 +59,7 @@ class QuantizedTables:
         opts = self.options
         if opts.precision != "int4":
             return False
-        if opts.lm_head_bits == 8:
+        if opts.resolved_lm_head_bits == 8:
             return True
         return (name, 4) in self._values and getattr(opts, "algo", "rtn") == "rtn"
 
@@ -69,7 +69,8 @@ class QuantizedTables:
         bits = self.embedding_bits()
         assert bits is not None
         values = self.table(g, EMBEDDING, vocab, hidden, bits, load)
-        if tied and bits == self.options.lm_head_bits and getattr(self.options, "algo", "rtn") == "rtn":
+        # 8-bit tables round to nearest whatever the algorithm, so an 8-bit head always shares the table.
+        if tied and bits == self.options.resolved_lm_head_bits and (bits == 8 or self.options.algo == "rtn"):
             log.info("tied embeddings: the embedding and the LM head share one %d-bit table", bits)
         n_blocks, blob = values.packed.shape[1], values.packed.shape[2]
         # GatherBlockQuantized wants data of the scales' rank; MatMulNBits wants B 3-D and refuses
@@ -84,7 +85,7 @@ class QuantizedTables:
     def head(self, g: GraphBuilder, x: Value, name: str, out_features: int, in_features: int,
              load: Loader) -> Value:
         """`x @ W.T` as MatMulNBits at the LM head's bits (sharing the embedding's table if it can)."""
-        bits = self.options.lm_head_bits
+        bits = self.options.resolved_lm_head_bits
         values = self.table(g, name, out_features, in_features, bits, load)
         return g.ms("MatMulNBits", x, values.packed, values.scales, values.zero_points, K=in_features,
                     N=out_features, bits=bits, block_size=self.options.block_size,

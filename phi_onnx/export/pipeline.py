@@ -113,7 +113,8 @@ def export(source: str | os.PathLike[str], output: str | os.PathLike[str], optio
     log.info("Building the %s graph from %s as %s", cfg.architecture, resolved.path, options.variant())
     builder = builder_cls(cfg, checkpoint, options)
     model = builder.build()
-    quantization = prepare_int4(builder, resolved.path)  # GPTQ runs here, before anything is written
+    # GPTQ and mixed precision's measurements run here, before anything is written (a mix rebuilds the graph)
+    quantization, model = prepare_int4(builder, resolved.path, model)
 
     check_parent(target)
     needed = _size_estimate(model, resolved.path)
