@@ -64,8 +64,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "rtn-128 int8 emb, 8-bit head": {"algo": "rtn", "block_size": 128, "embeddings": "int8", "lm_head_bits": 8},
     },
     "defaults": {
+        "before: rtn, int4 embedding, 4-bit head": {"algo": "rtn", "embeddings": "int4", "lm_head_bits": 4},
         "default (no options)": {},
+        "--algo clip": {"algo": "clip"},
+        "--block-size 64": {"block_size": 64},
+        "--algo gptq": {"algo": "gptq"},
         "--algo gptq --block-size 128": {"algo": "gptq", "block_size": 128},
+        "--embeddings int4": {"embeddings": "int4"},
+        "--embeddings int4 --lm-head-bits 4": {"embeddings": "int4", "lm_head_bits": 4},
     },
     "mix": {
         "--mix auto (+10 %)": {"mix": "auto"},

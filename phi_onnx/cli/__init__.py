@@ -50,8 +50,8 @@ def _show_steps(logger_name: str) -> None:
               help="Embedding table: full (activation dtype) or block-quantized; auto = int8 for int4 exports.")
 @click.option("--lm-head-bits", type=click.Choice(["4", "8"]), default=None,
               help="Bits of the LM head in int4 exports (default 8).")
-@click.option("--algo", type=click.Choice(["rtn", "clip", "gptq"]), default="clip", show_default=True,
-              help="int4 algorithm: clip per-block range search (no data), rtn round-to-nearest (fastest), "
+@click.option("--algo", type=click.Choice(["rtn", "clip", "gptq"]), default="rtn", show_default=True,
+              help="int4 algorithm: rtn round-to-nearest (fastest), clip per-block range search (no data), "
                    "gptq layer-by-layer GPTQ on calibration text (best quality, slower).")
 @click.option("--mix", type=click.Choice(["none", "auto"]), default="none", show_default=True,
               help="Mixed precision: auto keeps the projections whose int4 error matters most (measured on the "

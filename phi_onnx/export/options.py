@@ -41,8 +41,8 @@ class ExportOptions:
             bits stores one table for both.
         lm_head_bits: bits of the LM head's MatMulNBits in int4 exports (4 or 8); None: 8.
         algo: how int4 weights are chosen: "rtn" round-to-nearest (fastest), "clip" a per-block
-            search of the clipping range (no data needed; the default), "gptq" GPTQ layer by layer on
-            calibration text. All write the same MatMulNBits layout.
+            search of the clipping range (no data needed), "gptq" GPTQ layer by layer on calibration
+            text. All write the same MatMulNBits layout.
         calibration: calibration text for "gptq" and "mix" (and for "clip", which then weights its
             search by activation statistics): a text file's path, or a tuple of texts. None: the
             built-in text where calibration runs, no data under plain "clip".
@@ -68,9 +68,9 @@ class ExportOptions:
                 "exports, full otherwise."})
     lm_head_bits: int | None = field(default=None, metadata={
         "help": "Bits of the LM head in int4 exports: 4 or 8 (default 8)."})
-    algo: Algo = field(default="clip", metadata={
-        "help": "int4 algorithm: clip per-block range search (default, no data), rtn round-to-nearest (fastest), "
-                "gptq layer-by-layer GPTQ on calibration text (best quality, slower)."})
+    algo: Algo = field(default="rtn", metadata={
+        "help": "int4 algorithm: rtn round-to-nearest (fastest), clip per-block range search (no data), gptq "
+                "layer-by-layer GPTQ on calibration text (best quality, slower)."})
     calibration: str | tuple[str, ...] | None = None
     calibration_tokens: int | None = None
     mix: Mix = field(default="none", metadata={

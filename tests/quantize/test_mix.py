@@ -94,7 +94,7 @@ def test_options_are_validated_and_recorded():
         ("auto", 1, 1024)
     assert ExportOptions(algo="gptq", mix="auto").to_dict()["calibration_tokens"] == 4096
     ExportOptions(algo="rtn", mix="auto", calibration="x.txt")  # rtn may take a text when the mix uses it
-    assert ExportOptions(mix="auto").variant() == "cpu-int4-clip-block-32-mix"
+    assert ExportOptions(mix="auto").variant() == "cpu-int4-rtn-block-32-mix"
 
 
 @pytest.fixture(scope="module")
