@@ -9,8 +9,9 @@ about 1/256). The gain of 8 bits is the error removed; the cost, the bytes it ad
 the most gain per byte are kept at 8 bits (`MatMulNBits` with bits=8, round-to-nearest, the same block
 size) until the budget is spent: a greedy knapsack.
 
-On the trained fixtures the most sensitive projections were the MLP's down projections and the first
-layer's (see the README's Quantization section for the figures).
+On the trained fixtures the first layer's MLP down projection had by far the largest error, then the
+attention output projections; with +10 % the mix took tiny-phi3's KLD from 0.57x to 0.33x of
+onnxruntime-genai's builder int4 (the README's Quantization section has every fixture's figures).
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ and are not calibrated; under `gptq` they get the clip search.
 Mixed precision (`mix="auto"`, `phi_onnx.quantize.mix`) measures here too: after step 2, the layer runs
 once per linear with only that linear in int4 (the others in fp32), on the first `mix.SENSITIVITY_TOKENS`
 calibration tokens, and the error of its output (the residual stream after the layer) relative to the fp32
-layer's is that linear's sensitivity.
+layer's is that linear's sensitivity. (Phi-3.5-MoE's experts are QMoE int4 in every one of these runs, as in
+the export, so the differences are the attention's.)
 """
 
 from __future__ import annotations
