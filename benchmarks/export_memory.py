@@ -146,11 +146,12 @@ def warm_page_cache(ckpt: Path) -> None:
 
 def run(ckpt: Path, work: Path, runners: list[str], precisions: list[str], repeats: int,
         timeout: float, keep: bool, algos: tuple[str, ...] = ("rtn",), block_size: int = 32) -> list[Result]:
-    """Every (precision, algo, repeat, runner) export in turn; outputs are deleted unless `keep`."""
+    """Every (precision, repeat, algo, runner) export in turn (algorithms take turns within a repeat, so each
+    repeat is a pair on the same machine); outputs are deleted unless `keep`."""
     results = []
     work.mkdir(parents=True, exist_ok=True)
-    for precision, algo in [(p, a) for p in precisions for a in (algos if p == "int4" else ("-",))]:
-        for repeat in range(repeats):
+    for precision in precisions:
+        for repeat, algo in [(r, a) for r in range(repeats) for a in (algos if precision == "int4" else ("-",))]:
             order = runners if repeat % 2 == 0 else runners[::-1]
             for runner in [r for r in order if runner_has(r, algo)]:
                 tag = precision if algo == "-" else f"{precision}-{algo}"

@@ -1,4 +1,4 @@
-"""Export sizes of Phi-shaped models with and without int4 embeddings (and an 8-bit LM head).
+"""Export sizes of Phi-shaped models per int4 layout, against the layout of onnxruntime-genai's builder int4.
 
 Computed: the graph is built from a checkpoint whose safetensors hold headers only (sparse files,
 no weights are generated or read) and the initializers' bytes are summed from their shapes and
@@ -26,10 +26,17 @@ from make_random_checkpoint import PRESETS, Shape, _nbytes, make_checkpoint, pla
 from phi_onnx.export import ExportOptions
 
 VARIANTS: dict[str, dict[str, object]] = {
-    "int4, fp32 embedding (before)": {"embeddings": "full"},
-    "int4 + int4 embedding (default)": {},
-    "int4 + int8 embedding + 8-bit head": {"embeddings": "int8", "lm_head_bits": 8},
+    "builder's layout (rtn-32, full embedding, 4-bit head)": {"algo": "rtn", "embeddings": "full",
+                                                              "lm_head_bits": 4},
+    "default (int8 embedding, 8-bit head)": {},
+    "int4 embedding, 8-bit head": {"embeddings": "int4"},
+    "rtn, int4 embedding, 4-bit head (the default before)": {"algo": "rtn", "embeddings": "int4",
+                                                             "lm_head_bits": 4},
+    "--block-size 128 (default tables)": {"block_size": 128},
 }
+#: Shown as the default's size x (1 + budget): the most `--mix auto` may add (which projections it picks
+#: depends on the weights, the bytes each costs do not: an [N, K] projection adds N x K / 2 bytes).
+MIX_BUDGET = 0.10
 
 
 def header_only_checkpoint(out: Path, shape: Shape) -> None:
@@ -74,14 +81,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, help="folder for checkpoints/exports (default: a temp folder)")
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="phi-sizes-"))
-    print(f"| shape (block {args.block_size}) | " + " | ".join(VARIANTS) + " |")
-    print("|---" * (len(VARIANTS) + 1) + "|")
+    print("| shape | " + " | ".join(VARIANTS) + f" | default + --mix auto (at most +{MIX_BUDGET:.0%}) |")
+    print("|---" * (len(VARIANTS) + 2) + "|")
     for preset in args.presets:
         folder = work / f"{preset}-headers"
         header_only_checkpoint(folder, PRESETS[preset])
-        sizes = [weight_bytes(folder, ExportOptions(precision="int4", block_size=args.block_size, **kw))  # type: ignore[arg-type]
+        sizes = [weight_bytes(folder, ExportOptions(precision="int4", **{"block_size": args.block_size, **kw}))  # type: ignore[arg-type]
                  for kw in VARIANTS.values()]
-        cells = [f"{sizes[0] / 1e9:.2f} GB"] + [f"{s / 1e9:.2f} GB ({s / sizes[0]:.0%})" for s in sizes[1:]]
+        sizes.append(int(sizes[1] * (1 + MIX_BUDGET)))
+        cells = [f"{sizes[0] / 1e9:.2f} GB"] + [f"{s / 1e9:.2f} GB ({s / sizes[0]:.2f}x)" for s in sizes[1:]]
         print(f"| {preset} (computed) | " + " | ".join(cells) + " |")
         shutil.rmtree(folder)
     if args.measure:
@@ -92,10 +100,10 @@ def main(argv: list[str] | None = None) -> None:
         sizes = []
         for i, kw in enumerate(VARIANTS.values()):
             out = work / f"{args.measure}-export-{i}"
-            export(source, out, ExportOptions(precision="int4", block_size=args.block_size, **kw))  # type: ignore[arg-type]
+            export(source, out, ExportOptions(precision="int4", **{"block_size": args.block_size, **kw}))  # type: ignore[arg-type]
             sizes.append(sum(p.stat().st_size for p in out.iterdir() if p.is_file()))
             shutil.rmtree(out)
-        cells = [f"{sizes[0] / 1e9:.2f} GB"] + [f"{s / 1e9:.2f} GB ({s / sizes[0]:.0%})" for s in sizes[1:]]
+        cells = [f"{sizes[0] / 1e9:.2f} GB"] + [f"{s / 1e9:.2f} GB ({s / sizes[0]:.2f}x)" for s in sizes[1:]]
         print(f"| {args.measure} (measured, whole folder) | " + " | ".join(cells) + " |")
         shutil.rmtree(source)
 

@@ -6,7 +6,10 @@ distributions with the fp32 export's. Standard errors are over windows (tokens w
 correlated); each variant's KLD ratio and top-1 difference against `rtn` at block 32 are paired
 (the same windows), with their own standard errors.
 
-    python benchmarks/int4_quality.py phi_onnx/tiny/tiny-phi3 --text phi_onnx/tiny/tiny-phi3/heldout.txt
+    python benchmarks/int4_quality.py phi_onnx/tiny/tiny-phi3 --text phi_onnx/tiny/tiny-phi3/heldout.txt \
+        --embeddings full --lm-head-bits 4      # the layers' algorithms alone (the README's table)
+
+For the export defaults against onnxruntime-genai's builder, see int4_defaults_quality.py.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--blocks", default="32,128")
     parser.add_argument("--asymmetric", action="store_true")
     parser.add_argument("--embeddings", default="auto", help="ExportOptions.embeddings (auto, full, int4, int8)")
+    parser.add_argument("--lm-head-bits", type=int, default=None, help="ExportOptions.lm_head_bits (4 or 8)")
     parser.add_argument("--window", type=int, default=128)
     parser.add_argument("--max-windows", type=int, default=200)
     parser.add_argument("--json", type=Path, default=None)
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
                 calibration = args.calibration if algo != "rtn" and args.calibration else None
                 result = export(args.checkpoint, folder, ExportOptions(
                     precision="int4", block_size=block, algo=algo, symmetric=not args.asymmetric,
-                    calibration=calibration, embeddings=args.embeddings))
+                    calibration=calibration, embeddings=args.embeddings, lm_head_bits=args.lm_head_bits))
                 kl, top1 = per_window(reference, log_probs(folder, windows))
                 if base is None:
                     base = (kl, top1)  # the first variant (rtn at the first block size) is the baseline

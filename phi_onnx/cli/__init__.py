@@ -48,16 +48,21 @@ def _show_steps(logger_name: str) -> None:
 @click.option("--max-length", type=int, default=None,
               help="Default max_length in genai_config (default: min(context, 4096)).")
 @click.option("--embeddings", type=click.Choice(["auto", "full", "int4", "int8"]), default="auto", show_default=True,
-              help="Embedding table: full (activation dtype) or block-quantized; auto = int4 for int4 exports.")
-@click.option("--lm-head-bits", type=click.Choice(["4", "8"]), default="4", show_default=True,
-              help="Bits of the LM head in int4 exports.")
+              help="Embedding table: full (activation dtype) or block-quantized; auto = int8 for int4 exports.")
+@click.option("--lm-head-bits", type=click.Choice(["4", "8"]), default=None,
+              help="Bits of the LM head in int4 exports (default 8).")
 @click.option("--algo", type=click.Choice(["rtn", "clip", "gptq"]), default="rtn", show_default=True,
               help="int4 algorithm: rtn round-to-nearest (fastest), clip per-block range search (no data), "
                    "gptq layer-by-layer GPTQ on calibration text (best quality, slower).")
+@click.option("--mix", type=click.Choice(["none", "auto"]), default="none", show_default=True,
+              help="Mixed precision: auto keeps the projections whose int4 error matters most (measured on the "
+                   "calibration text) at 8 bits, within --mix-budget.")
+@click.option("--mix-budget", type=float, default=None,
+              help="Extra size --mix auto may spend, as a fraction of the export without it (default 0.10).")
 @click.option("--calibration", type=click.Path(dir_okay=False), default=None,
-              help="Calibration text file for --algo gptq/clip (default for gptq: a built-in text).")
+              help="Calibration text file for --algo gptq/clip and --mix auto (default: a built-in text).")
 @click.option("--calibration-tokens", type=int, default=None,
-              help="At most this many calibration tokens (default 4096; more takes longer).")
+              help="At most this many calibration tokens (default 4096, 1024 for --mix alone; more takes longer).")
 @click.option("--merge-adapter", type=click.Path(file_okay=False), default=None,
               help="A PEFT LoRA adapter folder to merge into the weights (before quantization).")
 @click.option("--adapter", "adapters", multiple=True, metavar="NAME=PATH",
@@ -70,10 +75,10 @@ def _show_steps(logger_name: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @user_errors
 def export(source: str, output: str, precision: str, device: str, block_size: int, symmetric: bool,
-           accuracy_level: int | None, max_length: int | None, embeddings: str, lm_head_bits: str,
-           algo: str, calibration: str | None, calibration_tokens: int | None, merge_adapter: str | None,
-           adapters: tuple[str, ...], revision: str | None, overwrite: bool, run_verify: bool,
-           as_json: bool) -> None:
+           accuracy_level: int | None, max_length: int | None, embeddings: str, lm_head_bits: str | None,
+           algo: str, mix: str, mix_budget: float | None, calibration: str | None, calibration_tokens: int | None,
+           merge_adapter: str | None, adapters: tuple[str, ...], revision: str | None, overwrite: bool,
+           run_verify: bool, as_json: bool) -> None:
     """Export SOURCE (short name, hub id or local folder) to an ONNX model folder."""
     from phi_onnx.export import ExportOptions
     from phi_onnx.export import export as run_export
@@ -81,10 +86,11 @@ def export(source: str, output: str, precision: str, device: str, block_size: in
 
     options = ExportOptions(precision=precision, device=device, block_size=block_size,  # type: ignore[arg-type]
                             symmetric=symmetric, accuracy_level=accuracy_level, max_length=max_length,
-                            embeddings=embeddings, lm_head_bits=int(lm_head_bits),  # type: ignore[arg-type]
+                            embeddings=embeddings,  # type: ignore[arg-type]
+                            lm_head_bits=int(lm_head_bits) if lm_head_bits is not None else None,
                             algo=algo, calibration=calibration,  # type: ignore[arg-type]
-                            calibration_tokens=calibration_tokens, merge_adapter=merge_adapter,
-                            adapters=tuple(adapter_names(adapters)))
+                            calibration_tokens=calibration_tokens, mix=mix, mix_budget=mix_budget,  # type: ignore[arg-type]
+                            merge_adapter=merge_adapter, adapters=tuple(adapter_names(adapters)))
     if run_verify:
         from phi_onnx.verify import require_reference_extra
 
@@ -140,6 +146,9 @@ def export(source: str, output: str, precision: str, device: str, block_size: in
               help="Override the greedy agreement limit (lower bound, 0..1).")
 @click.option("--max-ppl-change", type=FiniteFloat(min=0), default=None,
               help="Override the relative perplexity change limit (upper bound, e.g. 0.02 for 2 %).")
+@click.option("--against", "against", type=click.Path(file_okay=False), default=None,
+              help="Compare with another export of the model (e.g. its fp32 export) instead of the transformers "
+                   "reference: the quality report of a quantized export; needs no torch.")
 @click.option("--no-record", is_flag=True, help="Do not write the result into the folder's manifest.")
 @click.option("--files", "files_only", is_flag=True,
               help="Only check every file against the sha256 in the manifest (fast, no reference); exit 1 if any "
@@ -149,9 +158,10 @@ def export(source: str, output: str, precision: str, device: str, block_size: in
 def verify(folder: str, reference: str | None, revision: str | None, prompts_file: str | None,
            no_builtin_prompts: bool, text_file: str | None, new_tokens: int, text_tokens: int, window: int,
            device: str, max_abs_logit_diff: float | None, min_top1: float | None, max_kl: float | None,
-           min_greedy: float | None, max_ppl_change: float | None, no_record: bool, files_only: bool,
-           as_json: bool) -> None:
-    """Compare the export in FOLDER with its transformers reference on the same inputs.
+           min_greedy: float | None, max_ppl_change: float | None, against: str | None, no_record: bool,
+           files_only: bool, as_json: bool) -> None:
+    """Compare the export in FOLDER with its transformers reference (or, with --against, another export of the
+    model such as its fp32 export) on the same inputs.
 
     Reports max abs logit difference, top-1 agreement, KL divergence, greedy-token agreement and perplexity
     (both models, relative change), checks them against the precision's default limits (or the ones given),
@@ -176,7 +186,7 @@ def verify(folder: str, reference: str | None, revision: str | None, prompts_fil
                  "greedy_agreement": min_greedy, "perplexity_change": max_ppl_change}
     _show_steps("phi_onnx.verify")
     result = run_verification(folder, reference=reference, revision=revision, settings=settings,
-                              threshold_overrides=overrides, device=device, record=not no_record)
+                              threshold_overrides=overrides, device=device, record=not no_record, against=against)
     if as_json:
         click.echo(json.dumps({"folder": str(result.folder), "recorded": result.recorded, **result.to_dict()},
                               indent=2))

@@ -54,14 +54,19 @@ class QuantizedTables:
         """Whether the LM head over checkpoint tensor `name` is built here instead of by `Weights`.
 
         An 8-bit head always is. A 4-bit head is only when it can share the embedding's table and
-        the linear layers round to nearest too (other algorithms quantize the head themselves).
+        the linear layers' algorithm needs no data (rtn, plain clip: the table is made the same way);
+        calibrated algorithms quantize the head themselves.
         """
         opts = self.options
         if opts.precision != "int4":
             return False
-        if opts.lm_head_bits == 8:
+        if opts.resolved_lm_head_bits == 8:
             return True
-        return (name, 4) in self._values and getattr(opts, "algo", "rtn") == "rtn"
+        return (name, 4) in self._values and self._data_free()
+
+    def _data_free(self) -> bool:
+        """Whether the layers' int4 algorithm is one a table can use too (rtn, or clip without a text)."""
+        return self.options.algo == "rtn" or (self.options.algo == "clip" and not self.options.weights_calibration)
 
     def embed(self, g: GraphBuilder, input_ids: Value, load: Loader, vocab: int, hidden: int,
               tied: bool) -> Value:
@@ -69,7 +74,8 @@ class QuantizedTables:
         bits = self.embedding_bits()
         assert bits is not None
         values = self.table(g, EMBEDDING, vocab, hidden, bits, load)
-        if tied and bits == self.options.lm_head_bits and getattr(self.options, "algo", "rtn") == "rtn":
+        # 8-bit tables round to nearest whatever the algorithm, so an 8-bit head always shares the table.
+        if tied and bits == self.options.resolved_lm_head_bits and (bits == 8 or self._data_free()):
             log.info("tied embeddings: the embedding and the LM head share one %d-bit table", bits)
         n_blocks, blob = values.packed.shape[1], values.packed.shape[2]
         # GatherBlockQuantized wants data of the scales' rank; MatMulNBits wants B 3-D and refuses
@@ -84,7 +90,7 @@ class QuantizedTables:
     def head(self, g: GraphBuilder, x: Value, name: str, out_features: int, in_features: int,
              load: Loader) -> Value:
         """`x @ W.T` as MatMulNBits at the LM head's bits (sharing the embedding's table if it can)."""
-        bits = self.options.lm_head_bits
+        bits = self.options.resolved_lm_head_bits
         values = self.table(g, name, out_features, in_features, bits, load)
         return g.ms("MatMulNBits", x, values.packed, values.scales, values.zero_points, K=in_features,
                     N=out_features, bits=bits, block_size=self.options.block_size,
@@ -97,7 +103,9 @@ class QuantizedTables:
             return self._values[key]
         opts = self.options
         shapes = table_shapes(n, k, bits, opts.block_size, opts.symmetric)
-        once = _Once(lambda: quantize_table(load(), bits, opts.block_size, opts.symmetric), len(shapes))
+        clip = opts.algo == "clip"  # 4-bit tables get the layers' clip search too (calibrated or not)
+        once = _Once(lambda: quantize_table(load(), bits, opts.block_size, opts.symmetric, clip=clip,
+                                            scale_dtype=self.np_dtype), len(shapes))
         prefix = f"{name.removesuffix('.weight')}.q{bits}"
         packed = g.weight(f"{prefix}.weight", ir.DataType.UINT8, shapes["packed"], once.part(lambda q: q.packed))
         scales = g.weight(f"{prefix}.scales", self.io_dtype, shapes["scales"],

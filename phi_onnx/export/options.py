@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from phi_onnx.errors import OptionsError
@@ -11,11 +11,15 @@ Precision = Literal["fp32", "fp16", "int4"]
 Device = Literal["cpu", "cuda"]
 Algo = Literal["rtn", "clip", "gptq"]
 Embeddings = Literal["auto", "full", "int4", "int8"]
+Mix = Literal["none", "auto"]
 
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int4")
 EMBEDDINGS: tuple[str, ...] = ("auto", "full", "int4", "int8")
 DEVICES: tuple[str, ...] = ("cpu", "cuda")
 ALGOS: tuple[str, ...] = ("rtn", "clip", "gptq")
+MIXES: tuple[str, ...] = ("none", "auto")
+#: `mix_budget` when `mix="auto"` and none is given: +10 % over the export with every projection at int4.
+DEFAULT_MIX_BUDGET = 0.10
 
 
 @dataclass(frozen=True)
@@ -32,21 +36,29 @@ class ExportOptions:
         max_length: default `search.max_length` in genai_config (the KV cache onnxruntime-genai
             preallocates); None uses min(context length, 4096).
         embeddings: the token embedding table: "full" in the activation dtype, "int4"/"int8" as
-            GatherBlockQuantized (same block size and symmetry as the layers); "auto" is int4 for
+            GatherBlockQuantized (same block size and symmetry as the layers); "auto" is int8 for
             int4 exports, full otherwise. A tied model whose embedding and LM head have the same
             bits stores one table for both.
-        lm_head_bits: bits of the LM head's MatMulNBits in int4 exports (4 or 8).
+        lm_head_bits: bits of the LM head's MatMulNBits in int4 exports (4 or 8); None: 8.
         algo: how int4 weights are chosen: "rtn" round-to-nearest (fastest), "clip" a per-block
             search of the clipping range (no data needed), "gptq" GPTQ layer by layer on calibration
             text. All write the same MatMulNBits layout.
-        calibration: calibration text for "gptq" (and for "clip", which then weights its search by
-            activation statistics): a text file's path, or a tuple of texts. None: the built-in text
-            under "gptq", no data under "clip".
+        calibration: calibration text for "gptq" and "mix" (and for "clip", which then weights its
+            search by activation statistics): a text file's path, or a tuple of texts. None: the
+            built-in text where calibration runs, no data under plain "clip".
         calibration_tokens: at most this many calibration tokens (whole 256-token windows); None:
-            4096. Calibration time grows with it.
+            4096 (1024 where only `mix` uses the text). Calibration time grows with it.
+        mix: "auto" keeps the projections whose int4 error matters most (measured layer by layer
+            on the calibration text) at 8 bits, within `mix_budget`; "none" writes all at 4 bits.
+        mix_budget: the extra size `mix="auto"` may spend, as a fraction of the export without it
+            (0.10 = +10 %); None: 0.10.
+
         merge_adapter: a PEFT LoRA adapter folder merged into the weights (before quantization).
         adapters: (name, PEFT LoRA adapter folder) pairs: the graph gets LoRA inputs on the layers'
             projections and each adapter is written beside it as `name.onnx_adapter`.
+
+    Defaults were chosen by measurement (KL divergence from the fp32 export and top-1 agreement on
+    held-out text, on every trained fixture; see the README's Quantization section).
     """
 
     precision: Precision = "int4"
@@ -55,11 +67,21 @@ class ExportOptions:
     symmetric: bool = True
     accuracy_level: int | None = None
     max_length: int | None = None
-    embeddings: Embeddings = "auto"
-    lm_head_bits: int = 4
-    algo: Algo = "rtn"
+    embeddings: Embeddings = field(default="auto", metadata={
+        "help": "Embedding table: full (activation dtype) or block-quantized int4/int8; auto = int8 for int4 "
+                "exports, full otherwise."})
+    lm_head_bits: int | None = field(default=None, metadata={
+        "help": "Bits of the LM head in int4 exports: 4 or 8 (default 8)."})
+    algo: Algo = field(default="rtn", metadata={
+        "help": "int4 algorithm: rtn round-to-nearest (fastest), clip per-block range search (no data), gptq "
+                "layer-by-layer GPTQ on calibration text (best quality, slower)."})
     calibration: str | tuple[str, ...] | None = None
     calibration_tokens: int | None = None
+    mix: Mix = field(default="none", metadata={
+        "help": "Mixed precision: auto keeps the projections whose int4 error matters most (measured on the "
+                "calibration text) at 8 bits, within --mix-budget; none keeps every projection at 4 bits."})
+    mix_budget: float | None = field(default=None, metadata={
+        "help": "Extra size --mix auto may spend, as a fraction of the export without it (default 0.10 = +10 %)."})
     merge_adapter: str | None = None
     adapters: tuple[tuple[str, str], ...] = ()
 
@@ -88,14 +110,26 @@ class ExportOptions:
                                hint="Use 0 (unset), 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8).")
         if self.algo not in ALGOS:
             raise OptionsError(f"Unknown int4 algorithm {self.algo!r}.", hint=f"Choose one of: {', '.join(ALGOS)}.")
-        if self.calibration is not None and self.algo == "rtn":
+        if self.mix not in MIXES:
+            raise OptionsError(f"Unknown mix setting {self.mix!r}.", hint=f"Choose one of: {', '.join(MIXES)}.")
+        if self.mix != "none" and self.precision != "int4":
+            raise OptionsError(f"Mixed precision applies to int4 exports, not {self.precision}.",
+                               hint="Add --precision int4, or drop --mix.")
+        if self.mix_budget is not None:
+            if self.mix == "none":
+                raise OptionsError("A mix budget was given, but --mix is none.",
+                                   hint="Add --mix auto, or drop --mix-budget.")
+            if not 0 < self.mix_budget <= 1:
+                raise OptionsError(f"Invalid mix budget {self.mix_budget}.",
+                                   hint="Use a fraction of the export's size above 0 and at most 1 (0.10 = +10 %).")
+        if self.calibration is not None and self.algo == "rtn" and self.mix == "none":
             raise OptionsError("Calibration text was given, but round-to-nearest (--algo rtn) uses none.",
-                               hint="Pass --algo gptq (or --algo clip) to use it, or drop --calibration.")
+                               hint="Pass --algo gptq, --algo clip or --mix auto to use it, or drop --calibration.")
         if self.calibration_tokens is not None:
             if not self.calibrates:
                 raise OptionsError(f"A calibration token count was given, but --algo {self.algo} without "
-                                   "--calibration uses no calibration.",
-                                   hint="Pass --algo gptq (or --calibration FILE with clip), or drop "
+                                   "--calibration or --mix auto uses no calibration.",
+                                   hint="Pass --algo gptq, --mix auto (or --calibration FILE with clip), or drop "
                                         "--calibration-tokens.")
             if self.calibration_tokens < 64:
                 raise OptionsError(f"Invalid calibration token count {self.calibration_tokens}.",
@@ -107,9 +141,9 @@ class ExportOptions:
         if self.embeddings not in EMBEDDINGS:
             raise OptionsError(f"Unknown embeddings setting {self.embeddings!r}.",
                                hint=f"Choose one of: {', '.join(EMBEDDINGS)}.")
-        if self.lm_head_bits not in (4, 8):
+        if self.lm_head_bits is not None and self.lm_head_bits not in (4, 8):
             raise OptionsError(f"Invalid LM head bits {self.lm_head_bits}.", hint="Use 4 or 8.")
-        if self.precision != "int4" and (self.embeddings in ("int4", "int8") or self.lm_head_bits != 4):
+        if self.precision != "int4" and (self.embeddings in ("int4", "int8") or self.lm_head_bits not in (None, 4)):
             raise OptionsError(f"Quantized embeddings and LM head bits apply to int4 exports, not {self.precision}.",
                                hint="Add --precision int4, or drop --embeddings/--lm-head-bits.")
 
@@ -127,29 +161,53 @@ class ExportOptions:
 
     @property
     def calibrates(self) -> bool:
-        """Whether the int4 algorithm runs on calibration text: `gptq` always, `clip` when a text is given."""
+        """Whether the int4 export runs on calibration text: `gptq` and `mix="auto"` always, `clip` when a
+        text is given."""
+        return self.algo == "gptq" or self.mix == "auto" or (self.algo == "clip" and self.calibration is not None)
+
+    @property
+    def weights_calibration(self) -> bool:
+        """Whether the int4 weights themselves depend on calibration text (`gptq`, `clip` given a text);
+        `mix="auto"` alone uses it only to choose which projections get 8 bits."""
         return self.algo == "gptq" or (self.algo == "clip" and self.calibration is not None)
 
     @property
     def resolved_calibration_tokens(self) -> int:
-        """The calibration token budget, the default filled in (used where `calibrates`)."""
+        """The calibration token budget, the default filled in (used where `calibrates`): 4096, or where only
+        mixed precision uses the text (to rank the projections), the tokens its measurement runs on."""
         from phi_onnx.quantize.calibration import MAX_TOKENS
+        from phi_onnx.quantize.mix import SENSITIVITY_TOKENS
 
-        return self.calibration_tokens or MAX_TOKENS
+        if self.calibration_tokens:
+            return self.calibration_tokens
+        return MAX_TOKENS if self.weights_calibration else SENSITIVITY_TOKENS
 
     @property
     def resolved_embeddings(self) -> str:
-        """The embedding setting with "auto" resolved: int4 for int4 exports, full otherwise."""
+        """The embedding setting with "auto" resolved: int8 for int4 exports, full otherwise."""
         if self.embeddings != "auto":
             return self.embeddings
-        return "int4" if self.precision == "int4" else "full"
+        return "int8" if self.precision == "int4" else "full"
+
+    @property
+    def resolved_lm_head_bits(self) -> int:
+        """The LM head's bits, the default filled in: 8 in int4 exports (4, unused, otherwise)."""
+        if self.lm_head_bits is not None:
+            return self.lm_head_bits
+        return 8 if self.precision == "int4" else 4
+
+    @property
+    def resolved_mix_budget(self) -> float:
+        """`mix_budget` with the default filled in (used where `mix="auto"`)."""
+        return DEFAULT_MIX_BUDGET if self.mix_budget is None else self.mix_budget
 
     def variant(self) -> str:
         """A short folder-style name, e.g. `cpu-int4-rtn-block-32`."""
         if self.precision != "int4":
             return f"{self.device}-{self.precision}"
         kind = self.algo if self.symmetric else f"{self.algo}-asym"
-        return f"{self.device}-int4-{kind}-block-{self.block_size}"
+        mix = "-mix" if self.mix == "auto" else ""
+        return f"{self.device}-int4-{kind}-block-{self.block_size}{mix}"
 
     def to_dict(self) -> dict[str, Any]:
         """Every option, with defaults resolved, for the manifest."""
@@ -159,6 +217,7 @@ class ExportOptions:
             data["calibration"] = f"<{len(self.calibration)} texts>"
         data["io_dtype"] = self.io_dtype
         data["embeddings"] = self.resolved_embeddings
+        data["lm_head_bits"] = self.resolved_lm_head_bits
         # Only where calibration runs: an rtn export's record (and its store key) is what it was before
         # the option existed.
         del data["calibration_tokens"]
@@ -170,6 +229,11 @@ class ExportOptions:
             data["adapters"] = dict(self.adapters)
         if self.calibrates:
             data["calibration_tokens"] = self.resolved_calibration_tokens
+        # Likewise only where mixed precision is used.
+        del data["mix"], data["mix_budget"]
+        if self.mix != "none":
+            data["mix"] = self.mix
+            data["mix_budget"] = self.resolved_mix_budget
         return data
 
 
@@ -177,7 +241,8 @@ class ExportOptions:
 _TYPES: dict[str, tuple[type, bool]] = {
     "precision": (str, False), "device": (str, False), "block_size": (int, False), "symmetric": (bool, False),
     "accuracy_level": (int, True), "max_length": (int, True), "algo": (str, False), "embeddings": (str, False),
-    "lm_head_bits": (int, False), "calibration_tokens": (int, True), "merge_adapter": (str, True),
+    "lm_head_bits": (int, True), "calibration_tokens": (int, True), "mix": (str, False),
+    "mix_budget": (float, True), "merge_adapter": (str, True),
 }
 
 
@@ -209,8 +274,9 @@ def _check_types(options: ExportOptions) -> None:
         value = getattr(options, name)
         if value is None and optional:
             continue
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            wanted = {str: "a string", int: "a whole number", bool: "True or False"}[kind]
+        accepted = (int, float) if kind is float else kind  # 1 is a fine fraction; True is not
+        if not isinstance(value, accepted) or (kind in (int, float) and isinstance(value, bool)):
+            wanted = {str: "a string", int: "a whole number", bool: "True or False", float: "a number"}[kind]
             raise OptionsError(f"ExportOptions.{name} must be {wanted}{' or None' if optional else ''}, "
                                f"not {type(value).__name__} {value!r}.",
                                hint=f"Pass e.g. ExportOptions({name}={getattr(ExportOptions, name, None)!r}).")

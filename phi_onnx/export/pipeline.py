@@ -117,7 +117,8 @@ def export(source: str | os.PathLike[str], output: str | os.PathLike[str], optio
     builder = builder_cls(cfg, checkpoint, options)
     model = builder.build()
     checkpoint.check_all_read(cfg.architecture, ignore=["lm_head.weight"] if cfg.tie_word_embeddings else [])
-    quantization = prepare_int4(builder, resolved.path)  # GPTQ runs here, before anything is written
+    # GPTQ and mixed precision's measurements run here, before anything is written (a mix rebuilds the graph)
+    quantization, model = prepare_int4(builder, resolved.path, model)
     targets = builder.lora.targets if builder.lora is not None else {}
     # Computed before the staging folder exists: an adapter that does not fit leaves nothing behind.
     adapter_params = {name: adapter_parameters(adapter, targets, builder.w.np_dtype) for name, adapter in switchable}

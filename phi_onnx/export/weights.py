@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -12,6 +13,7 @@ import onnx_ir as ir
 from phi_onnx.export.graph import GraphBuilder, Value
 from phi_onnx.export.options import ExportOptions
 from phi_onnx.quantize.clip import quantize_clip
+from phi_onnx.quantize.embedding import QuantizedTable, quantize_table, table_shapes
 from phi_onnx.quantize.int4 import Int4Weight, quantize_int4
 
 Loader = Callable[[], np.ndarray]
@@ -43,9 +45,13 @@ class Weights:
         self.linears: list[Linear] | None = [] if capture else None
         #: keeps the folder holding `precomputed`'s results alive until the model is written
         self.spill: object | None = None
+        #: layer keys written as 8-bit MatMulNBits in an int4 export (mixed precision)
+        self.eight_bit: frozenset[str] = frozenset()
+        #: layer keys kept as float MatMul in an int4 graph (calibration measures one int4 layer at a time)
+        self.float_keys: frozenset[str] = frozenset()
         self.io_dtype = ir.DataType.FLOAT16 if options.io_dtype == "fp16" else ir.DataType.FLOAT
         self.np_dtype = np.float16 if options.io_dtype == "fp16" else np.float32
-        self._pending: dict[str, tuple[int, Int4Weight | None]] = {}
+        self._pending: dict[str, tuple[int, Int4Weight | QuantizedTable | None]] = {}
         self._lock = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self._deferred: list[Value] = []
@@ -60,7 +66,10 @@ class Weights:
         with g.scope(name):
             if self.linears is not None:
                 self.linears.append(Linear(g.prefix, x, load, out_features, in_features))
-            if self.options.precision == "int4" and self.linears is None:
+            int4 = self.options.precision == "int4" and self.linears is None and g.prefix not in self.float_keys
+            if int4 and g.prefix in self.eight_bit:
+                y = self._matmul_8bits(g, x, out_features, in_features, load)
+            elif int4:
                 y = self._matmul_nbits(g, x, name, out_features, in_features, load)
             else:
                 w = g.weight(f"{g.prefix}.weight", self.io_dtype, (in_features, out_features),
@@ -98,6 +107,28 @@ class Weights:
         return g.ms("MatMulNBits", x, packed, scales, zero_points, K=k, N=n, bits=4,
                     block_size=opts.block_size, accuracy_level=opts.effective_accuracy_level)
 
+    def _matmul_8bits(self, g: GraphBuilder, x: Value, n: int, k: int, load: Loader) -> Value:
+        """`x @ W.T` as MatMulNBits with bits=8: round-to-nearest 8-bit blocks of the int4 block size (the
+        LM head's layout, `phi_onnx.quantize.embedding`), for the projections mixed precision keeps."""
+        opts = self.options
+        key = g.prefix
+        shapes = table_shapes(n, k, 8, opts.block_size, opts.symmetric)
+        self._pending[key] = (len(shapes), None)
+        self._locks[key] = threading.Lock()
+
+        def part(select: Callable[[QuantizedTable], np.ndarray]) -> Loader:
+            return lambda: select(self._quantized(key, load, bits=8))
+
+        packed = g.weight(f"{key}.weight_q8", ir.DataType.UINT8, shapes["packed"], part(lambda q: q.packed))
+        scales = g.weight(f"{key}.weight_scales", self.io_dtype, (n * shapes["scales"][1],),
+                          part(lambda q: q.scales.reshape(-1).astype(self.np_dtype)))
+        zero_points = None
+        if "zero_points" in shapes:
+            zero_points = g.weight(f"{key}.weight_zp", ir.DataType.UINT8, (n * shapes["zero_points"][1],),
+                                   part(lambda q: q.zero_points.reshape(-1)))  # type: ignore[union-attr]
+        return g.ms("MatMulNBits", x, packed, scales, zero_points, K=k, N=n, bits=8, block_size=opts.block_size,
+                    accuracy_level=opts.effective_accuracy_level)
+
     def flush(self, g: GraphBuilder) -> None:
         """Register initializers held back for write order; call once more when the graph is done."""
         for value in self._deferred:
@@ -119,12 +150,14 @@ class Weights:
             return quantize_clip(load(), opts.block_size, opts.symmetric, scale_dtype=self.scale_dtype)
         return quantize_int4(load(), opts.block_size, opts.symmetric)
 
-    def _quantized(self, key: str, load: Loader) -> Int4Weight:
-        """Quantize once, hand the result to each of its parts, then drop it."""
+    def _quantized(self, key: str, load: Loader, bits: int = 4) -> Any:
+        """Quantize once (an `Int4Weight`, or at 8 bits a `QuantizedTable`), hand the result to each of its
+        parts, then drop it."""
         with self._locks[key]:
             remaining, q = self._pending[key]
             if q is None:
-                q = self.quantize(key, load)
+                q = self.quantize(key, load) if bits == 4 else quantize_table(
+                    load(), 8, self.options.block_size, self.options.symmetric)
             remaining -= 1
             self._pending[key] = (remaining, None if remaining == 0 else q)
             if remaining == 0:

@@ -56,15 +56,20 @@ def table_shapes(n: int, k: int, bits: int, block_size: int, symmetric: bool) ->
     return shapes
 
 
-def quantize_table(weight: np.ndarray, bits: int, block_size: int, symmetric: bool) -> QuantizedTable:
+def quantize_table(weight: np.ndarray, bits: int, block_size: int, symmetric: bool, *, clip: bool = False,
+                   scale_dtype: type = np.float32) -> QuantizedTable:
     """Quantize `weight` [n, k] to `bits` (4 or 8) in blocks along k.
 
-    4 bits rounds exactly as the linear layers do (ORT's kernel via `quantize_int4`), so a tied
-    table shared with the LM head is the table an untied int4 head would have.
+    4 bits rounds exactly as the linear layers do (ORT's kernel via `quantize_int4`, or with `clip` the
+    clip search for scales stored in `scale_dtype`), so a tied table shared with the LM head is the table
+    an untied int4 head would have. 8 bits always rounds to nearest (its error is ~1/256 of int4's).
     """
     n, k = weight.shape
     if bits == 4:
-        q = quantize_int4(weight, block_size, symmetric)
+        from phi_onnx.quantize.clip import quantize_clip
+
+        q = quantize_clip(weight, block_size, symmetric, scale_dtype=scale_dtype) if clip \
+            else quantize_int4(weight, block_size, symmetric)
         zp = None if q.zero_points is None else q.zero_points.reshape(n, -1)
         return QuantizedTable(q.packed, q.scales.reshape(n, -1), zp, 4, block_size, k)
     if bits != 8:

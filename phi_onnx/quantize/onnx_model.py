@@ -270,10 +270,11 @@ def _reexport(src: Path, target: Path, manifest: Any, algo: str, block_size: int
         raise OptionsError(f"The checkpoint at {checkpoint} changed since {src} was exported from it.",
                            hint="Export the checkpoint again with --precision int4 --algo gptq.")
     old = manifest.get("options") or {}
+    # As the graph path: the embedding table is left as it was, and every MatMul (the LM head's too) becomes
+    # 4-bit MatMulNBits.
     options = ExportOptions(precision="int4", algo=algo, block_size=block_size, symmetric=symmetric,  # type: ignore[arg-type]
                             accuracy_level=accuracy_level, device=old.get("device", "cpu"),
                             max_length=old.get("max_length"), calibration=calibration,
-                            calibration_tokens=calibration_tokens,
-                            embeddings="full")  # as the graph path: the embedding table is left as it was
+                            calibration_tokens=calibration_tokens, embeddings="full", lm_head_bits=4)
     export(checkpoint, target, options)
     return QuantizeResult(target, algo, reexported=True)

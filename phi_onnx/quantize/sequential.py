@@ -10,13 +10,20 @@ first stage is the family's `embedding()`, as exported: scaled, block-quantized)
 3. the same layer built with those int4 weights (MatMulNBits, as exported) runs again, and its
    outputs are the next layer's inputs.
 
-The final norm and the LM head are the last stage. Only one layer's weights are in a graph at a
+The final norm and the LM head are the last stage (skipped when the head is an 8-bit table, which
+rounds to nearest and needs no calibration). Only one layer's weights are in a graph at a
 time, activations are kept for the calibration tokens only (a few thousand), and the int4 results
 are spilled to a temporary folder, so memory stays about one fp32 layer plus its Hessians whatever
 the model's depth. Everything runs on ONNX Runtime's CPU provider with the kernels the export uses:
 no torch. Graphs are the exporter's own, so every family (Phi-2, Phi-3, Phi-3-small, Phi-3.5-MoE)
 is calibrated without a second implementation of its math. Phi-3.5-MoE's experts run through QMoE
 and are not calibrated; under `gptq` they get the clip search.
+
+Mixed precision (`mix="auto"`, `phi_onnx.quantize.mix`) measures here too: after step 2, the layer runs
+once per linear with only that linear in int4 (the others in fp32), on the first `mix.SENSITIVITY_TOKENS`
+calibration tokens, and the error of its output (the residual stream after the layer) relative to the fp32
+layer's is that linear's sensitivity. (Phi-3.5-MoE's experts are QMoE int4 in every one of these runs, as in
+the export, so the differences are the attention's.)
 """
 
 from __future__ import annotations
@@ -39,7 +46,8 @@ from phi_onnx.export.weights import Linear, Weights
 from phi_onnx.quantize.calibration import Calibration
 from phi_onnx.quantize.clip import quantize_clip
 from phi_onnx.quantize.gptq import DAMP, LAZY_BATCH, Factor, Hessian, gptq_factor, quantize_gptq
-from phi_onnx.quantize.int4 import Int4Weight
+from phi_onnx.quantize.int4 import Int4Weight, quantize_int4
+from phi_onnx.quantize.mix import SENSITIVITY_TOKENS, Sensitivity, choose_eight_bit, mix_record, sensitivity
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +91,14 @@ class Spill:
 
 
 def calibrate(builder_cls: type, cfg: Any, checkpoint: Any, options: ExportOptions, calibration: Calibration,
-              *, damp: float = DAMP) -> Spill:
+              *, damp: float = DAMP, sensitivities: dict[str, Sensitivity] | None = None) -> Spill:
     """Quantize every linear layer of the model with `options.algo` on `calibration`, layer by layer.
 
-    Returns the results by layer key (as `Weights` names them), for `Weights.precomputed`.
+    Returns the results by layer key (as `Weights` names them), for `Weights.precomputed`. With
+    `sensitivities` (a dict to fill), each decoder layer's linears are measured for mixed precision too.
     """
-    cal_options = replace(options, device="cpu", precision="int4", accuracy_level=None)
+    cal_options = replace(options, device="cpu", precision="int4", accuracy_level=None, mix="none",
+                          mix_budget=None)
     scale_dtype = np.float16 if options.io_dtype == "fp16" else np.float32
     builder = builder_cls(cfg, checkpoint, cal_options)
     builder.check()
@@ -98,13 +108,20 @@ def calibrate(builder_cls: type, cfg: Any, checkpoint: Any, options: ExportOptio
     work = Path(tempfile.mkdtemp(prefix="phi-onnx-calibrate-"))
     try:
         hidden, _ = _Stage(builder, cal_options, spill, work, ids, layer="embedding").forward(None, None)
+        measured = 0 if sensitivities is None else max(1, SENSITIVITY_TOKENS // ids.shape[1])  # windows
         for i in range(cfg.num_layers):
             stage = _Stage(builder, cal_options, spill, work, ids, layer=i)
-            stage.quantize(stage.capture(hidden, residual), options, scale_dtype, damp)
+            hessians = stage.capture(hidden, residual, reference_windows=measured)
+            stage.quantize(hessians, options, scale_dtype, damp)
+            if sensitivities is not None:
+                sensitivities.update(stage.sensitivities(hidden, residual, hessians))
             hidden, residual = stage.forward(hidden, residual)
             log.info("calibrated layer %d of %d", i + 1, cfg.num_layers)
-        final = _Stage(builder, cal_options, spill, work, ids, layer=None)
-        final.quantize(final.capture(hidden, residual), options, scale_dtype, damp)
+        if options.weights_calibration:  # the LM head, unless an 8-bit table (round-to-nearest) takes it
+            final = _Stage(builder, cal_options, spill, work, ids, layer=None)
+            hessians = final.capture(hidden, residual)
+            if hessians:
+                final.quantize(hessians, options, scale_dtype, damp)
     except BaseException:
         spill.close()
         raise
@@ -122,14 +139,20 @@ class _Stage:
             builder, options, spill, work, ids, layer
         self.linears: list[Linear] = []
         self.residual_is_input = False
+        self._reference: list[np.ndarray] = []  # the fp32 layer's output (the residual stream), when measuring
 
-    def _graph(self, capture: bool, has_residual: bool) -> tuple[ir.Model, dict[str, str]]:
-        """The stage's model and, when capturing, each linear's key → the graph output holding its input."""
+    def _graph(self, capture: bool, has_residual: bool,
+               float_keys: frozenset[str] = frozenset()) -> tuple[ir.Model, dict[str, str]]:
+        """The stage's model and, when capturing, each linear's key → the graph output holding its input.
+
+        `float_keys`: linears kept in fp32 in an int4 graph (sensitivity runs).
+        """
         b, cfg = self.builder, self.builder.cfg
         # A fresh graph, weights and embedding tables per stage: values never cross graphs.
         b.g, b.w = GraphBuilder(), Weights(self.options, capture=capture)
         b.tables = QuantizedTables(self.options, b.w.io_dtype, b.w.np_dtype)
         b.w.precomputed = self.spill.loaders
+        b.w.float_keys = float_keys
         g, io = b.g, b.w.io_dtype
         batch, length = "batch", self.ids.shape[1]  # runs take the windows a few at a time
         input_ids = g.input("input_ids", ir.DataType.INT64, [batch, length])
@@ -146,11 +169,10 @@ class _Stage:
             attn = b.model_inputs(input_ids, mask)
             with g.scope("model", f"layers.{self.layer}"):
                 out, out_residual, _ = b.layer(self.layer, hidden, residual, attn, past)
-            if not capture:
-                g.output(out, "out", io, [batch, length, cfg.hidden_size])
-                self.residual_is_input = out_residual is hidden
-                if out_residual is not out and not self.residual_is_input:
-                    g.output(out_residual, "out_residual", io, [batch, length, cfg.hidden_size])
+            g.output(out, "out", io, [batch, length, cfg.hidden_size])  # capture: the fp32 reference
+            self.residual_is_input = out_residual is hidden
+            if out_residual is not out and not self.residual_is_input:
+                g.output(out_residual, "out_residual", io, [batch, length, cfg.hidden_size])
         else:
             with g.scope("model", "norm"):
                 normed = b.final_norm(hidden, residual)
@@ -169,8 +191,9 @@ class _Stage:
         return g.model(producer_version="calibration"), captured
 
     def _run(self, model: ir.Model, hidden: np.ndarray | None, residual: np.ndarray | None,
-             outputs: list[str]) -> Any:
-        """Yield each run's results (dict name → array) over chunks of the calibration windows."""
+             outputs: list[str], windows: int | None = None) -> Any:
+        """Yield each run's results (dict name → array) over chunks of the calibration windows (the first
+        `windows` of them, or all)."""
         import onnxruntime as ort
 
         path = self.work / "stage.onnx"
@@ -180,10 +203,11 @@ class _Stage:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         wanted = {i.name for i in session.get_inputs()}
         batch, length = self.ids.shape
+        batch = min(batch, windows or batch)
         step = max(1, RUN_TOKENS // length)
         cfg = self.builder.cfg
         for start in range(0, batch, step):
-            rows = slice(start, start + step)
+            rows = slice(start, min(start + step, batch))
             n = self.ids[rows].shape[0]
             empty = np.zeros((n, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
             feeds = {"input_ids": self.ids[rows], "attention_mask": np.ones_like(self.ids[rows]),
@@ -197,13 +221,24 @@ class _Stage:
             yield {**inputs, **dict(zip(names, session.run(names, inputs), strict=True))}
         del session
 
-    def capture(self, hidden: np.ndarray, residual: np.ndarray | None) -> dict[str, Hessian]:
-        """Each linear's Hessian over the calibration tokens, layer in fp32."""
+    def capture(self, hidden: np.ndarray, residual: np.ndarray | None,
+                reference_windows: int = 0) -> dict[str, Hessian]:
+        """Each linear's Hessian over the calibration tokens, layer in fp32 (an empty dict when the stage has
+        no linear to quantize). The layer's fp32 output on the first `reference_windows` windows is kept
+        for `sensitivities`."""
         model, captured = self._graph(capture=True, has_residual=residual is not None)
+        if not self.linears:
+            return {}
         hessians = {name: Hessian(lin.k) for lin, name in ((lin, captured[lin.key]) for lin in self.linears)}
-        for results in self._run(model, hidden, residual, list(hessians)):
+        streams = [v.name for v in model.graph.outputs if v.name in ("out", "out_residual")] \
+            if reference_windows else []
+        done = 0
+        for results in self._run(model, hidden, residual, list(hessians) + streams):
             for name, hessian in hessians.items():
                 hessian.add(results[name])
+            if done < reference_windows:
+                self._reference.append(self._stream(results)[: reference_windows - done])
+                done += len(self._reference[-1])
         return {lin.key: hessians[captured[lin.key]] for lin in self.linears}
 
     def quantize(self, hessians: dict[str, Hessian], options: ExportOptions, scale_dtype: type,
@@ -218,11 +253,44 @@ class _Stage:
                     factors[id(h)] = gptq_factor(h.sum32, options.block_size, damp, act_order=GPTQ_ACT_ORDER)
                 q = quantize_gptq(weight, None, options.block_size, options.symmetric, scale_dtype=scale_dtype,
                                   search=GPTQ_SEARCH, factor=factors[id(h)])
-            else:
-                q = quantize_clip(weight, options.block_size, options.symmetric, importance=h.mean_square,
+            elif options.algo == "clip":  # weighted by the activations only when a text was given for it
+                importance = h.mean_square if options.calibration is not None else None
+                q = quantize_clip(weight, options.block_size, options.symmetric, importance=importance,
                                   scale_dtype=scale_dtype)
+            else:  # rtn under mixed precision: calibration only measures
+                q = quantize_int4(weight, options.block_size, options.symmetric)
             self.spill.put(lin.key, q)
             del weight
+
+    def _stream(self, results: dict[str, np.ndarray]) -> np.ndarray:
+        """The residual stream after the layer (what every later layer adds to) from a run's results."""
+        if "out_residual" in results:
+            return results["out"] + results["out_residual"]
+        if self.residual_is_input:
+            return results["out"] + results["hidden"]
+        return results["out"]
+
+    def sensitivities(self, hidden: np.ndarray, residual: np.ndarray | None,
+                      hessians: dict[str, Hessian]) -> dict[str, Sensitivity]:
+        """Per linear of this layer: the layer's output error with only that linear in int4, relative to the
+        fp32 layer's output (captured by `capture`), and what 8 bits would leave of it."""
+        reference = np.concatenate(self._reference)
+        windows = len(reference)
+        energy = float(np.square(reference, dtype=np.float64).sum())
+        keys = frozenset(lin.key for lin in self.linears)
+        out: dict[str, Sensitivity] = {}
+        for lin in self.linears:
+            model, _ = self._graph(capture=False, has_residual=residual is not None, float_keys=keys - {lin.key})
+            names = ["out"] + (["out_residual"] if any(v.name == "out_residual" for v in model.graph.outputs) else [])
+            error, done = 0.0, 0
+            for results in self._run(model, hidden, residual, names, windows=windows):
+                stream = self._stream(results)
+                error += float(np.square(stream - reference[done:done + len(stream)], dtype=np.float64).sum())
+                done += len(stream)
+            out[lin.key] = sensitivity(lin.load(), self.spill.loaders[lin.key](), hessians[lin.key],
+                                       error / max(energy, 1e-30), self.options)
+        self._reference = []
+        return out
 
     def forward(self, hidden: np.ndarray | None, residual: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """The layer's outputs with its int4 weights: the next layer's inputs."""
@@ -237,8 +305,10 @@ class _Stage:
         return np.concatenate(outs), np.concatenate(residuals)
 
 
-def prepare_int4(builder: Any, source: Path) -> dict[str, Any] | None:
-    """Run calibration when the export's int4 algorithm needs it; returns the manifest's record.
+def prepare_int4(builder: Any, source: Path, model: ir.Model) -> tuple[dict[str, Any] | None, ir.Model]:
+    """Run calibration when the export's int4 algorithm or mixed precision needs it; returns the manifest's
+    record and the model to write (`model`, or the graph built again with the projections mixed precision
+    keeps at 8 bits).
 
     The results go into `builder.w.precomputed`, read when the model is written.
     """
@@ -246,25 +316,48 @@ def prepare_int4(builder: Any, source: Path) -> dict[str, Any] | None:
 
     opts: ExportOptions = builder.options
     if opts.precision != "int4":
-        return None
-    record: dict[str, Any] = {"algo": opts.algo, "block_size": opts.block_size, "symmetric": opts.symmetric}
+        return None, model
+    record: dict[str, Any] = {"algo": opts.algo, "block_size": opts.block_size, "symmetric": opts.symmetric,
+                              "embeddings": opts.resolved_embeddings, "lm_head_bits": opts.resolved_lm_head_bits}
     if not opts.calibrates:
-        return record
+        return record, model
     converted = Path(tempfile.mkdtemp(prefix="phi-onnx-tokenizer-"))
     try:
         calibration = load_calibration(opts.calibration, _tokenizer_json(builder, source, converted),
                                        opts.resolved_calibration_tokens)
     finally:
         shutil.rmtree(converted, ignore_errors=True)
-    log.info("Calibrating %s int4 on %d tokens (%s)", opts.algo, calibration.tokens, calibration.source)
-    spill = calibrate(type(builder), builder.cfg, builder.ckpt, opts, calibration)
+    log.info("Calibrating %s int4%s on %d tokens (%s)", opts.algo, " with mixed precision" if opts.mix == "auto"
+             else "", calibration.tokens, calibration.source)
+    sensitivities: dict[str, Sensitivity] | None = {} if opts.mix == "auto" else None
+    spill = calibrate(type(builder), builder.cfg, builder.ckpt, opts, calibration, sensitivities=sensitivities)
     builder.w.precomputed = spill.loaders
     builder.w.spill = spill  # keeps the results' folder until the weights are written
     record["calibration"] = calibration.record()
     if opts.algo == "gptq":
         record.update(damp=DAMP, order="act-order, static groups" if GPTQ_ACT_ORDER else "natural",
                       lazy_batch=LAZY_BATCH)
-    return record
+    if sensitivities is not None:
+        base = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+        chosen = choose_eight_bit(sensitivities, opts.resolved_mix_budget * base)
+        tokens = min(calibration.tokens, max(1, SENSITIVITY_TOKENS // calibration.ids.shape[1])
+                     * calibration.ids.shape[1])
+        record["mix"] = mix_record(sensitivities, chosen, base, opts.resolved_mix_budget, tokens)
+        log.info("Mixed precision: %d of %d projections at 8 bits (+%.1f %%)", len(chosen), len(sensitivities),
+                 100 * record["mix"]["added_fraction"])
+        if chosen:
+            model = _rebuild(builder, frozenset(chosen))
+    return record, model
+
+
+def _rebuild(builder: Any, eight_bit: frozenset[str]) -> ir.Model:
+    """The export's graph again, with the projections `eight_bit` as 8-bit MatMulNBits (weights stay lazy;
+    the int4 results already computed are reused)."""
+    weights = Weights(builder.options)
+    weights.precomputed, weights.spill, weights.eight_bit = builder.w.precomputed, builder.w.spill, eight_bit
+    builder.g, builder.w = GraphBuilder(), weights
+    builder.tables = QuantizedTables(builder.options, weights.io_dtype, weights.np_dtype)
+    return builder.build()
 
 
 def _tokenizer_json(builder: Any, source: Path, converted: Path) -> Path:

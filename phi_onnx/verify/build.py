@@ -142,6 +142,7 @@ def parse_variant(spec: str | dict[str, Any]) -> ExportOptions:
             raise RecipeError(f"Variant {text!r}: block sizes apply to int4 only.", hint=RECIPE_HINT)
         values["block_size"] = int(match["block"])
         values["symmetric"] = match["kind"] == "rtn"
+        values["algo"] = "rtn"  # the name says so, whatever the export default is
     if match["acc"]:
         values["accuracy_level"] = int(match["acc"])
     values.update(overrides)

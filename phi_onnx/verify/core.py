@@ -24,7 +24,15 @@ from phi_onnx.verify.errors import VerifyError
 from phi_onnx.verify.inputs import BUILTIN_PROMPTS, VerifySettings
 from phi_onnx.verify.metrics import compare_logits, nll, standard_error
 from phi_onnx.verify.report import VerifyResult
-from phi_onnx.verify.runners import OnnxRunner, Reference, reference_info, require_reference_extra, resolve_reference
+from phi_onnx.verify.runners import (
+    ExportReference,
+    OnnxRunner,
+    Reference,
+    export_reference_info,
+    reference_info,
+    require_reference_extra,
+    resolve_reference,
+)
 from phi_onnx.verify.thresholds import DEFAULT_THRESHOLDS, Thresholds, default_thresholds, evaluate
 
 log = logging.getLogger(__name__)
@@ -33,13 +41,17 @@ log = logging.getLogger(__name__)
 def verify(folder: str | os.PathLike[str], *, reference: str | None = None, revision: str | None = None,
            settings: VerifySettings | None = None, thresholds: Thresholds | None = None,
            threshold_overrides: dict[str, float | None] | None = None, device: str = "cpu", record: bool = True,
-           reference_cache: dict[Path, Reference] | None = None) -> VerifyResult:
+           reference_cache: dict[Path, Reference] | None = None,
+           against: str | os.PathLike[str] | None = None) -> VerifyResult:
     """Run the export and its transformers reference on the same inputs and compare them.
 
     Args:
         folder: an export folder (model.onnx, genai_config.json, tokenizer; phi_onnx.json for the defaults).
         reference: the reference checkpoint (short name, hub id or folder); default: the manifest's source.
         revision: hub revision of `reference`.
+        against: another export folder to compare with instead of the transformers reference (e.g. the fp32
+            export of the same checkpoint, to judge a quantized one: KL, top-1 and perplexity change against
+            exactly the graph it was quantized from). Needs neither torch nor transformers.
         settings: prompts, text, token counts (default: the built-in ones).
         thresholds: limits (default: `DEFAULT_THRESHOLDS` for the export's precision).
         threshold_overrides: figure → limit replacing the default (None values are ignored).
@@ -62,7 +74,11 @@ def verify(folder: str | os.PathLike[str], *, reference: str | None = None, revi
     started = time.perf_counter()
     settings = settings or VerifySettings()
     path = expand_user(folder, what="The export folder", error=VerifyError).resolve()
-    require_reference_extra()  # fail before any work when the extra is missing
+    if against is not None and reference is not None:
+        raise VerifyError("Both a reference checkpoint and a reference export (--against) were given.",
+                          hint="Pass one of --reference and --against.")
+    if against is None:
+        require_reference_extra()  # fail before any work when the extra is missing
     model_folder = read_folder(path)
     manifest = model_folder.manifest
     precision = str(((manifest or {}).get("options") or {}).get("precision") or graph_precision(path))
@@ -70,9 +86,17 @@ def verify(folder: str | os.PathLike[str], *, reference: str | None = None, revi
     if thresholds is None and precision not in DEFAULT_THRESHOLDS and overrides:
         thresholds = Thresholds()  # a graph phi-onnx did not write: only the limits given are checked
     limits = (thresholds or default_thresholds(precision)).with_overrides(**overrides)
-    spec, ref_path = resolve_reference(path, manifest, reference, revision)
-    weight_files(ref_path)  # a pickle-only reference is refused now, before anything runs
-    provenance = reference_info(spec, ref_path, manifest)
+    if against is not None:
+        ref_path = Path(against).expanduser().resolve()
+        if ref_path == path:
+            raise VerifyError(f"{path} cannot be its own reference.",
+                              hint="Pass another export of the same checkpoint with --against, e.g. its fp32 export.")
+        read_folder(ref_path)  # a clear error for a folder that is not an export, before anything runs
+        provenance = export_reference_info(ref_path, manifest)
+    else:
+        spec, ref_path = resolve_reference(path, manifest, reference, revision)
+        weight_files(ref_path)  # a pickle-only reference is refused now, before anything runs
+        provenance = reference_info(spec, ref_path, manifest)
 
     tokenizer = TextTokenizer(path)
     prompts = (list(BUILTIN_PROMPTS) if settings.use_builtin_prompts else []) + list(settings.prompts)
@@ -80,7 +104,12 @@ def verify(folder: str | os.PathLike[str], *, reference: str | None = None, revi
         raise VerifyError("No prompts to verify with.", hint="Keep the built-in prompts or pass --prompts FILE.")
     log.info("loading the export %s", path)
     runner = OnnxRunner(path, device)
-    ref = reference_cache.get(ref_path) if reference_cache is not None else None
+    ref: Reference | ExportReference | None = None
+    if against is not None:
+        log.info("loading the reference export %s", ref_path)
+        ref = ExportReference(ref_path)
+    else:
+        ref = reference_cache.get(ref_path) if reference_cache is not None else None
     if ref is None:
         log.info("loading the reference %s", ref_path)
         ref = Reference(ref_path)
@@ -106,8 +135,8 @@ def verify(folder: str | os.PathLike[str], *, reference: str | None = None, revi
     return result
 
 
-def _measure(runner: OnnxRunner, ref: Reference, tokenizer: Any, prompts: list[str], settings: VerifySettings,
-             folder: Any) -> tuple[dict[str, float], dict[str, Any]]:
+def _measure(runner: OnnxRunner, ref: Reference | ExportReference, tokenizer: Any, prompts: list[str],
+             settings: VerifySettings, folder: Any) -> tuple[dict[str, float], dict[str, Any]]:
     """Run both models: prompts (prefill + greedy decode with the cache), then the text in windows."""
     threshold = folder.long_context_threshold
     max_abs, top1, kl, greedy = 0.0, [], [], []

@@ -96,7 +96,9 @@ def inspect_folder(folder: str | os.PathLike[str], *, check_files: bool = False)
     """Everything `phi-onnx inspect` shows, as a JSON-friendly dict.
 
     Keys: folder, precision, variant, files (name → bytes), size_bytes, op_counts, fused_ops (op → present),
-    inputs, outputs, opsets, source, options, tools, created, verification (None when never verified);
+    inputs, outputs, opsets, matmul_nbits_bits (bits → MatMulNBits nodes), source, options, tools, created,
+    verification (None when never verified), quantization (the manifest's int4 record, mixed precision's
+    choice per projection included; None without one);
     with `check_files`, file_check (`phi_onnx.verify.files.FileCheck.to_dict()`).
     """
     path = expand_user(folder, what="The export folder", error=ModelFolderError)
@@ -109,8 +111,8 @@ def inspect_folder(folder: str | os.PathLike[str], *, check_files: bool = False)
     except ManifestError as error:
         log.warning("%s; showing the graph only", error.message.rstrip("."))
         manifest = {}
-    source, options, tools, verification = (_section(manifest, key, path)
-                                            for key in ("source", "options", "tools", "verification"))
+    source, options, tools, verification, quantization = (
+        _section(manifest, key, path) for key in ("source", "options", "tools", "verification", "quantization"))
     ops = op_histogram(model)
     files = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
     info = {
@@ -127,18 +129,29 @@ def inspect_folder(folder: str | os.PathLike[str], *, check_files: bool = False)
         "inputs": _value_info(model.graph.input),
         "outputs": _value_info(model.graph.output),
         "opsets": {(o.domain or "ai.onnx"): o.version for o in model.opset_import},
+        "matmul_nbits_bits": _nbits_counts(model),
         "source": source or None,
         "options": options or None,
         "tools": tools or None,
         "created": manifest.get("created"),
         "has_manifest": bool(manifest),
         "verification": verification or None,
+        "quantization": quantization or None,
     }
     if check_files:
         from phi_onnx.verify.files import check_files as run_check
 
         info["file_check"] = run_check(path).to_dict()
     return info
+
+
+def _nbits_counts(model: Any) -> dict[str, int]:
+    """How many MatMulNBits nodes have each weight width, e.g. {"4": 96, "8": 33} (empty without any)."""
+    counts: Counter[str] = Counter()
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            counts[str(next((a.i for a in node.attribute if a.name == "bits"), 4))] += 1
+    return dict(sorted(counts.items()))
 
 
 def _section(manifest: dict[str, Any], key: str, folder: Path) -> dict[str, Any]:
@@ -204,6 +217,7 @@ def format_report(info: dict[str, Any]) -> str:
         lines.append(f"              weights sha256 {source.get('weights_sha256')}")
         options = info["options"] or {}
         lines.append("  options     " + ", ".join(f"{k}={v}" for k, v in options.items()))
+        lines += _quantization_lines(info.get("quantization"), info.get("matmul_nbits_bits") or {})
         tools = info["tools"] or {}
         lines.append(f"  created     {info['created']} with " + ", ".join(f"{k} {v}" for k, v in tools.items()))
         lines.append("  verified    " + _verification_line(info["verification"]))
@@ -216,6 +230,38 @@ def format_report(info: dict[str, Any]) -> str:
             problems += [f"missing: {', '.join(check['missing'])}"] if check["missing"] else []
             lines.append("  files       FAILED: " + "; ".join(problems))
     return "\n".join(lines)
+
+
+def _quantization_lines(record: dict[str, Any] | None, bits: dict[str, int]) -> list[str]:
+    """The int4 record: algorithm, tables, calibration, and mixed precision's choice per projection."""
+    if not record:
+        return []
+    parts = [f"{record.get('algo')}, block {record.get('block_size')}, "
+             f"{'symmetric' if record.get('symmetric') else 'asymmetric'}"]
+    if "embeddings" in record:
+        parts.append(f"embedding {record.get('embeddings')}, LM head {record.get('lm_head_bits')}-bit")
+    calibration = record.get("calibration")
+    if isinstance(calibration, dict):
+        parts.append(f"calibrated on {calibration.get('tokens')} tokens ({calibration.get('source')})")
+    lines = ["  int4        " + "; ".join(parts)]
+    if bits:
+        lines.append("              MatMulNBits " + ", ".join(f"{count} at {b} bits" for b, count in bits.items()))
+    mix = record.get("mix")
+    if isinstance(mix, dict) and isinstance(mix.get("tensors"), dict):
+        tensors = mix["tensors"]
+        eight = [key for key, t in tensors.items() if isinstance(t, dict) and t.get("bits") == 8]
+        added, budget = mix.get("added_fraction"), mix.get("budget")
+        size = (f" (+{added * 100:.1f} % of {budget * 100:g} % allowed)"
+                if isinstance(added, (int, float)) and isinstance(budget, (int, float)) else "")
+        lines.append(f"  mixed       {len(eight)} of {len(tensors)} projections at 8 bits{size}; the others at 4 "
+                     "(--json lists each with its measured error):")
+        for key in sorted(eight, key=lambda k: -_number(tensors[k].get("int4_error"))):
+            lines.append(f"              {key:<44} int4 error {_number(tensors[key].get('int4_error')):.3g}")
+    return lines
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) else 0.0
 
 
 def _verification_line(record: dict[str, Any] | None) -> str:

@@ -61,8 +61,10 @@ class VerifyResult:
     def summary(self) -> str:
         """Human-readable table: each figure, its limit, and the verdict."""
         limits = {check.figure: check for check in self.checks}
-        lines = [f"Verified {self.folder} ({self.precision}) on {self.provider} against "
-                 f"{self.reference.get('spec') or self.reference.get('path')}:"]
+        against = self.reference.get("spec") or self.reference.get("path")
+        if self.reference.get("kind") == "export":
+            against = f"the {self.reference.get('precision') or ''} export {against}".replace("the  ", "the ")
+        lines = [f"Verified {self.folder} ({self.precision}) on {self.provider} against {against}:"]
         for name, value in self.figures.items():
             check = limits.get(name)
             if check is None:

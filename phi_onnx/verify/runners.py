@@ -132,6 +132,50 @@ class Reference:
         return logits
 
 
+class ExportReference:
+    """Another export of the model (its fp32 export, typically) as the reference: run on ONNX Runtime's CPU
+    provider without a cache, so every position's logits come from one prefill. Needs neither torch nor
+    transformers, and compares a quantized export with exactly the graph it was quantized from."""
+
+    def __init__(self, folder: Path) -> None:
+        self.runner = OnnxRunner(folder, "cpu")
+        self._memo: dict[tuple[int, ...], np.ndarray] = {}
+
+    def logits(self, ids: Sequence[int], *, memo: bool = False) -> np.ndarray:
+        """Logits [len(ids), vocab] for one sequence from an empty cache (`memo` as `Reference.logits`)."""
+        key = tuple(int(i) for i in ids)
+        if key in self._memo:
+            return self._memo[key]
+        self.runner.reset()
+        logits = self.runner(list(key))
+        if memo:
+            self._memo[key] = logits
+        return logits
+
+
+def export_reference_info(folder: Path, manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """Where an export used as the reference came from, and whether it was made from the same checkpoint."""
+    from phi_onnx.manifest import ManifestError, read_manifest
+
+    try:
+        theirs = read_manifest(folder) or {}
+    except ManifestError:
+        theirs = {}
+    their_source = theirs.get("source") if isinstance(theirs.get("source"), dict) else {}
+    our_source = (manifest or {}).get("source")
+    our_source = our_source if isinstance(our_source, dict) else {}
+    options = theirs.get("options") if isinstance(theirs.get("options"), dict) else {}
+    same = None
+    if their_source.get("weights_sha256") and our_source.get("weights_sha256"):
+        same = their_source.get("weights_sha256") == our_source.get("weights_sha256")
+        if not same:
+            log.warning("The reference export %s was made from another checkpoint than this folder "
+                        "(their source weights differ in the manifests).", folder)
+    return {"kind": "export", "spec": str(folder), "path": str(folder),
+            "precision": options.get("precision"), "variant": theirs.get("variant"),
+            "weights_sha256": their_source.get("weights_sha256"), "same_as_source": same}
+
+
 def resolve_reference(folder: Path, manifest: dict[str, Any] | None, reference: str | None,
                       revision: str | None = None) -> tuple[str, Path]:
     """(spec, local folder) of the reference checkpoint: `reference` if given, else the manifest's source."""

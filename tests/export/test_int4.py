@@ -33,7 +33,7 @@ def test_int4_matches_quantization_aware_reference(name, block_size, symmetric, 
     # accuracy level 1 keeps activations in fp32, so only the weight rounding differs from fp32. The
     # embedding stays full here (test_int4_embeddings.py checks the quantized one).
     folder = make_export(name, "int4", block_size=block_size, symmetric=symmetric, accuracy_level=1,
-                         embeddings="full")
+                         embeddings="full", lm_head_bits=4)
     got = prompt_then_decode(folder, ids, prompt_len=12)
     assert np.abs(got - expected).max() <= 2e-4
 

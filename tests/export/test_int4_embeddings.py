@@ -85,18 +85,31 @@ def consumers(folder, name: str) -> set[str]:
     return {node.op_type for node in graph.node if name in node.input}
 
 
+@pytest.mark.parametrize("algo", ["rtn", "clip"])
+def test_tied_model_stores_one_8_bit_table_by_default(make_export, algo):
+    """The default (int8 embedding, 8-bit head) shares one table whatever the layers' algorithm: 8-bit tables
+    round to nearest."""
+    folder = make_export("phi4mini", "int4", algo=algo)
+    names = initializer_names(folder)
+    tables = [n for n in names if "embed_tokens" in n or n.startswith("lm_head")]
+    assert tables == ["model.embed_tokens.q8.weight", "model.embed_tokens.q8.scales"]
+    assert consumers(folder, "model.embed_tokens.q8.weight") == {"MatMulNBits", "Reshape"}
+    assert consumers(folder, "model.embed_tokens.q8.scales") == {"MatMulNBits", "GatherBlockQuantized"}
+
+
 def test_tied_model_stores_one_int4_table(make_export):
-    folder = make_export("phi4mini", "int4")
+    folder = make_export("phi4mini", "int4", algo="rtn", embeddings="int4", lm_head_bits=4)
     names = initializer_names(folder)
     tables = [n for n in names if "embed_tokens" in n or n.startswith("lm_head")]
     assert tables == ["model.embed_tokens.q4.weight", "model.embed_tokens.q4.scales"]
     assert consumers(folder, "model.embed_tokens.q4.weight") == {"MatMulNBits", "Reshape"}
     assert consumers(folder, "model.embed_tokens.q4.scales") == {"MatMulNBits", "GatherBlockQuantized"}
-    assert op_counts(folder)["Gather"] < op_counts(make_export("phi4mini", "int4", embeddings="full"))["Gather"]
+    full = make_export("phi4mini", "int4", algo="rtn", embeddings="full", lm_head_bits=4)
+    assert op_counts(folder)["Gather"] < op_counts(full)["Gather"]
 
 
 def test_tied_model_with_other_head_bits_stores_two_tables(make_export):
-    folder = make_export("phi4mini", "int4", lm_head_bits=8)
+    folder = make_export("phi4mini", "int4", embeddings="int4", lm_head_bits=8)
     assert {n for n in initializer_names(folder) if ".q" in n and ("embed" in n or "lm_head" in n)} == {
         "model.embed_tokens.q4.weight", "model.embed_tokens.q4.scales",
         "model.embed_tokens.q8.weight", "model.embed_tokens.q8.scales"}
@@ -113,7 +126,7 @@ def fake_quantized(model, options: ExportOptions):
             w = dequantize_table(quantize_table(module.weight.detach().numpy(), 4, block, sym))
             module.weight = torch.nn.Parameter(torch.from_numpy(w))  # a new tensor also unties lm_head
     model.lm_head.weight = torch.nn.Parameter(torch.from_numpy(
-        dequantize_table(quantize_table(head, options.lm_head_bits, block, sym))))
+        dequantize_table(quantize_table(head, options.resolved_lm_head_bits, block, sym))))
     if emb_bits is not None:
         model.get_input_embeddings().weight = torch.nn.Parameter(torch.from_numpy(
             dequantize_table(quantize_table(embedding, emb_bits, block, sym))))
@@ -121,14 +134,15 @@ def fake_quantized(model, options: ExportOptions):
 
 
 @pytest.mark.parametrize(("name", "options"), [
-    ("phi4mini", {"block_size": 32}),
+    ("phi4mini", {"block_size": 32, "embeddings": "int4", "lm_head_bits": 4}),
     ("phi4mini", {"block_size": 64, "symmetric": False, "lm_head_bits": 8, "embeddings": "int8"}),
-    ("phi3-mha", {"block_size": 16, "symmetric": False}),
-    ("phi3-gqa", {"block_size": 32, "lm_head_bits": 8}),
+    ("phi3-mha", {"block_size": 16, "symmetric": False}),  # the default tables: int8 embedding, 8-bit head
+    ("phi3-gqa", {"block_size": 32, "embeddings": "int4", "lm_head_bits": 8}),
 ])
 def test_export_matches_quantization_aware_reference(name, options, make_checkpoint, make_export):
     from transformers import AutoModelForCausalLM
 
+    options = {"algo": "rtn", **options}  # the reference rounds the projections to nearest
     opts = ExportOptions(precision="int4", accuracy_level=1, **options)
     model = AutoModelForCausalLM.from_pretrained(make_checkpoint(name), dtype=torch.float32).eval()
     reference = fake_quantized(model, opts)
@@ -143,12 +157,13 @@ def test_quantized_embedding_differs_from_full(make_export):
     """Guards the test above: the embedding's rounding is visible in the logits."""
     ids = random_ids(8, seed=3)
     full = OnnxLM(make_export("phi3-mha", "int4", embeddings="full", accuracy_level=1))(ids)
-    quantized = OnnxLM(make_export("phi3-mha", "int4", accuracy_level=1))(ids)
+    quantized = OnnxLM(make_export("phi3-mha", "int4", embeddings="int4", accuracy_level=1))(ids)
     assert np.abs(full - quantized).max() > 1e-3
 
 
-@pytest.mark.parametrize(("name", "options"), [("phi4mini", {}), ("phi3-mha", {"lm_head_bits": 8}),
-                                               ("phi4mini", {"lm_head_bits": 8, "embeddings": "int8"})])
+@pytest.mark.parametrize(("name", "options"), [("phi4mini", {"embeddings": "int4", "lm_head_bits": 4}),
+                                               ("phi3-mha", {"embeddings": "int4", "lm_head_bits": 8}),
+                                               ("phi4mini", {})])  # the default: one shared 8-bit table
 def test_backends_generate_the_same_tokens(name, options, make_export):
     import phi_onnx
 
@@ -169,9 +184,10 @@ def test_options_are_validated_and_recorded():
         ExportOptions(lm_head_bits=6)
     with pytest.raises(OptionsError, match="embeddings"):
         ExportOptions(embeddings="int2")  # type: ignore[arg-type]
-    assert ExportOptions().to_dict()["embeddings"] == "int4"
-    assert ExportOptions(precision="fp32").to_dict()["embeddings"] == "full"
-    assert ExportOptions(lm_head_bits=8).to_dict()["lm_head_bits"] == 8
+    assert (ExportOptions().to_dict()["embeddings"], ExportOptions().to_dict()["lm_head_bits"]) == ("int8", 8)
+    assert (ExportOptions(precision="fp32").to_dict()["embeddings"],
+            ExportOptions(precision="fp32").to_dict()["lm_head_bits"]) == ("full", 4)  # as recorded before
+    assert ExportOptions(lm_head_bits=4).to_dict()["lm_head_bits"] == 4
 
 
 def test_cli_flags_reach_the_manifest(tmp_path):
@@ -182,11 +198,11 @@ def test_cli_flags_reach_the_manifest(tmp_path):
     from phi_onnx.tiny import TINY_PHI3_DIR
 
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["export", str(TINY_PHI3_DIR), "-o", str(out), "--embeddings", "int8",
-                                       "--lm-head-bits", "8"])
+    result = CliRunner().invoke(main, ["export", str(TINY_PHI3_DIR), "-o", str(out), "--embeddings", "int4",
+                                       "--lm-head-bits", "4"])
     assert result.exit_code == 0, result.output
     options = read_manifest(out)["options"]  # type: ignore[index]
-    assert (options["embeddings"], options["lm_head_bits"]) == ("int8", 8)
+    assert (options["embeddings"], options["lm_head_bits"]) == ("int4", 4)
     assert op_counts(out)["GatherBlockQuantized"] == 1
     refused = CliRunner().invoke(main, ["export", str(TINY_PHI3_DIR), "-o", str(tmp_path / "x"), "--precision",
                                         "fp32", "--lm-head-bits", "8"])

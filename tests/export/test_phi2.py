@@ -179,7 +179,8 @@ def test_int4_matches_quantization_aware_reference(name, block_size, symmetric, 
     ids = random_ids(20, seed=11)
     with torch.no_grad():
         expected = reference(torch.from_numpy(ids)).logits.numpy()
-    folder = phi2_export(name, "int4", block_size=block_size, symmetric=symmetric, accuracy_level=1)
+    folder = phi2_export(name, "int4", block_size=block_size, symmetric=symmetric, accuracy_level=1,
+                         embeddings="int4", lm_head_bits=4)  # the tables as the reference rounds them
     assert op_counts(folder)["MatMulNBits"] == 2 * 4 + 1 and op_counts(folder)["MatMul"] == 0
     got = prompt_then_decode(folder, ids, prompt_len=12)
     assert np.abs(got - expected).max() <= 2e-4

@@ -317,7 +317,8 @@ def test_int4_matches_quantization_aware_reference(name, block_size, symmetric, 
     ids = random_ids(20, seed=11)
     expected = logits_of(reference, ids)
     # accuracy level 1 keeps activations in fp32 (QMoE too), so only the weight rounding differs.
-    folder = moe_export(name, "int4", block_size=block_size, symmetric=symmetric, accuracy_level=1)
+    folder = moe_export(name, "int4", block_size=block_size, symmetric=symmetric, accuracy_level=1,
+                        embeddings="int4", lm_head_bits=4)  # the tables as the reference rounds them
     got = prompt_then_decode(folder, ids, prompt_len=12)
     assert np.abs(got - expected).max() <= 2e-4
     # Guard: the rounding is visible, so matching the fake-quantized model means something.

@@ -28,7 +28,8 @@ def int4_weights(folder) -> dict[str, np.ndarray]:
 def test_gptq_export_records_calibration_and_runs(make_checkpoint, tmp_path):
     source = make_checkpoint("phi3-gqa")
     out = tmp_path / "gptq"
-    export(source, out, ExportOptions(block_size=32, algo="gptq", calibration=list(TEXTS), embeddings="full"))
+    export(source, out, ExportOptions(block_size=32, algo="gptq", calibration=list(TEXTS), embeddings="full",
+                                      lm_head_bits=4))
     manifest = json.loads((out / "phi_onnx.json").read_text())
     record = manifest["quantization"]
     assert record["algo"] == "gptq" and record["block_size"] == 32 and record["symmetric"] is True
@@ -39,7 +40,7 @@ def test_gptq_export_records_calibration_and_runs(make_checkpoint, tmp_path):
     logits = OnnxLM(out)(random_ids(12, seed=3))
     assert np.isfinite(logits).all()
     rtn = tmp_path / "rtn"
-    export(source, rtn, ExportOptions(block_size=32, embeddings="full"))
+    export(source, rtn, ExportOptions(block_size=32, algo="rtn", embeddings="full", lm_head_bits=4))
     # no calibration, no budget: rtn's record (and its store key) is what it was before the option existed
     assert "calibration_tokens" not in json.loads((rtn / "phi_onnx.json").read_text())["options"]
     ours, theirs = int4_weights(out), int4_weights(rtn)
@@ -52,7 +53,7 @@ def test_clip_export_is_calibration_free_by_default(make_checkpoint, tmp_path):
     out = tmp_path / "clip"
     export(make_checkpoint("phi3-mha"), out, ExportOptions(block_size=64, symmetric=False, algo="clip"))
     record = json.loads((out / "phi_onnx.json").read_text())["quantization"]
-    assert record == {"algo": "clip", "block_size": 64, "symmetric": False}
+    assert record == {"algo": "clip", "block_size": 64, "symmetric": False, "embeddings": "int8", "lm_head_bits": 8}
     assert np.isfinite(OnnxLM(out)(random_ids(8, seed=1))).all()
 
 

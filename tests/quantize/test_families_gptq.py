@@ -48,7 +48,7 @@ def test_gptq_calibrates_every_family(name, family_checkpoint, tmp_path):
     # All of the built-in text (9984 tokens with this tokenizer), not the default 4096: on these random models
     # GPTQ's gain over RTN grows with the tokens (phi3-gqa measured 0.91 with 4096, 0.85 with 6144, 0.80 with
     # 8192), which would leave too little margin for a plumbing check.
-    options = {"rtn": ExportOptions(block_size=32, embeddings="full"),
+    options = {"rtn": ExportOptions(block_size=32, algo="rtn", embeddings="full"),
                "gptq": ExportOptions(algo="gptq", block_size=32, embeddings="full", calibration_tokens=16384)}
     for algo, algo_options in options.items():
         export(source, tmp_path / algo, algo_options)

@@ -50,7 +50,8 @@ def judged(tmp_path_factory, heldout):
     def judge(algo: str, block: int) -> tuple[np.ndarray, np.ndarray]:
         if (algo, block) not in cache:
             folder = root / f"{algo}-{block}"
-            export(TINY_PHI3_DIR, folder, ExportOptions(algo=algo, block_size=block, embeddings="full"))  # type: ignore[arg-type]
+            export(TINY_PHI3_DIR, folder, ExportOptions(algo=algo, block_size=block, embeddings="full",  # type: ignore[arg-type]
+                                                        lm_head_bits=4))  # as measured: the head in int4 too
             cache[algo, block] = kl_and_top1(reference, window_log_probs(folder, heldout))
         return cache[algo, block]
 

@@ -44,7 +44,7 @@ def test_quantized_fp32_export_equals_int4_export(make_export, make_checkpoint, 
     assert "9 MatMuls as int4" in result.output  # 4 per layer x 2 layers + the LM head
     direct = tmp_path / "direct"
     export(make_checkpoint("phi3-mha"), direct, ExportOptions(algo=algo, block_size=block, symmetric=symmetric,
-                                                              embeddings="full"))
+                                                              embeddings="full", lm_head_bits=4))
     ours, theirs = nbits_initializers(out), nbits_initializers(direct)
     assert len(ours) == len(theirs) == 9 * (2 if symmetric else 3)
     assert all(np.array_equal(a, b) for a, b in zip(ours, theirs, strict=True))
