@@ -49,7 +49,8 @@ class LoraBank:
         self.names: tuple[str, ...] = tuple(sorted(index["adapters"]))
         self.np_dtype = np.dtype(np.float16 if index["dtype"] == "fp16" else np.float32)
         self.device, self.device_id = device, device_id
-        self._params: dict[str, dict[str, np.ndarray]] = {}
+        self._params: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()  # loaded adapters, LRU last
+        self._max_loaded: int | None = None
         self._stacks: OrderedDict[Members, dict[str, Any]] = OrderedDict()
         self._bound: dict[int, tuple[Any, Members, Any]] = {}  # id(binding) → (binding, members, their stack)
         self._lock = threading.RLock()  # params() may run on a submitting thread
@@ -69,7 +70,9 @@ class LoraBank:
             return self._read(name)
 
     def _read(self, name: str) -> dict[str, np.ndarray]:
-        if name not in self._params:
+        if name in self._params:
+            self._params.move_to_end(name)
+        else:
             params = read_adapter_file(self.folder / f"{name}{SUFFIX}")
             for key, value in params.items():
                 scope, _, side = key.rpartition(".")
@@ -84,7 +87,35 @@ class LoraBank:
                                        hint="Add the adapter again (phi-onnx adapter add).")
             self._params[name] = {k: v if k.endswith(".lora_adapter") else v.astype(self.np_dtype, copy=False)
                                   for k, v in params.items()}
+            self._trim()
         return self._params[name]
+
+    @property
+    def max_loaded(self) -> int | None:
+        """Most adapters kept loaded (None: all); beyond it the least recently used is dropped (with the
+        stacks built from it) and read again from its file when a request asks for it."""
+        return self._max_loaded
+
+    @max_loaded.setter
+    def max_loaded(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise OptionsError(f"max_loaded must be a whole number >= 1 or None (got {value!r}).",
+                               hint="Use e.g. --max-adapters 8.")
+        with self._lock:
+            self._max_loaded = value
+            self._trim()
+
+    def _trim(self) -> None:
+        while self._max_loaded is not None and len(self._params) > self._max_loaded:
+            dropped, _ = self._params.popitem(last=False)
+            for members in [m for m in self._stacks if dropped in m]:
+                del self._stacks[members]  # a binding still pointing at it keeps it alive (_bound)
+
+    @property
+    def loaded(self) -> tuple[str, ...]:
+        """The adapters whose tensors are in memory now, least recently used first."""
+        with self._lock:
+            return tuple(self._params)
 
     def bind(self, binding: Any, rows: Sequence[str | None]) -> None:
         """Bind the stacks and `adapter_index` for a run whose row b uses adapter `rows[b]` (None: the base)."""

@@ -315,3 +315,20 @@ def test_adapter_add_list_rm(phi3, switchable, tmp_path, make_checkpoint):
     plain = tmp_path / "plain"
     export(phi3["checkpoint"], plain, ExportOptions(precision="fp32"))
     assert_refused(run_cli("adapter", "add", str(plain), f"x={phi3['a1']}"), "has no LoRA inputs")
+
+
+def test_a_bound_on_loaded_adapters_drops_the_least_recently_used(switchable):
+    import phi_onnx
+
+    with phi_onnx.load(switchable, backend="ort") as model:
+        prompt = random_ids(9, seed=3).ravel().tolist()
+        expected = {a: model.generate(prompt, adapter=a, max_new_tokens=6, min_new_tokens=6).token_ids
+                    for a in ("a1", "a2")}
+        bank = model.core.lora
+        assert bank is not None and set(bank.loaded) == {"a1", "a2"}
+        bank.max_loaded = 1
+        for adapter in ("a1", "a2", "a1"):
+            model.engine.forget()
+            assert model.generate(prompt, adapter=adapter, max_new_tokens=6, min_new_tokens=6).token_ids == \
+                expected[adapter]
+            assert bank.loaded[-1] == adapter and len(bank.loaded) == 1
