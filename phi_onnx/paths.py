@@ -19,16 +19,31 @@ def expand_user(path: str | os.PathLike[str], *, what: str = "The path",
 
     Raises:
         PhiOnnxError (`error`): `~user` names no user here, or `~` has no home directory to stand for
-            (pathlib raises a bare RuntimeError for both).
+            (pathlib raises a bare RuntimeError for both); or the path is longer than the file system
+            takes (every later exists()/is_dir() would raise OSError "File name too long").
     """
     try:
-        return Path(path).expanduser()
+        expanded = Path(path).expanduser()
     except RuntimeError:
         text = os.fspath(path)
         user = text[1:].split("/", 1)[0].split(os.sep, 1)[0]
         why = f"there is no user {user!r} on this machine" if user else "this process has no home directory ($HOME)"
         raise error(f"{what} {text!r} starts with ~{user}, but {why}.",
                     hint="Give an absolute path (or ~/... for your own home folder).") from None
+    text = os.fspath(expanded)
+    longest = max((len(os.fsencode(part)) for part in expanded.parts), default=0)
+    if len(os.fsencode(text)) >= _limit("PC_PATH_MAX", 4096) or longest > _limit("PC_NAME_MAX", 255):
+        shown = text if len(text) <= 80 else f"{text[:40]}...{text[-20:]}"
+        raise error(f"{what} {printable(shown)!r} is too long for the file system ({len(text)} characters; a "
+                    f"name in it has {longest} bytes).", hint="Check the path: it cannot name a file here.")
+    return expanded
+
+
+def _limit(name: str, default: int) -> int:
+    try:
+        return os.pathconf("/", name)
+    except (OSError, ValueError, AttributeError):
+        return default
 
 
 def printable(text: str) -> str:

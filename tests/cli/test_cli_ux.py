@@ -191,3 +191,13 @@ def test_verify_says_what_it_does_and_shows_perplexity_change_in_percent(tiny_ex
     assert "loading the export" in result.stderr and "perplexity: 1 windows" in result.stderr  # without -v
     line = next(line for line in result.stdout.splitlines() if "perplexity_change" in line)
     assert line.split()[2] == "%" and "limit <= 10 %" in line
+
+
+@pytest.mark.parametrize("command", [["generate", "{path}", "hi"], ["chat", "{path}", "--once"],
+                                     ["export", "{path}", "-o", "{out}"], ["bench", "{path}"]])
+def test_a_path_too_long_for_the_file_system_is_one_sentence(command, tmp_path):
+    path = str(tmp_path / ("a" * 5000))
+    result = run(*[part.format(path=path, out=tmp_path / "out") for part in command], input="hi\n")
+    assert result.exit_code == 2, result.output
+    assert "too long for the file system" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
