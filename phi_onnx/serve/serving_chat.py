@@ -120,7 +120,7 @@ class OpenAIServingChat(OpenAIServing):
             try:
                 plan = plan_tools(messages, tools, choice, fmt, parallel_tool_calls=body.parallel_tool_calls)
             except PhiOnnxError as error:
-                param = "tools" if tools is not None else "tool_choice"
+                param = "tool_choice" if "tool_choice" in error.message else "tools"
                 raise ApiError(400, error.message, param=param) from None
             messages = plan.messages
             if plan.constraint is not None:
