@@ -35,7 +35,7 @@ MAX_STOPS = 4
 MAX_MESSAGE = 1000
 #: Fields OpenAI's API documents as "or null" whose default here is not None: null means the default.
 NULLABLE = frozenset({"stream", "n", "presence_penalty", "frequency_penalty", "logprobs", "include_usage", "echo",
-                      "min_tokens", "ignore_eos"})
+                      "min_tokens", "ignore_eos", "parallel_tool_calls"})
 
 
 class Policy(NamedTuple):
@@ -744,6 +744,9 @@ def _text_of(content: Any, at: str) -> str:
 def _add_item(messages: list[dict[str, Any]], item: dict[str, Any], at: str) -> None:
     """One Responses input item appended to chat `messages` (function calls join the assistant turn)."""
     kind = item.get("type", "message")
+    if not isinstance(kind, str):
+        raise ApiError(400, f"Invalid value for '{at}.type': a string (message, function_call, function_call_output).",
+                       param=f"{at}.type", code="invalid_value")
     if kind == "message":
         role = item.get("role")
         if role not in ("user", "assistant", "system", "developer"):
