@@ -83,8 +83,11 @@ class ChatResponseBuilder(ResponseBuilder):
             return self.delta(piece, False)
         return {"delta": {"tool_calls": [piece.to_openai()]}}
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._parsers: dict[int, ToolCallStream] = {}  # per streamed choice, when tool calls may come
+
     def opening(self, usage: bool, choices: int = 1) -> list[str]:
-        self._parsers: dict[int, ToolCallStream] = {}
         return [self.chunk("", [], None, usage, first=True, index=i) for i in range(choices)]
 
 
@@ -123,11 +126,12 @@ class OpenAIServingChat(OpenAIServing):
                 param = "tool_choice" if "tool_choice" in error.message else "tools"
                 raise ApiError(400, error.message, param=param) from None
             messages = plan.messages
+            if asked and (plan.constraint is not None or plan.switch is not None):
+                # One grammar per reply: tool calls (or text, with "auto") or the format, not both at once.
+                raise ApiError(400, "response_format cannot be combined with tools that may be called (the reply "
+                               "is constrained to tool calls); send tool_choice 'none' with it, or leave one out.",
+                               param="response_format", code="unsupported_value")
             if plan.constraint is not None:
-                if asked:
-                    raise ApiError(400, "tool_choice 'required' or a named tool constrains the reply to tool calls; "
-                                   "response_format cannot be added to that (use tool_choice 'auto' or 'none').",
-                                   param="response_format")
                 processors.append(loaded.grammar(plan.constraint))
             elif plan.switch is not None:
                 opened = loaded.tokenizer.token_to_id(CALL_OPEN)

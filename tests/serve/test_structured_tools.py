@@ -244,6 +244,7 @@ def test_bad_tools_are_400s_naming_them(client: Any) -> None:
              ({"tool_choice": "required"}, "tool_choice"),
              ({"tools": TOOLS, "tool_choice": "required",
                "response_format": {"type": "json_object"}}, "response_format"),
+             ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format"),
              ({"tools": [{"type": "web_search"}]}, "tools.0.type")]
     for extra, param in cases:
         response = httpx.post(f"{client.base_url}chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
@@ -252,6 +253,11 @@ def test_bad_tools_are_400s_naming_them(client: Any) -> None:
         error = response.json()["error"]
         assert error["param"] == param, (extra, error)
         assert error["message"] and "Traceback" not in response.text
+    # with tool_choice "none" the tools are not offered and the format applies
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    reply = client.chat.completions.create(model=MODEL_NAME, messages=ASK, tools=TOOLS, tool_choice="none",
+                                           response_format=fmt, max_tokens=120, temperature=1, seed=4)
+    jsonschema.validate(json.loads(reply.choices[0].message.content), PERSON)
 
 
 # -- logit_bias, prompt lists, models ------------------------------------------------------------------
@@ -313,3 +319,20 @@ def test_models_by_id_and_aliases(phi4: Any, phi4_server: LiveServer) -> None:
         assert reply.model == name
     with pytest.raises(openai.NotFoundError):
         phi4.chat.completions.create(model="gpt-4o", messages=ASK, max_tokens=2)
+
+
+def test_responses_stream_a_phi4_mini_tool_call_in_fragments(phi4: Any) -> None:
+    """Phi-4-mini's calls stream as they are written: the item first, then argument fragments."""
+    tool = {"type": "function", "name": "add", "description": "Add.", "parameters": SCHEMAS["add"]}
+    with phi4.responses.stream(model="phi4", input="Add 2 and 3", tools=[tool], tool_choice="required",
+                               parallel_tool_calls=False, max_output_tokens=200, temperature=0) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    kinds = [e.type for e in events]
+    added = kinds.index("response.output_item.added")
+    assert events[added].item.type == "function_call" and events[added].item.name == "add"
+    fragments = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    done = next(e for e in events if e.type == "response.function_call_arguments.done")
+    assert len(fragments) > 1 and "".join(fragments) == done.arguments
+    jsonschema.validate(json.loads(done.arguments), SCHEMAS["add"])
+    assert [i.type for i in final.output] == ["function_call"] and final.output[0].arguments == done.arguments
