@@ -1,6 +1,7 @@
-"""What chat and completions share: a request's checks and options, the engine call, and the reply
-(one JSON object, or an SSE stream of chunks). `serving_chat` and `serving_completions` fill in the
-prompt and the response shapes."""
+"""What the endpoints share: a request's checks and options (logit_bias, logits processors), the engine
+calls (one per prompt: a list of prompts gives one choice each), and the reply (one JSON object, or an SSE
+stream of chunks keyed by choice index). `serving_chat` and `serving_completions` fill in the prompt and
+the response shapes; `serving_responses` answers the Responses API over the chat machinery."""
 
 from __future__ import annotations
 
