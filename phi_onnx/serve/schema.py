@@ -3,7 +3,7 @@
 Every request field OpenAI documents for chat completions, completions and responses is classified once, here,
 in `CHAT_FIELDS`, `COMPLETION_FIELDS`, `MESSAGE_FIELDS`, `STREAM_OPTION_FIELDS` and `RESPONSES_FIELDS`: honoured
 (tools, response_format and logit_bias included); refused (a 400
-naming the field, unless its value asks for nothing, e.g. `tools: []`); or ignored, where ignoring it
+naming the field, unless its value asks for nothing, e.g. `modalities: ["text"]`); or ignored, where ignoring it
 changes no output (`user`, `metadata`, `store`...). Fields OpenAI does not document are accepted, as
 OpenAI's API and vLLM do (clients send vendor extras), and logged. Known fields with a wrong type or value
 are a 400 naming the field. Extensions beyond OpenAI's API, as in vLLM: `top_k`, `repetition_penalty`

@@ -127,3 +127,16 @@ def test_what_cannot_be_done_is_a_400_naming_it(live_server: Any, extra: dict[st
     error = response.json()["error"]
     assert error["param"] == param and words in error["message"], error
     assert "Traceback" not in response.text
+
+
+def test_responses_requests_are_counted_in_the_metrics(client: Any, live_server: Any) -> None:
+    def count() -> float:
+        page = httpx.get(f"{live_server.url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+        lines = [line for line in page.text.splitlines()
+                 if line.startswith("phi_onnx_requests_total{") and 'endpoint="responses"' in line
+                 and 'status="200"' in line]
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+    before = count()
+    client.responses.create(model=MODEL_NAME, input="Hi", max_output_tokens=1)
+    assert count() == before + 1
