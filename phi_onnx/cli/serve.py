@@ -106,7 +106,9 @@ def _loopback(host: str) -> bool:
               help="Requests waiting for a slot; more get 503 with Retry-After.")
 @click.option("--max-context", type=click.IntRange(min=2), default=None,
               help="Tokens per slot, prompt + reply (default: the export's max_length).")
-@click.option("--model-name", default=None, help="Model id clients use (default: the folder's name).")
+@click.option("--model-name", multiple=True,
+              help="Model id clients use (default: the folder's name); repeat it for aliases (the first is the "
+                   "main id; /v1/models lists all, and `model` may be any).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(["int4", "fp32", "fp16"]), default=None,
               help="When MODEL is a name: the precision to export it in (default int4).")
@@ -140,7 +142,7 @@ def _loopback(host: str) -> bool:
                    "0: the slots only).")
 @user_errors
 def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int, max_queue: int,
-          max_context: int | None, model_name: str | None, device: str, precision: str | None,
+          max_context: int | None, model_name: tuple[str, ...], device: str, precision: str | None,
           revision: str | None, threads: int | None, grace: float,
           replicas: str | None, min_replicas: int | None, max_replicas: int | None,
           gpus_per_replica: float | None, ray_address: str | None, allowed_hosts: tuple[str, ...],
@@ -167,7 +169,9 @@ def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int,
     origins = _names(cors_origins)
     allowed_host_set(hosts)  # a bad entry is an error now, before the model loads
     cors_origin_set(origins)
-    config = ServeConfig(max_batch=max_batch, max_queue=max_queue, api_key=api_key, model_name=model_name,
+    names = list(dict.fromkeys(model_name))  # the first is the main id; repeats are said once
+    config = ServeConfig(max_batch=max_batch, max_queue=max_queue, api_key=api_key,
+                         model_name=names[0] if names else None, model_aliases=tuple(names[1:]),
                          capacity=max_context, allowed_hosts=tuple(hosts), cors_origins=tuple(origins),
                          body_timeout=body_timeout, host=host, port=port, grace=grace,
                          header_timeout=header_timeout, max_connections=max_connections, prefix_cache=prefix_cache,
@@ -181,7 +185,7 @@ def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int,
 
     folder = str(resolve_model(model, device=device, precision=precision, revision=revision,
                                notify=lambda line: click.echo(line, err=True), progress=sys.stderr.isatty()))
-    if model_name is None and Path(folder) != Path(model):
+    if not names and Path(folder) != Path(model):
         # A store entry's folder is named by its id; clients know the name.
         config = dataclasses.replace(config, model_name=model)
     ray_given = [replicas, min_replicas, max_replicas, gpus_per_replica, ray_address]

@@ -23,12 +23,26 @@ from phi_onnx.runtime.scheduler import Scheduler
 from phi_onnx.serve.config import APP_FIELDS, DEFAULTS, ServeConfig
 from phi_onnx.serve.engine_client import EngineClient
 from phi_onnx.serve.metrics import CONTENT_TYPE, Metrics
-from phi_onnx.serve.schema import ApiError, ChatRequest, CompletionRequest, check_api_key, load_json, parse
+from phi_onnx.serve.schema import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    ResponsesRequest,
+    check_api_key,
+    load_json,
+    parse,
+    parse_responses,
+)
 from phi_onnx.serve.security import HostOriginGate, allowed_host_set, browser_origins, cors_origin_set
 from phi_onnx.serve.serving_chat import OpenAIServingChat
 from phi_onnx.serve.serving_completions import OpenAIServingCompletion
+from phi_onnx.serve.serving_engine import shown
+from phi_onnx.serve.serving_responses import OpenAIServingResponses
 
 log = logging.getLogger(__name__)
+#: The POST endpoints counted in the request metrics, by path.
+ENDPOINTS = {"/v1/chat/completions": "chat_completions", "/v1/completions": "completions",
+             "/v1/responses": "responses"}
 
 #: Largest request body accepted (413 beyond it); seconds a body may take to arrive (408 after). See ServeConfig.
 MAX_BODY_BYTES, BODY_TIMEOUT = DEFAULTS.max_body_bytes, DEFAULTS.body_timeout
@@ -70,6 +84,7 @@ def create_app(model: Model | Callable[[], Model], config: ServeConfig | None = 
         max_batch: KV slots (requests decoded together); max_queue: requests waiting beyond them (503 after).
         api_key: when set, /v1 and /metrics need `Authorization: Bearer KEY`.
         model_name: the id under /v1/models (default: the export folder's name).
+        model_aliases: more ids the model answers to (listed under /v1/models; `model` may be any).
         replica_name: when set, every response carries `x-phi-onnx-replica: NAME` (Ray Serve).
         capacity: tokens per slot (default the export's max_length); chunk: prefill tokens per step.
         allowed_hosts: Host names served besides the loopback names and the address a connection came in on
@@ -100,13 +115,18 @@ def create_app(model: Model | Callable[[], Model], config: ServeConfig | None = 
 
     app = FastAPI(title="phi-onnx", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.phi_onnx = _State(client)
+    created = int(time.time())
 
     def served_name() -> str:
         return config.model_name or (client.model.path.name if client.model else "phi-onnx")
 
+    def served_names() -> list[str]:
+        return list(dict.fromkeys([served_name(), *config.model_aliases]))
+
     metrics = Metrics(lambda: client.scheduler, served_name)
     client.metrics = metrics
-    chat, completion = OpenAIServingChat(client, served_name), OpenAIServingCompletion(client, served_name)
+    chat, completion = OpenAIServingChat(client, served_names), OpenAIServingCompletion(client, served_names)
+    responses = OpenAIServingResponses(client, served_names)
     if origins != frozenset():  # CORS answers (headers, preflight) only for origins the operator named
         app.add_middleware(CORSMiddleware, allow_origins=browser_origins(config.cors_origins),
                            allow_methods=["GET", "POST"], allow_headers=["*"], max_age=600)
@@ -136,8 +156,8 @@ def create_app(model: Model | Callable[[], Model], config: ServeConfig | None = 
                 response = await call_next(request)
         else:
             response = await call_next(request)
-        if path in ("/v1/chat/completions", "/v1/completions") and request.method == "POST":
-            endpoint = "chat_completions" if path == "/v1/chat/completions" else "completions"
+        if path in ENDPOINTS and request.method == "POST":
+            endpoint = ENDPOINTS[path]
             metrics.count_request(endpoint, response.status_code)
         if replica_name is not None:
             response.headers["x-phi-onnx-replica"] = replica_name
@@ -157,11 +177,22 @@ def create_app(model: Model | Callable[[], Model], config: ServeConfig | None = 
     async def metrics_page() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE)
 
+    def model_card(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": created, "owned_by": "phi-onnx"}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         client.engine()
-        return {"object": "list", "data": [{"id": served_name(), "object": "model", "created": int(time.time()),
-                                            "owned_by": "phi-onnx"}]}
+        return {"object": "list", "data": [model_card(name) for name in served_names()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict[str, Any]:
+        client.engine()
+        if name not in served_names():
+            listed = "', '".join(served_names())
+            raise ApiError(404, f"The model '{shown(name)}' does not exist; this server serves '{listed}'.",
+                           param="model", code="model_not_found")
+        return model_card(name)
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
@@ -199,6 +230,11 @@ def create_app(model: Model | Callable[[], Model], config: ServeConfig | None = 
     async def completions(request: Request) -> Response:
         body: CompletionRequest = parse(CompletionRequest, await body_of(request))
         return await completion.create(request, body)
+
+    @app.post("/v1/responses")
+    async def create_response(request: Request) -> Response:
+        body: ResponsesRequest = parse_responses(await body_of(request))
+        return await responses.create(request, body)
 
     return app
 

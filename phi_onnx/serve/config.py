@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     from phi_onnx.runtime.folder import ModelFolder
 
 #: Options of create_app that are not the listener's (what Ray passes on to each replica).
-APP_FIELDS = ("max_batch", "max_queue", "capacity", "chunk", "api_key", "model_name", "replica_name",
+APP_FIELDS = ("max_batch", "max_queue", "capacity", "chunk", "api_key", "model_name", "model_aliases",
+              "replica_name",
               "allowed_hosts", "cors_origins", "max_body_bytes", "body_timeout", "prefix_cache", "prefix_cache_bytes")
 
 
@@ -29,6 +30,7 @@ class ServeConfig:
         chunk: prefill tokens per step (None: the Scheduler's, phi_onnx.runtime.scheduler.CHUNK).
         api_key: when set, /v1 and /metrics need `Authorization: Bearer KEY`.
         model_name: the id under /v1/models (default: the export folder's name).
+        model_aliases: more ids the model answers to (listed under /v1/models; `model` may be any).
         replica_name: when set, every response carries `x-phi-onnx-replica: NAME` (Ray Serve).
         allowed_hosts: Host names served besides the loopback names and the address a connection came in on.
         cors_origins: web origins whose pages may call the API from a browser.
@@ -44,6 +46,7 @@ class ServeConfig:
     chunk: int | None = None
     api_key: str | None = None
     model_name: str | None = None
+    model_aliases: tuple[str, ...] = ()
     replica_name: str | None = None
     allowed_hosts: tuple[str, ...] | None = None
     cors_origins: tuple[str, ...] | None = None
@@ -58,6 +61,9 @@ class ServeConfig:
     max_connections: int = 256
 
     def __post_init__(self) -> None:
+        if isinstance(self.model_aliases, str):
+            raise OptionsError("model_aliases is a list of names, not one string.")
+        object.__setattr__(self, "model_aliases", tuple(self.model_aliases))
         for name in ("allowed_hosts", "cors_origins"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):

@@ -14,7 +14,20 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from phi_onnx.errors import PhiOnnxError
+from phi_onnx.runtime.chat import check_messages
+from phi_onnx.runtime.grammar import constraint_from
+from phi_onnx.runtime.model import Model
+from phi_onnx.runtime.options import LogitsProcessor
 from phi_onnx.runtime.scheduler import FinishEvent, TokenEvent
+from phi_onnx.runtime.tools import (
+    CALL_OPEN,
+    ToolCallDelta,
+    ToolCallStream,
+    ToolCallSwitch,
+    parse_tool_calls,
+    plan_tools,
+    tool_format,
+)
 from phi_onnx.serve.schema import ApiError, ChatRequest
 from phi_onnx.serve.serving_engine import OpenAIServing, ResponseBuilder
 
@@ -37,7 +50,14 @@ class ChatResponseBuilder(ResponseBuilder):
                              "top_logprobs": [self._entry(t, lp) for t, lp in e.top_logprobs]} for e in tokens]}
 
     def whole_choice(self, tokens: list[TokenEvent], finish: FinishEvent) -> dict[str, Any]:
-        return {"message": {"role": "assistant", "content": finish.text}}
+        if self.tool_format is None or finish.reason not in ("eos", "stop"):
+            # a reply cut by max_tokens is not parsed: its calls may be incomplete (finish_reason says length)
+            return {"message": {"role": "assistant", "content": finish.text}}
+        content, calls = parse_tool_calls(finish.text, self.tool_format)
+        if not calls:
+            return {"message": {"role": "assistant", "content": content}}
+        return {"message": {"role": "assistant", "content": content, "tool_calls": [c.to_openai() for c in calls]},
+                "finish_reason": "tool_calls"}
 
     def delta(self, text: str | None, first: bool) -> dict[str, Any]:
         delta: dict[str, Any] = {"role": "assistant"} if first else {}
@@ -45,12 +65,35 @@ class ChatResponseBuilder(ResponseBuilder):
             delta["content"] = text
         return {"delta": delta}
 
-    def opening(self, usage: bool) -> list[str]:
-        return [self.chunk("", [], None, usage, first=True)]
+    def pieces(self, index: int, text: str) -> list[dict[str, Any]]:
+        if self.tool_format is None:
+            return [self.delta(text, False)]
+        parser = self._parsers.setdefault(index, ToolCallStream(self.tool_format))
+        return [self._piece(p) for p in parser.push(text)]
+
+    def ending(self, index: int) -> tuple[list[dict[str, Any]], bool]:
+        if self.tool_format is None:
+            return [], False
+        parser = self._parsers.setdefault(index, ToolCallStream(self.tool_format))
+        held = [self._piece(p) for p in parser.finish()]
+        return held, bool(parser.calls)
+
+    def _piece(self, piece: str | ToolCallDelta) -> dict[str, Any]:
+        if isinstance(piece, str):
+            return self.delta(piece, False)
+        return {"delta": {"tool_calls": [piece.to_openai()]}}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._parsers: dict[int, ToolCallStream] = {}  # per streamed choice, when tool calls may come
+
+    def opening(self, usage: bool, choices: int = 1) -> list[str]:
+        return [self.chunk("", [], None, usage, first=True, index=i) for i in range(choices)]
 
 
 class OpenAIServingChat(OpenAIServing):
-    """The chat endpoint: renders the messages with the model's chat template."""
+    """The chat endpoint: renders the messages with the model's chat template (tools as the model's
+    tool format has them, phi_onnx.runtime.tools), with response_format's constraint if any."""
 
     param = "messages"
     builder = ChatResponseBuilder
@@ -63,15 +106,56 @@ class OpenAIServingChat(OpenAIServing):
 
     def messages(self, body: ChatRequest) -> list[dict[str, Any]]:
         """The messages as the chat template takes them (OpenAI's developer role is the system role)."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        return [m.as_dict() for m in body.messages]
+
+    def prepare(self, loaded: Model, body: ChatRequest) -> tuple[list[int], list[LogitsProcessor], str | None]:
+        """The prompt's token ids, the reply's logits processors (a grammar for response_format or tool
+        calls) and the tool format to parse the reply with (None: no tool calls expected). Runs off the
+        event loop (rendering, tokenizing and compiling a grammar take a while)."""
+        messages = self.messages(body)
+        tools, choice = body.tool_list(), body.choice()
+        processors: list[LogitsProcessor] = []
+        fmt = None
+        asked = body.response_format.constraint() if body.response_format is not None else {}
+        if tools is not None or choice not in (None, "none", "auto") or \
+                any(m.role == "tool" or m.tool_calls for m in body.messages):
+            fmt = tool_format(loaded.chat_template.source, loaded.tokenizer.vocabulary())
+            try:
+                plan = plan_tools(messages, tools, choice, fmt, parallel_tool_calls=body.parallel_tool_calls)
+            except PhiOnnxError as error:
+                param = "tool_choice" if "tool_choice" in error.message else "tools"
+                raise ApiError(400, error.message, param=param) from None
+            messages = plan.messages
+            if asked and (plan.constraint is not None or plan.switch is not None):
+                # One grammar per reply: tool calls (or text, with "auto") or the format, not both at once.
+                raise ApiError(400, "response_format cannot be combined with tools that may be called (the reply "
+                               "is constrained to tool calls); send tool_choice 'none' with it, or leave one out.",
+                               param="response_format", code="unsupported_value")
+            if plan.constraint is not None:
+                processors.append(loaded.grammar(plan.constraint))
+            elif plan.switch is not None:
+                opened = loaded.tokenizer.token_to_id(CALL_OPEN)
+                assert opened is not None  # tool_format found it
+                processors.append(ToolCallSwitch(loaded.grammar(plan.switch), opened))
+            if not tools or choice == "none":
+                fmt = None  # history only: the reply is text
+        if asked:
+            try:
+                constraint = constraint_from(**asked)
+            except PhiOnnxError as error:
+                raise ApiError(400, f"Invalid value for 'response_format': {error.message}",
+                               param="response_format", code="invalid_value") from None
+            if constraint is not None:
+                processors.append(loaded.grammar(constraint))
+        try:
+            return loaded.chat_prompt_ids(check_messages(messages)), processors, fmt
+        except PhiOnnxError as error:
+            raise ApiError(400, error.message, param="messages") from None
 
     async def create(self, request: Request, body: ChatRequest) -> Response:
         """Answer one parsed chat request."""
         loaded, _ = self.client.engine()
+        self.check_model(body)
         self.check_length(body.characters(), self.max_tokens(body))
-        try:
-            # Rendering and tokenizing a large body takes a while: off the event loop.
-            prompt = await asyncio.to_thread(loaded.chat_prompt_ids, self.messages(body))
-        except PhiOnnxError as error:
-            raise ApiError(400, error.message, param="messages") from None
-        return await self.respond(request, body, prompt)
+        prompt, processors, fmt = await asyncio.to_thread(self.prepare, loaded, body)
+        return await self.respond(request, body, [prompt], processors, fmt)

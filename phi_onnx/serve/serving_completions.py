@@ -42,10 +42,16 @@ class OpenAIServingCompletion(OpenAIServing):
         return body.logprobs
 
     async def create(self, request: Request, body: CompletionRequest) -> Response:
-        """Answer one parsed completion request."""
+        """Answer one parsed completion request: one choice per prompt (`index` in order)."""
         loaded, _ = self.client.engine()
-        text = body.text()
-        if text is not None:
+        self.check_model(body)
+        prompts = body.prompts()
+        texts = [p for p in prompts if isinstance(p, str)]
+        for text in texts:
             self.check_length(len(text), body.max_tokens)
-        prompt = await asyncio.to_thread(loaded.encode, text) if text is not None else list(body.prompt)
-        return await self.respond(request, body, prompt)
+        if texts:
+            encoded = iter(await asyncio.to_thread(lambda: [loaded.encode(t) for t in texts]))
+            ids = [next(encoded) if isinstance(p, str) else p for p in prompts]
+        else:
+            ids = [list(p) for p in prompts]  # type: ignore[arg-type]
+        return await self.respond(request, body, ids)

@@ -191,3 +191,27 @@ def test_serve_frees_the_port_when_it_stops_early(tmp_path: Path) -> None:
     with socket.socket() as again:  # and the listener it opened is closed again
         again.bind(("127.0.0.1", port))
         again.listen()
+
+
+def test_model_name_repeated_gives_aliases(monkeypatch: Any, tiny_export: Path) -> None:
+    """`--model-name a --model-name b`: `a` is the main id, `b` an alias; both listed and accepted."""
+    import uvicorn
+
+    served: list[Any] = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, *a, **k: served.append(self.config.app))
+    result = CliRunner().invoke(main, ["serve", str(tiny_export), "--port", "0", "--max-batch", "1",
+                                       "--max-context", "256", "--model-name", "main", "--model-name", "alias",
+                                       "--model-name", "main"])
+    assert result.exit_code == 0, result.output
+    from fastapi.testclient import TestClient
+
+    with TestClient(served[-1]) as client:
+        deadline = time.monotonic() + 60
+        while client.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["main", "alias"]
+        assert client.get("/v1/models/alias").json()["id"] == "alias"
+        missing = client.get("/v1/models/other")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+        reply = client.post("/v1/completions", json={"model": "alias", "prompt": "x", "max_tokens": 1})
+        assert reply.status_code == 200 and reply.json()["model"] == "alias"

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("fastapi")
 
-from phi_onnx.serve.schema import ApiError, ChatRequest, CompletionRequest, parse
+from phi_onnx.serve.schema import ApiError, ChatRequest, CompletionRequest, ResponsesRequest, parse, parse_responses
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
@@ -23,7 +23,60 @@ json_values = st.recursive(
     max_leaves=20)
 fields = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n",
           "seed", "stop", "stream", "stream_options", "logprobs", "top_logprobs", "presence_penalty",
-          "frequency_penalty", "repetition_penalty", "role", "content", "echo", "suffix"]
+          "frequency_penalty", "repetition_penalty", "role", "content", "echo", "suffix", "tools", "tool_choice",
+          "parallel_tool_calls", "response_format", "logit_bias", "functions", "function_call"]
+# The new request shapes: tools, response formats, tool history, logit_bias, prompt lists, Responses input items.
+names = st.sampled_from(["f", "get_weather", "", "bad name!"]) | st.text(max_size=8)
+schemas = st.sampled_from([{"type": "object"}, {"type": "array", "uniqueItems": True}, {"$ref": "#/nope"},
+                           {"type": "string", "pattern": "(?=x)"}, {}]) | json_values
+tool_specs = st.lists(st.fixed_dictionaries({"type": st.sampled_from(["function", "web_search"]) | json_values},
+                                            optional={"function": st.fixed_dictionaries(
+                                                {"name": names}, optional={"parameters": schemas,
+                                                                           "description": json_values})}), max_size=3)
+choices = st.sampled_from(["none", "auto", "required", "any"]) | st.fixed_dictionaries(
+    {"type": st.just("function"), "function": st.fixed_dictionaries({"name": names})}) | json_values
+formats = st.fixed_dictionaries(
+    {"type": st.sampled_from(["text", "json_object", "json_schema", "regex", "lark", "xml"])},
+    optional={"json_schema": st.fixed_dictionaries({}, optional={"name": names, "schema": schemas,
+                                                                 "strict": json_values}),
+              "regex": st.text(max_size=10) | json_values, "lark": st.text(max_size=10)})
+history = st.lists(st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "assistant", "tool", "function"])},
+    optional={"content": st.text(max_size=8) | json_values, "tool_call_id": st.text(max_size=6) | json_values,
+              "tool_calls": st.lists(st.fixed_dictionaries(
+                  {"id": st.text(max_size=6), "type": st.just("function"),
+                   "function": st.fixed_dictionaries({"name": names, "arguments": st.text(max_size=10) | json_values})}
+              ) | json_values, max_size=2)}), min_size=1, max_size=4)
+biases = st.dictionaries(st.text(max_size=4) | st.integers(0, 99).map(str), json_values | st.floats(), max_size=3)
+tool_bodies = st.fixed_dictionaries(
+    {"messages": history},
+    optional={"tools": tool_specs, "tool_choice": choices, "response_format": formats | json_values,
+              "parallel_tool_calls": json_values, "logit_bias": biases | json_values,
+              "functions": st.lists(st.fixed_dictionaries({"name": names}), max_size=2) | json_values,
+              "function_call": choices})
+prompt_lists = st.fixed_dictionaries({"prompt": st.lists(st.text(max_size=5), max_size=70)
+                                      | st.lists(st.lists(st.integers(-2, 99), max_size=3), max_size=4)
+                                      | st.lists(st.text(max_size=3) | st.lists(st.integers(0, 9)), max_size=3)},
+                                     optional={"logit_bias": biases})
+input_items = st.lists(st.fixed_dictionaries(
+    {"type": st.sampled_from(["message", "function_call", "function_call_output", "item_reference", "reasoning"])
+     | json_values},
+    optional={"role": st.sampled_from(["user", "assistant", "system", "tool"]) | json_values,
+              "content": st.text(max_size=8) | st.lists(st.fixed_dictionaries(
+                  {"type": st.sampled_from(["input_text", "input_image", "output_text", "x"]),
+                   "text": st.text(max_size=5) | json_values}), max_size=2) | json_values,
+              "call_id": st.text(max_size=5) | json_values, "name": names, "arguments": st.text(max_size=8)
+              | json_values, "output": st.text(max_size=8) | json_values}), max_size=4)
+responses_bodies = json_values | st.fixed_dictionaries(
+    {"input": st.text(max_size=10) | input_items | json_values},
+    optional={"instructions": json_values, "tools": st.lists(st.fixed_dictionaries(
+        {"type": st.sampled_from(["function", "web_search"]), "name": names},
+        optional={"parameters": schemas, "strict": json_values}), max_size=2) | json_values,
+        "tool_choice": choices, "text": st.fixed_dictionaries({}, optional={"format": st.fixed_dictionaries(
+            {"type": st.sampled_from(["text", "json_object", "json_schema", "regex"])},
+            optional={"schema": schemas, "name": names, "regex": json_values})}) | json_values,
+        "max_output_tokens": json_values, "store": json_values, "previous_response_id": json_values,
+        "stream": json_values, "temperature": json_values})
 # Bodies near the real shape reach deeper validation than random dictionaries do.
 messages = st.lists(st.fixed_dictionaries({}, optional={"role": st.sampled_from(["user", "system", "assistant", "x"])
                                                         | json_values, "content": json_values}), max_size=3)
@@ -32,7 +85,9 @@ bodies = json_values | st.dictionaries(st.sampled_from(fields), json_values | me
 
 def _check(kind: Any, data: Any) -> None:
     try:
-        request = parse(kind, data)
+        request = parse_responses(data) if kind is ResponsesRequest else parse(kind, data)
+        if kind is ResponsesRequest:
+            parse(ChatRequest, request.chat_body())  # what the endpoint does next
     except ApiError as error:
         body = error.body()["error"]
         assert error.status == 400 and isinstance(body["message"], str) and body["message"]
@@ -42,6 +97,12 @@ def _check(kind: Any, data: Any) -> None:
     if kind is ChatRequest:
         for message in request.messages:
             assert isinstance(message.text(), str)
+            assert isinstance(message.as_dict(), dict)
+        request.tool_list(), request.choice()
+        if request.response_format is not None:
+            assert isinstance(request.response_format.constraint(), dict)
+    if kind is CompletionRequest:
+        assert request.prompts() and all(isinstance(p, str | list) for p in request.prompts())
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -54,6 +115,24 @@ def test_chat_request_parsing_never_raises_anything_else(data: Any) -> None:
 @given(bodies)
 def test_completion_request_parsing_never_raises_anything_else(data: Any) -> None:
     _check(CompletionRequest, data)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tool_bodies)
+def test_tools_formats_history_and_bias_parse_or_get_a_400(data: Any) -> None:
+    _check(ChatRequest, data)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(prompt_lists)
+def test_prompt_lists_parse_or_get_a_400(data: Any) -> None:
+    _check(CompletionRequest, data)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(responses_bodies)
+def test_responses_request_parsing_never_raises_anything_else(data: Any) -> None:
+    _check(ResponsesRequest, data)
 
 
 def test_json_numbers_stay_valid_where_strings_and_booleans_are_not() -> None:
@@ -238,9 +317,6 @@ def test_pathological_bodies_named_in_the_issue_get_clear_400s_and_the_server_ke
 
 
 @pytest.mark.parametrize("field, value", [
-    ("response_format", {"type": "json_object"}), ("response_format", {"type": "json_schema", "json_schema": {}}),
-    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"), ("functions", [{}]),
-    ("function_call", "auto"), ("parallel_tool_calls", True), ("logit_bias", {"50256": -100}), ("logit_bias", "x"),
     ("modalities", ["text", "audio"]), ("audio", {"voice": "alloy", "format": "wav"}),
     ("prediction", {"type": "content", "content": "x"}), ("web_search_options", {}), ("service_tier", "flex"),
     ("reasoning_effort", "low"), ("verbosity", "high"), ("n", 2),
@@ -254,8 +330,7 @@ def test_chat_fields_phi_onnx_cannot_honour_are_400s_naming_them(fuzz_server: An
     assert error["param"] == field and f"'{field}'" in error["message"]
 
 
-@pytest.mark.parametrize("field, value", [("best_of", 2), ("echo", True), ("suffix", "}"), ("logit_bias", {"1": 5}),
-                                          ("n", 3)])
+@pytest.mark.parametrize("field, value", [("best_of", 2), ("echo", True), ("suffix", "}"), ("n", 3)])
 def test_completion_fields_phi_onnx_cannot_honour_are_400s_naming_them(fuzz_server: Any, field: str,
                                                                        value: Any) -> None:
     server, _ = fuzz_server
@@ -285,12 +360,36 @@ def test_fields_that_ask_for_nothing_and_harmless_ones_pass(fuzz_server: Any, ca
     assert httpx.post(server.url + "/v1/completions", json=completion, timeout=60).status_code == 200
 
 
-def test_tool_messages_and_calls_are_refused(fuzz_server: Any) -> None:
+@pytest.mark.parametrize("field, value", [
+    ("response_format", {"type": "xml"}), ("response_format", {"type": "regex"}), ("response_format", "json"),
+    ("tools", [{"type": "function"}]), ("tools", [{"type": "code_interpreter"}]), ("tool_choice", "any"),
+    ("functions", [{}]), ("function_call", "required"), ("parallel_tool_calls", "yes"), ("logit_bias", "x"),
+    ("logit_bias", {"a": 1}), ("logit_bias", {"1": "x"}),
+])
+def test_honoured_tool_and_format_fields_with_bad_values_are_400s_naming_them(fuzz_server: Any, field: str,
+                                                                               value: Any) -> None:
     server, _ = fuzz_server
+    answer = httpx.post(server.url + "/v1/chat/completions", timeout=30,
+                        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, field: value})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"].split(".")[0] == field and error["message"], error
+
+
+def test_tool_history_is_taken_and_what_it_cannot_be_is_refused(fuzz_server: Any) -> None:
+    server, _ = fuzz_server
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    ok = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+          {"role": "tool", "content": "42", "tool_call_id": "c1"}]
+    answer = httpx.post(server.url + "/v1/chat/completions", json={"messages": ok, "max_tokens": 1}, timeout=60)
+    assert answer.status_code == 200, answer.text
     for messages, param in (
-            ([{"role": "tool", "content": "42", "tool_call_id": "c1"}], "messages.0.role"),
+            ([{"role": "tool", "content": "42"}], "messages.0"),
             ([{"role": "function", "content": "42", "name": "f"}], "messages.0.role"),
-            ([{"role": "assistant", "tool_calls": [{"id": "c1", "type": "function"}]}], "messages.0.tool_calls"),
+            ([{"role": "assistant", "function_call": {"name": "f", "arguments": "{}"}}], "messages.0.function_call"),
+            ([{"role": "assistant", "tool_calls": [{"id": "c1", "type": "function"}]}],
+             "messages.0.tool_calls.0.function"),
+            ([{"role": "user", "content": "x", "tool_calls": [call]}], "messages.0"),
             ([{"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]}], "messages.0.content.0"),
             ([{"role": "assistant", "refusal": "no"}], "messages.0.refusal")):
         answer = httpx.post(server.url + "/v1/chat/completions", json={"messages": messages}, timeout=30)
@@ -299,7 +398,13 @@ def test_tool_messages_and_calls_are_refused(fuzz_server: Any) -> None:
 
 def test_every_documented_field_is_classified() -> None:
     """OpenAI's documented request fields (as of 2025), each honoured, refused or ignored in one place."""
-    from phi_onnx.serve.schema import CHAT_FIELDS, COMPLETION_FIELDS, MESSAGE_FIELDS, STREAM_OPTION_FIELDS
+    from phi_onnx.serve.schema import (
+        CHAT_FIELDS,
+        COMPLETION_FIELDS,
+        MESSAGE_FIELDS,
+        RESPONSES_FIELDS,
+        STREAM_OPTION_FIELDS,
+    )
 
     chat = {"messages", "model", "audio", "frequency_penalty", "function_call", "functions", "logit_bias", "logprobs",
             "max_completion_tokens", "max_tokens", "metadata", "modalities", "n", "parallel_tool_calls", "prediction",
@@ -313,7 +418,16 @@ def test_every_documented_field_is_classified() -> None:
     assert set(MESSAGE_FIELDS) == {"role", "content", "name", "tool_calls", "function_call", "tool_call_id", "audio",
                                    "refusal"}
     assert set(STREAM_OPTION_FIELDS) == {"include_usage", "include_obfuscation"}
-    for table in (CHAT_FIELDS, COMPLETION_FIELDS, MESSAGE_FIELDS, STREAM_OPTION_FIELDS):
+    responses = {"access_programs", "background", "background_options", "context_management", "conversation",
+                 "image", "include", "input", "instructions", "max_output_tokens", "max_tool_calls", "metadata",
+                 "model", "moderation", "parallel_tool_calls", "previous_response_id", "prompt", "prompt_cache_key",
+                 "prompt_cache_options", "prompt_cache_retention", "reasoning", "safety_identifier", "service_tier",
+                 "store", "stream", "stream_options", "temperature", "text", "tool_choice", "tools", "top_logprobs",
+                 "top_p", "truncation", "user"}
+    assert set(RESPONSES_FIELDS) == responses
+    for name in ("tools", "tool_choice", "response_format", "logit_bias", "parallel_tool_calls"):
+        assert CHAT_FIELDS[name].action == "honoured", name
+    for table in (CHAT_FIELDS, COMPLETION_FIELDS, MESSAGE_FIELDS, STREAM_OPTION_FIELDS, RESPONSES_FIELDS):
         for name, policy in table.items():
             assert policy.action in ("honoured", "refused", "ignored"), name
             assert policy.action == "honoured" or policy.note, name
@@ -335,3 +449,28 @@ def test_error_messages_do_not_echo_megabytes(fuzz_server: Any) -> None:
     for body in ({"model": "m" * 3_000_000, "prompt": "x"}, {"prompt": "x", "max_tokens": "9" * 3_000_000}):
         answer = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
         assert answer.status_code in (400, 404) and len(answer.content) < 2000
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(st.one_of(tool_bodies.map(lambda b: ("/v1/chat/completions", b)),
+                 prompt_lists.map(lambda b: ("/v1/completions", b)),
+                 responses_bodies.map(lambda b: ("/v1/responses", b))))
+def test_new_request_shapes_over_the_server_get_an_answer_or_a_4xx_never_a_500(fuzz_server: Any,
+                                                                                 case: tuple[str, Any]) -> None:
+    """Tools, formats, tool history, logit_bias, prompt lists and Responses bodies, prepared for real (templates
+    rendered, grammars compiled): a result or an OpenAI-shaped 4xx."""
+    server, crashes = fuzz_server
+    path, body = case
+    if isinstance(body, dict):
+        body = {**body, "max_tokens": 1, "max_output_tokens": 1, "stream": False} if path != "/v1/responses" else \
+            {**body, "max_output_tokens": 1, "stream": False}
+    answer = httpx.post(server.url + path, content=json.dumps(body), timeout=60,
+                        headers={"Content-Type": "application/json"})
+    assert answer.status_code in (200, 400, 404), (body, answer.text)
+    data = answer.json()
+    if answer.status_code == 200:
+        assert data.get("choices") or data.get("output"), data
+    else:
+        assert set(data["error"]) == {"message", "type", "param", "code"} and data["error"]["message"]
+    assert not crashes.records
