@@ -109,6 +109,9 @@ def _loopback(host: str) -> bool:
 @click.option("--model-name", multiple=True,
               help="Model id clients use (default: the folder's name); repeat it for aliases (the first is the "
                    "main id; /v1/models lists all, and `model` may be any).")
+@click.option("--max-adapters", type=click.IntRange(min=1), default=None,
+              help="Switchable LoRA adapters kept loaded at once (least recently used dropped, read again on "
+                   "demand; default: all).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(["int4", "fp32", "fp16"]), default=None,
               help="When MODEL is a name: the precision to export it in (default int4).")
@@ -142,8 +145,8 @@ def _loopback(host: str) -> bool:
                    "0: the slots only).")
 @user_errors
 def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int, max_queue: int,
-          max_context: int | None, model_name: tuple[str, ...], device: str, precision: str | None,
-          revision: str | None, threads: int | None, grace: float,
+          max_context: int | None, model_name: tuple[str, ...], max_adapters: int | None, device: str,
+          precision: str | None, revision: str | None, threads: int | None, grace: float,
           replicas: str | None, min_replicas: int | None, max_replicas: int | None,
           gpus_per_replica: float | None, ray_address: str | None, allowed_hosts: tuple[str, ...],
           cors_origins: tuple[str, ...], header_timeout: float, body_timeout: float, max_connections: int,
@@ -172,6 +175,7 @@ def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int,
     names = list(dict.fromkeys(model_name))  # the first is the main id; repeats are said once
     config = ServeConfig(max_batch=max_batch, max_queue=max_queue, api_key=api_key,
                          model_name=names[0] if names else None, model_aliases=tuple(names[1:]),
+                         max_adapters=max_adapters,
                          capacity=max_context, allowed_hosts=tuple(hosts), cors_origins=tuple(origins),
                          body_timeout=body_timeout, host=host, port=port, grace=grace,
                          header_timeout=header_timeout, max_connections=max_connections, prefix_cache=prefix_cache,

@@ -121,7 +121,9 @@ def create_app(model: Model | Callable[[], Model], config: ServeConfig | None = 
         return config.model_name or (client.model.path.name if client.model else "phi-onnx")
 
     def served_names() -> list[str]:
-        return list(dict.fromkeys([served_name(), *config.model_aliases]))
+        """The model's names, then its switchable LoRA adapters' (each a model id that selects it)."""
+        adapters = client.model.adapters if client.model else ()
+        return list(dict.fromkeys([served_name(), *config.model_aliases, *adapters]))
 
     metrics = Metrics(lambda: client.scheduler, served_name)
     client.metrics = metrics
@@ -178,7 +180,10 @@ def create_app(model: Model | Callable[[], Model], config: ServeConfig | None = 
         return Response(metrics.exposition(), media_type=CONTENT_TYPE)
 
     def model_card(name: str) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": created, "owned_by": "phi-onnx"}
+        card = {"id": name, "object": "model", "created": created, "owned_by": "phi-onnx"}
+        if client.model is not None and name in client.model.adapters and name != served_name():
+            card.update(parent=served_name(), root=served_name())  # a LoRA adapter on the base (vLLM's shape)
+        return card
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from phi_onnx.runtime.folder import ModelFolder
 
 #: Options of create_app that are not the listener's (what Ray passes on to each replica).
-APP_FIELDS = ("max_batch", "max_queue", "capacity", "chunk", "api_key", "model_name", "model_aliases",
+APP_FIELDS = ("max_batch", "max_queue", "capacity", "chunk", "api_key", "model_name", "model_aliases", "max_adapters",
               "replica_name",
               "allowed_hosts", "cors_origins", "max_body_bytes", "body_timeout", "prefix_cache", "prefix_cache_bytes")
 
@@ -31,6 +31,7 @@ class ServeConfig:
         api_key: when set, /v1 and /metrics need `Authorization: Bearer KEY`.
         model_name: the id under /v1/models (default: the export folder's name).
         model_aliases: more ids the model answers to (listed under /v1/models; `model` may be any).
+        max_adapters: most switchable LoRA adapters kept loaded (least recently used dropped; None: all).
         replica_name: when set, every response carries `x-phi-onnx-replica: NAME` (Ray Serve).
         allowed_hosts: Host names served besides the loopback names and the address a connection came in on.
         cors_origins: web origins whose pages may call the API from a browser.
@@ -47,6 +48,7 @@ class ServeConfig:
     api_key: str | None = None
     model_name: str | None = None
     model_aliases: tuple[str, ...] = ()
+    max_adapters: int | None = None
     replica_name: str | None = None
     allowed_hosts: tuple[str, ...] | None = None
     cors_origins: tuple[str, ...] | None = None

@@ -153,8 +153,15 @@ class OpenAIServing:
         return body.model if body.model is not None else names[0]
 
     def served_names(self) -> list[str]:
-        """Every name the served model answers to, the main one first."""
+        """Every name the served model answers to, the main one first (then its adapters)."""
         return self._names()
+
+    def base_names(self) -> list[str]:
+        """The names that mean the base model (not one of its adapters)."""
+        model = self.client.model
+        adapters = set(model.adapters) if model is not None else set()
+        names = self.served_names()
+        return [n for n in names if n not in adapters] or names[:1]
 
     def logit_bias(self, model: Model, body: Any) -> dict[int, float] | None:
         """`logit_bias` with int keys; a 400 for an id the vocabulary lacks."""
@@ -184,6 +191,8 @@ class OpenAIServing:
         bias = self.logit_bias(model, body)
         if bias:
             extra["logit_bias"] = bias
+        if body.model is not None and body.model in model.adapters and body.model not in self.base_names():
+            extra["adapter"] = body.model  # `model` names a switchable LoRA adapter: its rows use it
         try:
             return model.options(
                 max_new_tokens=budget, min_new_tokens=budget if body.ignore_eos else min(body.min_tokens, budget),

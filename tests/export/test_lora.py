@@ -332,3 +332,41 @@ def test_a_bound_on_loaded_adapters_drops_the_least_recently_used(switchable):
             assert model.generate(prompt, adapter=adapter, max_new_tokens=6, min_new_tokens=6).token_ids == \
                 expected[adapter]
             assert bank.loaded[-1] == adapter and len(bank.loaded) == 1
+
+
+def test_the_server_selects_adapters_by_model_and_lists_them(switchable):
+    """`model` picks the base or an adapter; concurrent requests for different ones each get their solo tokens."""
+    import concurrent.futures
+
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    import phi_onnx
+    from phi_onnx.serve import create_app
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "serve"))
+    from serve_helpers import LiveServer
+
+    with phi_onnx.load(switchable, backend="ort") as model:
+        prompt = random_ids(11, seed=21).ravel().tolist()
+        solo = {a: model.generate(prompt, adapter=a, max_new_tokens=8, min_new_tokens=8).token_ids
+                for a in (None, "a1", "a2")}
+        app = create_app(model, max_batch=3, capacity=128, model_name="base", max_adapters=1)
+        with LiveServer(app) as server:
+            listed = httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"]
+            assert [m["id"] for m in listed] == ["base", "a1", "a2"]
+            assert listed[1]["parent"] == "base" and "parent" not in listed[0]
+
+            def ask(name: str) -> list[int]:
+                body = {"model": name, "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+                        "return_token_ids": True}
+                reply = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+                assert reply.status_code == 200, reply.text
+                return reply.json()["choices"][0]["token_ids"]
+
+            with concurrent.futures.ThreadPoolExecutor(6) as pool:
+                names = ["base", "a1", "a2", "a2", "a1", "base"]
+                got = list(pool.map(ask, names))
+            assert got == [solo[None if n == "base" else n] for n in names]
+            assert model.core.lora is not None and len(model.core.lora.loaded) <= 1  # --max-adapters 1
+            missing = httpx.post(f"{server.url}/v1/completions", json={"model": "a3", "prompt": "x"}, timeout=30)
+            assert missing.status_code == 404 and "a1" in missing.json()["error"]["message"]
