@@ -291,3 +291,64 @@ def test_a_request_cancelled_during_admission_is_finished_or_kept_never_lost(mod
     scheduler.step()
     assert queued.finish is not None and queued.finish.reason == "cancelled"
     scheduler.close()
+
+
+def test_bad_arguments_are_refused_with_a_message(models):
+    """Issue 18: wrong types to Scheduler(...)/submit(...) are OptionsErrors, not raw Type/Value/AttributeErrors."""
+    model = models("phi3-mha")
+    for kwargs in ({"max_batch": "8"}, {"max_batch": 0}, {"max_queue": -1}, {"capacity": 1.5}, {"chunk": True},
+                   {"stall_factor": float("nan")}, {"prefix_cache_bytes": -5}):
+        with pytest.raises(OptionsError):
+            Scheduler(model, **kwargs)
+    with pytest.raises(OptionsError, match="loaded Model"):
+        Scheduler("not a model")  # type: ignore[arg-type]
+    scheduler = Scheduler(model, max_batch=1, capacity=64)
+    with pytest.raises(OptionsError, match="integers"):
+        scheduler.submit([1.7, 2.2])  # was silently [1, 2]
+    with pytest.raises(OptionsError, match="list of token ids"):
+        scheduler.submit("hello")  # type: ignore[arg-type]
+    with pytest.raises(OptionsError, match="GenerationOptions"):
+        scheduler.submit([1, 2], {"max_new_tokens": 3})  # type: ignore[arg-type]
+    with pytest.raises(OptionsError, match="frequency_penalty"):
+        scheduler.submit([1, 2], frequency_penalty=float("nan"))
+    with pytest.raises(OptionsError, match="sink"):
+        scheduler.submit([1, 2], sink=42)  # type: ignore[arg-type]
+    assert scheduler.queued == 0
+    scheduler.close()
+
+
+def test_one_requests_failure_in_sampling_never_touches_another(models):
+    """A request whose logits processor raises (or whose numbers break its sampling) ends alone with "error"."""
+    model = models("phi3-gqa")
+    scheduler = Scheduler(model, max_batch=2, capacity=64)
+
+    def broken(tokens: list[int], scores: Any) -> Any:
+        if len(tokens) > 6:
+            raise ValueError("processor bug")
+        return scores
+
+    bad = scheduler.submit([5, 6, 7], model.options(max_new_tokens=20, min_new_tokens=20, logits_processors=[broken]))
+    good = scheduler.submit([8, 9], model.options(max_new_tokens=20, min_new_tokens=20))
+    for _ in range(100):
+        if bad.finish and good.finish:
+            break
+        scheduler.step()
+    assert bad.finish is not None and bad.finish.reason == "error" and "processor bug" in (bad.finish.error or "")
+    assert good.finish is not None and good.finish.reason == "length"
+    assert good.generated == solo(model, [8, 9], 20)
+    scheduler.close()
+
+
+def test_step_is_refused_while_the_thread_runs_and_result_can_be_read_twice(models):
+    model = models("phi3-mha")
+    scheduler = Scheduler(model, max_batch=1, capacity=64)
+    scheduler.start()
+    try:
+        with pytest.raises(OptionsError, match="thread"):
+            scheduler.step()  # used to crash the process (two threads in one KV pool)
+        handle = scheduler.submit([5, 6, 7], model.options(max_new_tokens=4, min_new_tokens=4))
+        first = handle.result()
+        assert handle.result() == first  # used to block forever
+        assert list(handle) == []  # the events were read: iterating again ends at once
+    finally:
+        scheduler.close()
