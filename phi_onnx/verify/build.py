@@ -67,9 +67,13 @@ GROUPS = {"cpu": "cpu_and_mobile", "cuda": "cuda"}
 VARIANT_NAME = re.compile(
     r"^(?P<device>cpu|cuda)-(?P<precision>fp32|fp16|int4)"
     r"(?:-(?P<kind>rtn|rtn-asym)-block-(?P<block>\d+))?(?:-acc-level-(?P<acc>\d))?$")
-#: The export options a variant mapping may set: every ExportOptions field the command line has.
-OPTION_KEYS: tuple[str, ...] = tuple(item.name for item in fields(ExportOptions) if item.metadata.get("cli", True))
 RECIPE_HINT = "See the recipe format in the README (`phi-onnx build`), or recipes/phi.yaml."
+
+
+def option_keys() -> tuple[str, ...]:
+    """The export options a variant mapping may set: every ExportOptions field the command line has (so a new
+    field is a recipe key too), in field order."""
+    return tuple(item.name for item in fields(ExportOptions) if item.metadata.get("cli", True))
 
 
 class RecipeError(PhiOnnxError):
@@ -116,7 +120,7 @@ class Recipe:
 
 def parse_variant(spec: str | dict[str, Any], base: Path | None = None) -> ExportOptions:
     """ExportOptions from a variant name (`cpu-int4-rtn-block-32`, `cuda-fp16`, ...) or a mapping
-    `{variant: NAME, OPTION: VALUE, ...}` whose options (any of OPTION_KEYS, typed as ExportOptions' fields)
+    `{variant: NAME, OPTION: VALUE, ...}` whose options (any of `option_keys()`, typed as ExportOptions' fields)
     override the name's. Relative paths among them (`calibration`, `merge_adapter`, `adapters: {NAME: PATH}`)
     are relative to `base`, the recipe's folder, where given."""
     overrides: dict[str, Any] = {}
@@ -124,10 +128,11 @@ def parse_variant(spec: str | dict[str, Any], base: Path | None = None) -> Expor
         overrides = dict(spec)
         text = overrides.pop("variant", None)
         # YAML keys need not be strings (`0:`, `? 08`, a bare `?` is None): name them as written.
-        unknown = sorted(str(key) for key in set(overrides) - set(OPTION_KEYS))
+        keys = option_keys()
+        unknown = sorted(str(key) for key in set(overrides) - set(keys))
         if unknown:
             raise RecipeError(f"Unknown variant option(s): {', '.join(unknown)}.",
-                              hint=f"Variant options are: variant, {', '.join(OPTION_KEYS)}.")
+                              hint=f"Variant options are: variant, {', '.join(keys)}.")
         if text is None:
             text = f"{overrides.get('device', 'cpu')}-{overrides.get('precision', 'int4')}"
     else:
