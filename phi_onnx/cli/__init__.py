@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from typing import Any
 
 import click
 
 from phi_onnx import __version__
 from phi_onnx.cli.errors import user_errors
-from phi_onnx.cli.options import FiniteFloat
+from phi_onnx.cli.options import FiniteFloat, export_options, to_export_options
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -37,36 +38,7 @@ def _show_steps(logger_name: str) -> None:
 @click.argument("source")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
               help="Folder to create (it appears only once the export is complete).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int4"]), default="int4", show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="Execution provider the model is built for.")
-@click.option("--block-size", type=int, default=32, show_default=True, help="int4 block size (16..256).")
-@click.option("--symmetric/--asymmetric", default=True, show_default=True,
-              help="int4 without zero points (symmetric) or with them.")
-@click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
-              help="MatMulNBits accuracy level (default: 4 on CPU, 0 on CUDA).")
-@click.option("--max-length", type=int, default=None,
-              help="Default max_length in genai_config (default: min(context, 4096)).")
-@click.option("--embeddings", type=click.Choice(["auto", "full", "int4", "int8"]), default="auto", show_default=True,
-              help="Embedding table: full (activation dtype) or block-quantized; auto = int8 for int4 exports.")
-@click.option("--lm-head-bits", type=click.Choice(["4", "8"]), default=None,
-              help="Bits of the LM head in int4 exports (default 8).")
-@click.option("--algo", type=click.Choice(["rtn", "clip", "gptq"]), default="rtn", show_default=True,
-              help="int4 algorithm: rtn round-to-nearest (fastest), clip per-block range search (no data), "
-                   "gptq layer-by-layer GPTQ on calibration text (best quality, slower).")
-@click.option("--mix", type=click.Choice(["none", "auto"]), default="none", show_default=True,
-              help="Mixed precision: auto keeps the projections whose int4 error matters most (measured on the "
-                   "calibration text) at 8 bits, within --mix-budget.")
-@click.option("--mix-budget", type=float, default=None,
-              help="Extra size --mix auto may spend, as a fraction of the export without it (default 0.10).")
-@click.option("--calibration", type=click.Path(dir_okay=False), default=None,
-              help="Calibration text file for --algo gptq/clip and --mix auto (default: a built-in text).")
-@click.option("--calibration-tokens", type=int, default=None,
-              help="At most this many calibration tokens (default 4096, 1024 for --mix alone; more takes longer).")
-@click.option("--merge-adapter", type=click.Path(file_okay=False), default=None,
-              help="A PEFT LoRA adapter folder to merge into the weights (before quantization).")
-@click.option("--adapter", "adapters", multiple=True, metavar="NAME=PATH",
-              help="A PEFT LoRA adapter to ship switchable beside the base as NAME.onnx_adapter (repeatable).")
+@export_options()
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--verify", "run_verify", is_flag=True,
@@ -74,23 +46,12 @@ def _show_steps(logger_name: str) -> None:
                    "fails (the export stays, with the failing record in its manifest).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @user_errors
-def export(source: str, output: str, precision: str, device: str, block_size: int, symmetric: bool,
-           accuracy_level: int | None, max_length: int | None, embeddings: str, lm_head_bits: str | None,
-           algo: str, mix: str, mix_budget: float | None, calibration: str | None, calibration_tokens: int | None,
-           merge_adapter: str | None, adapters: tuple[str, ...], revision: str | None, overwrite: bool,
-           run_verify: bool, as_json: bool) -> None:
+def export(source: str, output: str, revision: str | None, overwrite: bool, run_verify: bool, as_json: bool,
+           **values: Any) -> None:
     """Export SOURCE (short name, hub id or local folder) to an ONNX model folder."""
-    from phi_onnx.export import ExportOptions
     from phi_onnx.export import export as run_export
-    from phi_onnx.source.adapter import adapter_names
 
-    options = ExportOptions(precision=precision, device=device, block_size=block_size,  # type: ignore[arg-type]
-                            symmetric=symmetric, accuracy_level=accuracy_level, max_length=max_length,
-                            embeddings=embeddings,  # type: ignore[arg-type]
-                            lm_head_bits=int(lm_head_bits) if lm_head_bits is not None else None,
-                            algo=algo, calibration=calibration,  # type: ignore[arg-type]
-                            calibration_tokens=calibration_tokens, mix=mix, mix_budget=mix_budget,  # type: ignore[arg-type]
-                            merge_adapter=merge_adapter, adapters=tuple(adapter_names(adapters)))
+    options = to_export_options(values)
     if run_verify:
         from phi_onnx.verify import require_reference_extra
 

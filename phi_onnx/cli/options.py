@@ -1,8 +1,9 @@
-"""Command-line options made from dataclass fields, so a new generation option is one field.
+"""Command-line options made from dataclass fields, so a new generation or export option is one field.
 
 `generation_options` turns every `GenerationOptions` field into a click option (`top_k` → `--top-k`, its
 type from the annotation, its help from the field's metadata); `generation_kwargs` turns the parsed
 values back into the keyword arguments `Model.stream` and `GenerationOptions.from_kwargs` take.
+`export_options` and `to_export_options` do the same for `ExportOptions` (`export`, `quantize`).
 """
 
 from __future__ import annotations
@@ -16,52 +17,98 @@ from typing import Any, TypeVar
 
 import click
 
+from phi_onnx.export.options import ExportOptions
 from phi_onnx.runtime.options import GenerationOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def dataclass_options(cls: type, **defaults: Any) -> Callable[[F], F]:
+def dataclass_options(cls: type, *, field_defaults: bool = False, only: tuple[str, ...] | None = None,
+                      helps: dict[str, str] | None = None, **defaults: Any) -> Callable[[F], F]:
     """A decorator adding one click option per field of dataclass `cls`, in field order.
 
     An option is unset (None, or () for a tuple field, which becomes a repeatable option) unless
-    `defaults` names it: then it gets that default, shown in --help. Help text comes from the field's
-    `metadata["help"]`; a field whose metadata has `"cli": False` gets no option. A bool field is a flag.
+    `defaults` names it, or `field_defaults` is set and the field's default is not None: then it gets
+    that default, shown in --help. Help text comes from the field's `metadata["help"]` (or `helps`); a
+    field whose metadata has `"cli": False` gets no option, nor does one left out of `only`. A bool field
+    is a flag (`metadata["flag"]` names its on/off pair, e.g. "--symmetric/--asymmetric"). The type is
+    the annotation's: a Literal is a choice; metadata may say `"choices"`, `"range"` (ints, both ends
+    included), `"path"` ("file" or "dir"), `"option"` (another name), `"metavar"`, `"multiple"`.
     """
     hints = typing.get_type_hints(cls)
-    unknown = set(defaults) - {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = (set(defaults) | set(only or ()) | set(helps or {})) - names
     if unknown:
         raise TypeError(f"{cls.__name__} has no field(s) {', '.join(sorted(unknown))}")  # a bug, not user input
 
     def option(item: dataclasses.Field[Any]) -> Callable[[F], F]:
-        kind = _click_type(hints[item.name])
-        settings: dict[str, Any] = {"help": item.metadata.get("help")}
+        meta = item.metadata
+        settings: dict[str, Any] = {"help": (helps or {}).get(item.name, meta.get("help"))}
+        if "metavar" in meta:
+            settings["metavar"] = meta["metavar"]
+        default = defaults.get(item.name, item.default if field_defaults else None)
+        if default is dataclasses.MISSING:
+            default = None
+        name = meta.get("option", "--" + item.name.replace("_", "-"))
+        kind = _click_type(hints[item.name]) if "path" not in meta or meta.get("multiple") else str
         if kind is bool:
-            settings["is_flag"] = True
-            settings["default"] = None
-        elif kind is tuple:
+            if "flag" in meta:
+                name = meta["flag"]
+            else:
+                settings["is_flag"] = True
+            settings["default"] = default
+            settings["show_default"] = default is not None and "flag" in meta
+        elif kind is tuple or meta.get("multiple"):
             settings["multiple"] = True
         else:
-            settings["type"] = kind
-            settings["default"] = defaults.get(item.name)
-            settings["show_default"] = item.name in defaults
-        return click.option("--" + item.name.replace("_", "-"), **settings)
+            settings["type"] = _param_type(kind, meta)
+            settings["default"] = default
+            settings["show_default"] = default is not None
+        return click.option(name, item.name, **settings)
 
     def decorate(func: F) -> F:
         for item in reversed(dataclasses.fields(cls)):  # click lists options in the order they were applied last
-            if item.metadata.get("cli", True):  # e.g. callables: library only
+            if cli_field(item) and (only is None or item.name in only):
                 func = option(item)(func)
         return func
 
     return decorate
 
 
+def cli_field(item: dataclasses.Field[Any]) -> bool:
+    """Whether a dataclass field is a command-line option (and an ExportOptions field a recipe key): all but
+    those whose metadata says `"cli": False` (e.g. callables: library only)."""
+    return bool(item.metadata.get("cli", True))
+
+
+def _param_type(kind: Any, meta: Any) -> Any:
+    """The click type of a single-valued option of Python type (or Literal choices) `kind`."""
+    if "choices" in meta:
+        return click.Choice(meta["choices"])
+    if "range" in meta:
+        return click.IntRange(*meta["range"])
+    if meta.get("path") == "file":
+        return click.Path(dir_okay=False)
+    if meta.get("path") == "dir":
+        return click.Path(file_okay=False)
+    if isinstance(kind, Choices):
+        return click.Choice(kind)
+    return kind
+
+
+class Choices(tuple):  # type: ignore[type-arg]
+    """A Literal annotation's values: a click choice."""
+
+
 def _click_type(annotation: Any) -> Any:
-    """int, float or str for a plain (or Optional) annotation; `tuple` for tuple[str, ...]."""
+    """int, float, str or bool for a plain (or Optional) annotation; `Choices` for a Literal; `tuple` for
+    tuple[str, ...]."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
     if typing.get_origin(annotation) is tuple:
         return tuple
+    if typing.get_origin(annotation) is typing.Literal:
+        return Choices(typing.get_args(annotation))
     if annotation in (int, float, str, bool):
         return annotation
     raise TypeError(f"no command-line type for {annotation!r}")  # a new field of a kind not handled here
@@ -79,6 +126,25 @@ class FiniteFloat(click.FloatRange):
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         return super().convert(number, param, ctx)
+
+
+def export_options(*, only: tuple[str, ...] | None = None, helps: dict[str, str] | None = None
+                   ) -> Callable[[F], F]:
+    """The options of `export` (or, with `only`, a subset: `quantize`'s), one per ExportOptions field, with the
+    dataclass's defaults."""
+    return dataclass_options(ExportOptions, field_defaults=True, only=only, helps=helps)
+
+
+def to_export_options(values: dict[str, Any]) -> ExportOptions:
+    """The ExportOptions the parsed command-line values describe (fields not given keep their defaults;
+    validated by ExportOptions: OptionsError, and AdapterError for a bad --adapter, if not)."""
+    kwargs: dict[str, Any] = {}
+    for item in dataclasses.fields(ExportOptions):
+        if not cli_field(item) or item.name not in values or values[item.name] is None:
+            continue
+        parse = item.metadata.get("from_cli")
+        kwargs[item.name] = parse(values[item.name]) if parse else values[item.name]
+    return ExportOptions(**kwargs)
 
 
 def generation_options(default_max_new: int) -> Callable[[F], F]:

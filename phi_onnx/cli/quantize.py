@@ -7,23 +7,19 @@ import json
 import click
 
 from phi_onnx.cli.errors import user_errors
+from phi_onnx.cli.options import export_options
 
 
 @click.command()
 @click.argument("source", type=click.Path(file_okay=False, exists=True))
 @click.argument("output", type=click.Path(file_okay=False))
-@click.option("--algo", type=click.Choice(["rtn", "clip", "gptq"]), default="rtn", show_default=True,
-              help="rtn round-to-nearest, clip per-block range search (no data), gptq (phi-onnx exports: re-exports "
-                   "from the checkpoint its manifest records).")
-@click.option("--block-size", type=int, default=32, show_default=True, help="int4 block size (16..256).")
-@click.option("--symmetric/--asymmetric", default=True, show_default=True,
-              help="int4 without zero points (symmetric) or with them.")
-@click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
-              help="MatMulNBits accuracy level (default: 4 for fp32 models, 0 for fp16).")
-@click.option("--calibration", type=click.Path(dir_okay=False), default=None,
-              help="Calibration text file for --algo gptq (default: a built-in text).")
-@click.option("--calibration-tokens", type=int, default=None,
-              help="At most this many calibration tokens for --algo gptq or --calibration (default 4096).")
+@export_options(only=("algo", "block_size", "symmetric", "accuracy_level", "calibration", "calibration_tokens"),
+                helps={"algo": "rtn round-to-nearest, clip per-block range search (no data), gptq (phi-onnx exports: "
+                               "re-exports from the checkpoint its manifest records).",
+                       "accuracy_level": "MatMulNBits accuracy level (default: 4 for fp32 models, 0 for fp16).",
+                       "calibration": "Calibration text file for --algo gptq (default: a built-in text).",
+                       "calibration_tokens": "At most this many calibration tokens for --algo gptq or --calibration "
+                                             "(default 4096)."})
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @user_errors(interrupted="Interrupted; the output folder was not created.")
 def quantize(source: str, output: str, algo: str, block_size: int, symmetric: bool, accuracy_level: int | None,

@@ -12,6 +12,7 @@ import click
 from phi_onnx.cli.errors import cli_wording, user_errors
 from phi_onnx.cli.options import THREADS, FiniteFloat, generation_kwargs, generation_options
 from phi_onnx.errors import OptionsError, PhiOnnxError
+from phi_onnx.export.options import PRECISIONS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -53,7 +54,7 @@ def _read_schema(path: str | None) -> Any:
 def _model_options(func: F) -> F:
     func = click.option("--revision", default=None,
                         help="Hub revision (branch, tag or commit) when MODEL is a hub id.")(func)
-    func = click.option("--precision", type=click.Choice(["fp32", "fp16", "int4"]), default=None,
+    func = click.option("--precision", type=click.Choice(PRECISIONS), default=None,
                         help="When MODEL is not an export folder: the precision to export it in "
                              "(default int4).")(func)
     func = click.option("--threads", type=THREADS, default=None,

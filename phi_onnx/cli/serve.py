@@ -19,6 +19,7 @@ import click
 from phi_onnx.cli.errors import user_errors
 from phi_onnx.cli.options import THREADS, FiniteFloat
 from phi_onnx.errors import PhiOnnxError
+from phi_onnx.export.options import PRECISIONS
 from phi_onnx.serve.config import DEFAULTS, ServeConfig
 
 SERVE_EXTRA = 'Serving needs FastAPI and uvicorn: pip install "phi-onnx[serve]".'
@@ -113,7 +114,7 @@ def _loopback(host: str) -> bool:
               help="Switchable LoRA adapters kept loaded at once (least recently used dropped, read again on "
                    "demand; default: all).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--precision", type=click.Choice(["int4", "fp32", "fp16"]), default=None,
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="When MODEL is a name: the precision to export it in (default int4).")
 @click.option("--revision", default=None, help="When MODEL is a hub id: the revision to export.")
 @click.option("--threads", type=THREADS, default=None,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -13,13 +17,21 @@ Algo = Literal["rtn", "clip", "gptq"]
 Embeddings = Literal["auto", "full", "int4", "int8"]
 Mix = Literal["none", "auto"]
 
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int4")
-EMBEDDINGS: tuple[str, ...] = ("auto", "full", "int4", "int8")
-DEVICES: tuple[str, ...] = ("cpu", "cuda")
-ALGOS: tuple[str, ...] = ("rtn", "clip", "gptq")
-MIXES: tuple[str, ...] = ("none", "auto")
+# The choices, from the annotations (the CLI's and the recipe's choices come from these too).
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
+EMBEDDINGS: tuple[str, ...] = typing.get_args(Embeddings)
+DEVICES: tuple[str, ...] = typing.get_args(Device)
+ALGOS: tuple[str, ...] = typing.get_args(Algo)
+MIXES: tuple[str, ...] = typing.get_args(Mix)
 #: `mix_budget` when `mix="auto"` and none is given: +10 % over the export with every projection at int4.
 DEFAULT_MIX_BUDGET = 0.10
+
+
+def _adapter_specs(specs: Iterable[str]) -> tuple[tuple[str, str], ...]:
+    """`--adapter NAME=PATH` values as `adapters` pairs (AdapterError on a bad spec)."""
+    from phi_onnx.source.adapter import adapter_names
+
+    return tuple(adapter_names(specs))
 
 
 @dataclass(frozen=True)
@@ -61,29 +73,44 @@ class ExportOptions:
     held-out text, on every trained fixture; see the README's Quantization section).
     """
 
-    precision: Precision = "int4"
-    device: Device = "cpu"
-    block_size: int = 32
-    symmetric: bool = True
-    accuracy_level: int | None = None
-    max_length: int | None = None
+    # Field metadata makes the command-line options of `export` and `quantize`, and the keys a `build` recipe's
+    # variant accepts (phi_onnx.cli.options.export_options, phi_onnx.verify.build): "help" is the --help text,
+    # a Literal annotation gives the choices; "path" ("file"/"dir") a path option (relative to the recipe in
+    # a recipe); "flag" a bool's on/off names; "option", "metavar", "multiple" and "from_cli" a repeatable
+    # option parsed into the field; "cli": False keeps a field out of both.
+    precision: Precision = field(default="int4", metadata={"help": "Weight precision."})
+    device: Device = field(default="cpu", metadata={"help": "Execution provider the model is built for."})
+    block_size: int = field(default=32, metadata={"help": "int4 block size (16..256)."})
+    symmetric: bool = field(default=True, metadata={
+        "help": "int4 without zero points (symmetric) or with them.", "flag": "--symmetric/--asymmetric"})
+    accuracy_level: int | None = field(default=None, metadata={
+        "help": "MatMulNBits accuracy level (default: 4 on CPU, 0 on CUDA).", "range": (0, 4)})
+    max_length: int | None = field(default=None, metadata={
+        "help": "Default max_length in genai_config (default: min(context, 4096))."})
     embeddings: Embeddings = field(default="auto", metadata={
         "help": "Embedding table: full (activation dtype) or block-quantized int4/int8; auto = int8 for int4 "
                 "exports, full otherwise."})
     lm_head_bits: int | None = field(default=None, metadata={
-        "help": "Bits of the LM head in int4 exports: 4 or 8 (default 8)."})
+        "help": "Bits of the LM head in int4 exports: 4 or 8 (default 8).", "choices": (4, 8)})
     algo: Algo = field(default="rtn", metadata={
         "help": "int4 algorithm: rtn round-to-nearest (fastest), clip per-block range search (no data), gptq "
                 "layer-by-layer GPTQ on calibration text (best quality, slower)."})
-    calibration: str | tuple[str, ...] | None = None
-    calibration_tokens: int | None = None
+    calibration: str | tuple[str, ...] | None = field(default=None, metadata={
+        "help": "Calibration text file for --algo gptq/clip and --mix auto (default: a built-in text).",
+        "path": "file"})
+    calibration_tokens: int | None = field(default=None, metadata={
+        "help": "At most this many calibration tokens (default 4096, 1024 for --mix alone; more takes longer)."})
     mix: Mix = field(default="none", metadata={
         "help": "Mixed precision: auto keeps the projections whose int4 error matters most (measured on the "
                 "calibration text) at 8 bits, within --mix-budget; none keeps every projection at 4 bits."})
     mix_budget: float | None = field(default=None, metadata={
         "help": "Extra size --mix auto may spend, as a fraction of the export without it (default 0.10 = +10 %)."})
-    merge_adapter: str | None = None
-    adapters: tuple[tuple[str, str], ...] = ()
+    merge_adapter: str | None = field(default=None, metadata={
+        "help": "A PEFT LoRA adapter folder to merge into the weights (before quantization).", "path": "dir"})
+    adapters: tuple[tuple[str, str], ...] = field(default=(), metadata={
+        "help": "A PEFT LoRA adapter to ship switchable beside the base as NAME.onnx_adapter (repeatable).",
+        "option": "--adapter", "metavar": "NAME=PATH", "multiple": True, "path": "dir",
+        "from_cli": _adapter_specs})
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -237,13 +264,32 @@ class ExportOptions:
         return data
 
 
-#: The Python type each option must have (None also allowed where listed); bool is not an int here.
-_TYPES: dict[str, tuple[type, bool]] = {
-    "precision": (str, False), "device": (str, False), "block_size": (int, False), "symmetric": (bool, False),
-    "accuracy_level": (int, True), "max_length": (int, True), "algo": (str, False), "embeddings": (str, False),
-    "lm_head_bits": (int, True), "calibration_tokens": (int, True), "mix": (str, False),
-    "mix_budget": (float, True), "merge_adapter": (str, True),
-}
+def option_type(annotation: Any) -> tuple[type, bool]:
+    """The Python type a field's value must have (a Literal's: its values' type) and whether None is allowed;
+    None for a field checked elsewhere (`adapters`, `calibration`)."""
+    args = typing.get_args(annotation)
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args
+    if optional:
+        args = tuple(arg for arg in args if arg is not type(None))
+        annotation = args[0] if len(args) == 1 else annotation
+    if typing.get_origin(annotation) is Literal:
+        annotation = type(typing.get_args(annotation)[0])
+    if annotation in (str, int, float, bool):
+        return annotation, optional
+    raise TypeError(f"no plain type for {annotation!r}")  # a bug: the field needs its own check
+
+
+def _plain_types() -> dict[str, tuple[type, bool]]:
+    """Each field's type (None also allowed where flagged); bool is not an int here. Fields of other kinds
+    (`calibration`: a path or texts; `adapters`: pairs) have their own checks."""
+    hints = typing.get_type_hints(ExportOptions)
+    out: dict[str, tuple[type, bool]] = {}
+    for item in dataclasses.fields(ExportOptions):
+        try:
+            out[item.name] = option_type(hints[item.name])
+        except TypeError:
+            continue
+    return out
 
 
 def _check_adapters(options: ExportOptions) -> None:
@@ -280,3 +326,7 @@ def _check_types(options: ExportOptions) -> None:
             raise OptionsError(f"ExportOptions.{name} must be {wanted}{' or None' if optional else ''}, "
                                f"not {type(value).__name__} {value!r}.",
                                hint=f"Pass e.g. ExportOptions({name}={getattr(ExportOptions, name, None)!r}).")
+
+
+#: The Python type each option must have, from the annotations.
+_TYPES: dict[str, tuple[type, bool]] = _plain_types()

@@ -67,8 +67,13 @@ GROUPS = {"cpu": "cpu_and_mobile", "cuda": "cuda"}
 VARIANT_NAME = re.compile(
     r"^(?P<device>cpu|cuda)-(?P<precision>fp32|fp16|int4)"
     r"(?:-(?P<kind>rtn|rtn-asym)-block-(?P<block>\d+))?(?:-acc-level-(?P<acc>\d))?$")
-OPTION_KEYS = ("precision", "device", "block_size", "symmetric", "accuracy_level", "max_length")
 RECIPE_HINT = "See the recipe format in the README (`phi-onnx build`), or recipes/phi.yaml."
+
+
+def option_keys() -> tuple[str, ...]:
+    """The export options a variant mapping may set: every ExportOptions field the command line has (so a new
+    field is a recipe key too), in field order."""
+    return tuple(item.name for item in fields(ExportOptions) if item.metadata.get("cli", True))
 
 
 class RecipeError(PhiOnnxError):
@@ -113,18 +118,21 @@ class Recipe:
     verify_device: str = "cpu"
 
 
-def parse_variant(spec: str | dict[str, Any]) -> ExportOptions:
+def parse_variant(spec: str | dict[str, Any], base: Path | None = None) -> ExportOptions:
     """ExportOptions from a variant name (`cpu-int4-rtn-block-32`, `cuda-fp16`, ...) or a mapping
-    `{variant: NAME, OPTION: VALUE, ...}` whose options override the name's."""
+    `{variant: NAME, OPTION: VALUE, ...}` whose options (any of `option_keys()`, typed as ExportOptions' fields)
+    override the name's. Relative paths among them (`calibration`, `merge_adapter`, `adapters: {NAME: PATH}`)
+    are relative to `base`, the recipe's folder, where given."""
     overrides: dict[str, Any] = {}
     if isinstance(spec, dict):
         overrides = dict(spec)
         text = overrides.pop("variant", None)
         # YAML keys need not be strings (`0:`, `? 08`, a bare `?` is None): name them as written.
-        unknown = sorted(str(key) for key in set(overrides) - set(OPTION_KEYS))
+        keys = option_keys()
+        unknown = sorted(str(key) for key in set(overrides) - set(keys))
         if unknown:
             raise RecipeError(f"Unknown variant option(s): {', '.join(unknown)}.",
-                              hint=f"Variant options are: variant, {', '.join(OPTION_KEYS)}.")
+                              hint=f"Variant options are: variant, {', '.join(keys)}.")
         if text is None:
             text = f"{overrides.get('device', 'cpu')}-{overrides.get('precision', 'int4')}"
     else:
@@ -145,13 +153,35 @@ def parse_variant(spec: str | dict[str, Any]) -> ExportOptions:
         values["algo"] = "rtn"  # the name says so, whatever the export default is
     if match["acc"]:
         values["accuracy_level"] = int(match["acc"])
-    values.update(overrides)
+    values.update(_relative_paths(overrides, base) if base is not None else overrides)
     try:
         return ExportOptions(**values)
     except TypeError as error:
         raise RecipeError(f"Variant {text!r}: {error}.", hint=RECIPE_HINT) from error
     except OptionsError as error:
         raise RecipeError(f"Variant {text!r}: {error.message}", hint=error.hint) from error
+
+
+def _relative_paths(overrides: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Path options read against the recipe's folder, like every other path in a recipe (values of the wrong
+    type are left for ExportOptions to refuse, naming the option)."""
+    out = dict(overrides)
+
+    def resolve(value: Any) -> Any:
+        return str(base / value) if isinstance(value, str) and value and "\0" not in value else value
+
+    for item in fields(ExportOptions):
+        if "path" not in item.metadata or item.name not in out:
+            continue
+        value = out[item.name]
+        if item.name == "adapters" and isinstance(value, dict):
+            out[item.name] = {name: resolve(path) for name, path in value.items()}
+        elif item.name == "adapters" and isinstance(value, list):
+            out[item.name] = [[pair[0], resolve(pair[1])] if isinstance(pair, list | tuple) and len(pair) == 2
+                              else pair for pair in value]
+        else:
+            out[item.name] = resolve(value)
+    return out
 
 
 def load_recipe(path: str | os.PathLike[str], output: str | os.PathLike[str] | None = None) -> Recipe:
@@ -212,7 +242,7 @@ def parse_recipe(data: Any, file: Path, output: str | os.PathLike[str] | None = 
             raise RecipeError(f"Model {name!r} lists no variants and the recipe has no default `variants`.",
                               hint=RECIPE_HINT)
         for spec in specs:
-            variant = Variant(name, source, None if revision is None else str(revision), parse_variant(spec),
+            variant = Variant(name, source, None if revision is None else str(revision), parse_variant(spec, base),
                               verify=bool(entry.get("verify", True)))
             if not _inside(out / variant.relative_dir, out):  # _model_name makes this hold; never write outside
                 raise RecipeError(f"Model {name!r} would be written outside {out}.", hint=RECIPE_HINT)
