@@ -265,7 +265,7 @@ def test_a_stale_pending_folder_that_is_not_an_export_is_refused(home):
     ("weights", "files are missing (model.onnx.data)", True),
     ("record", "it has no record", True),
     # What the runtime finds wrong in a file's content, in the store's words; `list` reads no model file
-    ("genai_config", "genai_config.json lacks a required field", False),
+    ("genai_config", "lacks the required field model.context_length", False),
 ])
 def test_a_damaged_entry_is_listed_refused_and_removable(home, damage, why, listed):
     folder = resolve_model("tiny-phi3", device="cpu")
