@@ -127,7 +127,8 @@ def test_mixed_export_keeps_the_chosen_projections_at_8_bits_within_the_budget(m
 
 
 def test_mixed_export_is_closer_to_fp32(mixed, tmp_path):
-    """On held-out text (12 windows): less KL from the fp32 export than the same export without the mix."""
+    """On held-out text (12 windows): less KL from the fp32 export than the same export without the mix
+    (measured: 3.37e-3 → 1.99e-3, 0.59x; on all of heldout.txt 0.574x → 0.332x of the builder's int4)."""
     plain, folder, _ = mixed
     rows = heldout_windows_of(TINY_PHI3_DIR, TINY_PHI3_DIR / "heldout.txt", 128)[:12]
     export(TINY_PHI3_DIR, tmp_path / "fp32", ExportOptions(precision="fp32"))
@@ -135,7 +136,7 @@ def test_mixed_export_is_closer_to_fp32(mixed, tmp_path):
     plain_kl, _ = kl_and_top1(reference, window_log_probs(plain, rows))
     mixed_kl, _ = kl_and_top1(reference, window_log_probs(folder, rows))
     print(f"KLD plain {plain_kl.mean():.2e}, mixed {mixed_kl.mean():.2e}")
-    assert mixed_kl.mean() < 0.9 * plain_kl.mean()
+    assert mixed_kl.mean() < 0.75 * plain_kl.mean()
 
 
 def test_inspect_shows_the_choice(mixed):
