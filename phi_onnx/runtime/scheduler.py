@@ -408,11 +408,8 @@ class Scheduler:
         else the least recently used (its contents saved to the store first). Keeps only the shared prefix."""
         free = [s for s in range(self.max_batch) if self.slots[s] is None]
         adapter, pool = request.options.adapter, self.pool
-        if not self.prefix_cache:
-            pool.clear(free[0])
-            pool.adapter[free[0]] = adapter
-            return free[0]
-        shared = {s: self._shared(s, request) for s in free}
+        reuses = self._reuses(request)
+        shared = {s: self._shared(s, request) if reuses else 0 for s in free}
         slot = max(free, key=lambda s: (shared[s], not pool.filled(s), -self.last_used[s]))
         if shared[slot] < pool.filled(slot) and self.store is not None:
             self.store.save(pool, slot)  # what this slot held would be lost: keep it for later
@@ -421,6 +418,7 @@ class Scheduler:
         request.cached_tokens = shared[slot]
         self.reused_tokens += shared[slot]
         return slot
+
     def step(self) -> None:
         """One scheduling step on the caller's thread (for tests and tools, when `start()` was not called)."""
         if self._thread is not None:
@@ -439,7 +437,7 @@ class Scheduler:
         for request in prefilling:
             if budget <= 0:
                 break
-            if self.prefix_cache:
+            if self._reuses(request):
                 self._import_prefix(request)
                 if self._shares_work(request, waiting_for):
                     continue  # an earlier request is computing this one's prefix right now
@@ -481,6 +479,12 @@ class Scheduler:
             return
         self.copied_tokens += length - have
         request.cached_tokens += length - have
+
+    def _reuses(self, request: Request) -> bool:
+        """Whether `request` may start from cached rows. A seeded sampled request computes its whole prompt:
+        rows computed in another chunking differ in the last bits (the kernels sum in another order), enough
+        to change a sampled token, and a seed promises the same tokens every time. Greedy requests reuse."""
+        return self.prefix_cache and not (request.options.do_sample and request.options.seed is not None)
 
     def _shared(self, slot: int, request: Request) -> int:
         """Prompt tokens of `request` that `slot`'s rows can serve: a common prefix computed with the same
