@@ -13,22 +13,6 @@ from phi_onnx.runtime.prefix_cache import PrefixStore
 from phi_onnx.runtime.scheduler import Scheduler
 
 
-@pytest.fixture(scope="module")
-def models(make_export: Any) -> Any:
-    import phi_onnx
-
-    cache: dict[str, Any] = {}
-
-    def get(name: str) -> Any:
-        if name not in cache:
-            cache[name] = phi_onnx.load(make_export(name), device="cpu", backend="ort")
-        return cache[name]
-
-    yield get
-    for model in cache.values():
-        model.close()
-
-
 def cold(model: Any, prompt: list[int], new: int) -> list[int]:
     """Model.generate from an empty cache."""
     model.engine.forget()

@@ -13,22 +13,6 @@ from phi_onnx.runtime.errors import PromptTooLongError
 from phi_onnx.runtime.scheduler import FinishEvent, QueueFullError, Request, Scheduler, SchedulerClosedError, TokenEvent
 
 
-@pytest.fixture(scope="module")
-def models(make_export: Any) -> Any:
-    import phi_onnx
-
-    cache: dict[str, Any] = {}
-
-    def get(name: str) -> Any:
-        if name not in cache:
-            cache[name] = phi_onnx.load(make_export(name), device="cpu", backend="ort")
-        return cache[name]
-
-    yield get
-    for model in cache.values():
-        model.close()
-
-
 def solo(model: Any, prompt: list[int], new: int, **options: Any) -> list[int]:
     return model.generate(prompt, max_new_tokens=new, min_new_tokens=new, **options).token_ids
 
