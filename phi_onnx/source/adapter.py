@@ -24,7 +24,7 @@ import numpy as np
 from phi_onnx.errors import PhiOnnxError
 from phi_onnx.jsonfile import read_json_object
 from phi_onnx.paths import expand_user
-from phi_onnx.source.checkpoint import Checkpoint, TensorInfo, _read_header, _regular, file_sha256
+from phi_onnx.source.checkpoint import Checkpoint, TensorInfo, _read_header, _regular, file_sha256, read_tensor
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -241,19 +241,8 @@ def _pattern(patterns: Any, module: str, default: float) -> float:
 
 
 def _read(info: TensorInfo, weight: str) -> np.ndarray:
-    size = info.end - info.begin
-    buffer = np.empty(size, dtype=np.uint8)
-    try:
-        with info.file.open("rb") as handle:
-            handle.seek(info.begin)
-            read = handle.readinto(memoryview(buffer))
-    except OSError as error:
-        raise AdapterError(f"Cannot read the LoRA tensors for {weight} from {info.file}: {error.strerror or error}.",
-                           hint="Check the adapter's files.") from error
-    if read != size:
-        raise AdapterError(f"{info.file} ended while reading the LoRA tensors for {weight}.",
-                           hint="The file is truncated; save the adapter again.")
-    return buffer.view(info.dtype).reshape(info.shape).astype(np.float32)
+    return read_tensor(info, f"the LoRA tensors for {weight}", AdapterError, unreadable="Check the adapter's files.",
+                       truncated="The file is truncated; save the adapter again.").astype(np.float32)
 
 
 class MergedCheckpoint(Checkpoint):

@@ -21,7 +21,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from phi_onnx.errors import CheckpointError
+from phi_onnx.errors import CheckpointError, PhiOnnxError
 
 _DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -54,6 +54,24 @@ class TensorInfo:
     begin: int
     end: int
 
+
+
+def read_tensor(info: TensorInfo, what: str, error: type[PhiOnnxError], *, unreadable: str,
+                truncated: str) -> np.ndarray:
+    """The tensor `info` describes, read from its file (in its own dtype); `error` names `what` when the file
+    cannot be read (hint `unreadable`) or ends early (hint `truncated`)."""
+    size = info.end - info.begin
+    buffer = np.empty(size, dtype=np.uint8)
+    try:
+        with info.file.open("rb") as handle:
+            handle.seek(info.begin)
+            read = handle.readinto(memoryview(buffer))
+    except OSError as failure:
+        raise error(f"Cannot read {what} from {info.file}: {failure.strerror or failure}.", hint=unreadable) \
+            from failure
+    if read != size:
+        raise error(f"{info.file} ended while reading {what}.", hint=truncated)
+    return buffer.view(info.dtype).reshape(info.shape)
 
 class Checkpoint:
     """The tensors of a Hugging Face checkpoint folder, read lazily by name."""
@@ -93,19 +111,9 @@ class Checkpoint:
     def read(self, name: str, dtype: np.dtype | type = np.float32) -> np.ndarray:
         """Read one tensor from disk and convert it to `dtype`."""
         info = self.info(name)
-        size = info.end - info.begin
-        buffer = np.empty(size, dtype=np.uint8)
-        try:
-            with info.file.open("rb") as handle:
-                handle.seek(info.begin)
-                read = handle.readinto(memoryview(buffer))
-        except OSError as error:
-            raise CheckpointError(f"Cannot read tensor {name!r} from {info.file}: {error.strerror or error}.",
-                                  hint="Check that the checkpoint's files are readable.") from error
-        if read != size:
-            raise CheckpointError(f"{info.file} ended while reading tensor {name!r}.",
-                                  hint="The file is truncated; download it again.")
-        array = buffer.view(info.dtype).reshape(info.shape)
+        array = read_tensor(info, f"tensor {name!r}", CheckpointError,
+                            unreadable="Check that the checkpoint's files are readable.",
+                            truncated="The file is truncated; download it again.")
         return array if array.dtype == np.dtype(dtype) else array.astype(dtype)
 
     def check_all_read(self, architecture: str, ignore: Iterable[str] = ()) -> None:
