@@ -8,14 +8,16 @@ its thread pool, as Generation and the Scheduler do before sampling).
 
 Per mode: median/p95/mean milliseconds per step (all rows), `mask_mean_ms` the part spent computing
 masks (the rest applies them to the scores with numpy), and `share_of_step_pct` the mean as a share
-of `--step-ms` (a decode step of the model).
+of a decode step of the model at the same batch: measured on `--model EXPORT` (a static batch of that
+many rows, `Model.generate`, after a warm-up), else `--step-ms` for every batch.
 
 Vocabularies: an export's or checkpoint's tokenizer.json (`--tokenizer FOLDER`, e.g. Phi-3's 32k),
 and `--synthetic N`: a byte-level BPE vocabulary of N real byte strings (the most frequent pieces of
 the Python standard library's sources) standing in for a 200k tokenizer (Phi-4-mini's is 200k).
 
 Usage:
-    python benchmarks/grammar_cost.py --tokenizer /tmp/phi-bench/phi3-mid --synthetic 200000 --step-ms 35
+    python benchmarks/grammar_cost.py --tokenizer /tmp/phi-bench/phi3-mid --synthetic 200000 \
+        --model /tmp/phi-bench/phi3-mid-int4
 """
 
 from __future__ import annotations
@@ -154,6 +156,21 @@ def measure(folder: Path, batch: int, steps_cap: int, repeat: int) -> dict[str, 
     return results
 
 
+def decode_step_ms(folder: Path, batch: int, new_tokens: int = 24) -> float:
+    """Milliseconds of one decode step of a static batch of `batch` rows on the export `folder` (median of 3)."""
+    import phi_onnx
+
+    model = phi_onnx.load(folder, backend="ort")
+    prompts = [[10 + b, 11, 12, 13, 14, 15, 16, 17] for b in range(batch)]
+    model.generate(prompts, max_new_tokens=4)  # warm-up
+    steps = []
+    for _ in range(3):
+        result = model.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        row = result[0] if isinstance(result, list) else result
+        steps.append(1e3 / row.decode_tokens_per_second)
+    return statistics.median(steps)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", action="append", default=[], type=Path,
@@ -166,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="Passes; the best is kept.")
     parser.add_argument("--step-ms", type=float, default=35.0,
                         help="A decode step of the model, to express the cost as a share of it.")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="An export whose decode step (per batch size) replaces --step-ms.")
     parser.add_argument("--json", action="store_true", help="Print JSON lines only.")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="Keep built tokenizers here and reuse them (default: a temporary folder).")
@@ -190,13 +209,16 @@ def main(argv: list[str] | None = None) -> int:
         if not args.json:
             print(f"# synthetic {size}-token vocabulary built in {time.perf_counter() - started:.1f} s",
                   file=sys.stderr)
+    batches = args.batch or [1, 8]
+    step_ms = {b: decode_step_ms(args.model, b) if args.model else args.step_ms for b in batches}
     for folder in folders:
-        for batch in args.batch or [1, 8]:
+        for batch in batches:
             row = measure(folder, batch, args.steps, args.repeat)
             row["tokenizer"] = str(folder)
+            row["decode_step_ms"] = round(step_ms[batch], 2)
             for mode in ("sequential", "fill_masks"):
                 if mode in row:
-                    row[mode]["share_of_step_pct"] = round(100 * row[mode]["mean_ms"] / args.step_ms, 2)
+                    row[mode]["share_of_step_pct"] = round(100 * row[mode]["mean_ms"] / step_ms[batch], 2)
             print(json.dumps(row))
     scratch.cleanup()
     return 0

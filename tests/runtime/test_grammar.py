@@ -183,3 +183,20 @@ def test_cli_json_schema_file(tiny, tmp_path):
         run = CliRunner().invoke(main, ["generate", str(tiny.path), "x", "--json-schema", str(path)])
         assert run.exit_code == 2, run.output
         assert message in run.output and "Traceback" not in run.output
+
+
+@pytest.mark.parametrize("vocab", [64, 1000, 200_003])
+@pytest.mark.parametrize("density", [0.0, 0.001, 0.3, 0.7, 0.999, 1.0])
+def test_apply_mask_equals_the_bit_by_bit_rule(vocab, density):
+    # Sparse and dense masks take different paths; both must block exactly the tokens whose bit is 0,
+    # including in the last, partly used word (bits past the vocabulary may be set by llguidance).
+    rng = np.random.default_rng(int(vocab * 10 + density * 1000))
+    words = (vocab + 31) // 32
+    bits = rng.random(words * 32) < density
+    bits[vocab:] = rng.random(words * 32 - vocab) < 0.5
+    mask = np.packbits(bits, bitorder="little").view(np.int32)
+    scores = rng.standard_normal(vocab).astype(np.float32)
+    expected = np.where(bits[:vocab], scores, -np.inf)
+    out = grammar.apply_mask(mask, scores)
+    assert out is scores
+    np.testing.assert_array_equal(out, expected)
