@@ -25,13 +25,13 @@ from phi_onnx.source.checkpoint import Checkpoint
 PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 
-def synthetic_adapter(checkpoint: Path, folder: Path, rank: int) -> Path:
-    """A PEFT LoRA adapter folder of rank `rank` on every projection of `checkpoint`."""
+def synthetic_adapter(checkpoint: Path, folder: Path, rank: int, seed: int = 0) -> Path:
+    """A PEFT LoRA adapter folder of rank `rank` on every projection of `checkpoint` (random A and B from `seed`)."""
     from safetensors.numpy import save_file
 
     config = json.loads((checkpoint / "config.json").read_text())
     base = Checkpoint(checkpoint)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     tensors = {}
     for layer in range(config["num_hidden_layers"]):
         for projection in PROJECTIONS:

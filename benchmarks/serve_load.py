@@ -21,6 +21,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -32,8 +34,10 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-async def one_request(client: httpx.AsyncClient, prompt: list[int], new_tokens: int) -> dict[str, Any]:
-    """Stream one completion; returns its start, chunk arrival times and token count.
+async def one_request(client: httpx.AsyncClient, prompt: list[int], new_tokens: int,
+                      model: str | None = None) -> dict[str, Any]:
+    """Stream one completion (for `model` when given: a served name or LoRA adapter); returns its start, chunk
+    arrival times and token count.
 
     The token count is the usage's completion_tokens: llama-server holds back a token that ends in an
     incomplete UTF-8 character and sends it with the next one, so chunks can be fewer than tokens.
@@ -41,6 +45,8 @@ async def one_request(client: httpx.AsyncClient, prompt: list[int], new_tokens: 
     body = {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True},
             "logprobs": 0}  # logprobs: one chunk per token, even when a token adds no visible text
+    if model is not None:
+        body["model"] = model
     start = time.perf_counter()
     arrivals: list[float] = []
     tokens = None
@@ -59,16 +65,22 @@ async def one_request(client: httpx.AsyncClient, prompt: list[int], new_tokens: 
 
 
 async def level(url: str, clients: int, per_client: int, prompt_tokens: int, new_tokens: int, vocab: int,
-                headers: dict[str, str], seed: int | None = None) -> dict[str, Any]:
-    """Run `clients` concurrent clients; the figures of that level (prompts seeded by `clients`)."""
+                headers: dict[str, str], seed: int | None = None,
+                models: Sequence[str | None] | None = None) -> dict[str, Any]:
+    """Run `clients` concurrent clients; the figures of that level (prompts seeded by `clients`).
+
+    With `models`, client w's i-th request asks for models[(w + i) % len(models)], so at any moment the
+    clients are spread evenly over them (e.g. a base model and its LoRA adapters); without, no `model` is sent.
+    """
     rng = np.random.default_rng(clients if seed is None else seed)
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits, headers=headers) as client:
         async def worker(w: int) -> list[dict[str, Any]]:
             out = []
-            for _ in range(per_client):
+            for i in range(per_client):
                 prompt = rng.integers(10, vocab - 10, size=prompt_tokens).tolist()
-                out.append(await one_request(client, prompt, new_tokens))
+                model = models[(w + i) % len(models)] if models else None
+                out.append(await one_request(client, prompt, new_tokens, model))
             return out
 
         began = time.perf_counter()
@@ -110,6 +122,38 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def start_server(folder: str, *, max_batch: int, max_queue: int, max_context: int, threads: int | None = None,
+                 extra: Sequence[str] = (), log: Path | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """Start `phi-onnx serve FOLDER` on a free 127.0.0.1 port (more options in `extra`; its output to `log`
+    when given); returns the process and its URL."""
+    port = free_port()
+    command = [sys.executable, "-m", "phi_onnx", "serve", folder, "--port", str(port),
+               "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--max-context", str(max_context),
+               *(["--threads", str(threads)] if threads else []), *extra]
+    out = log.open("wb") if log is not None else subprocess.DEVNULL
+    try:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    finally:
+        if log is not None:
+            out.close()  # the child holds its own copy
+    return server, f"http://127.0.0.1:{port}"
+
+
+def wait_healthy(url: str, server: subprocess.Popen[bytes] | None, seconds: float = 300) -> None:
+    """Wait until `url`/health answers 200; exit when `seconds` pass or `server` ends first."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline or (server is not None and server.poll() is not None):
+            sys.exit("the server did not become healthy")
+        time.sleep(0.5)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder")
@@ -131,29 +175,13 @@ def main() -> None:
     server = None
     url = args.url
     if url is None:
-        port = free_port()
-        command = [sys.executable, "-m", "phi_onnx", "serve", args.folder, "--port", str(port),
-                   "--max-batch", str(args.max_batch), "--max-queue", str(max(levels) * 2),
-                   "--max-context", str(args.prompt_tokens + args.new_tokens + 16)]
-        if args.threads:
-            command += ["--threads", str(args.threads)]
-        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        url = f"http://127.0.0.1:{port}"
+        server, url = start_server(args.folder, max_batch=args.max_batch, max_queue=max(levels) * 2,
+                                   max_context=args.prompt_tokens + args.new_tokens + 16, threads=args.threads)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     rows = []
     static = StaticBatch(args.folder, args.threads) if args.static else None
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or (server is not None and server.poll() is not None):
-                sys.exit("the server did not become healthy")
-            time.sleep(0.5)
+        wait_healthy(url, server)
         # warm-up, on prompts no level sends (a server's prompt cache must not serve the first level)
         asyncio.run(level(url, 1, 1, args.prompt_tokens, 8, vocab, headers, seed=10_000))
         for clients in levels:

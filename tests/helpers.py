@@ -122,6 +122,22 @@ def random_ids(n: int, seed: int = 0, low: int = 10, high: int = 990) -> np.ndar
     return np.random.default_rng(seed).integers(low, high, size=(1, n), dtype=np.int64)
 
 
+def make_adapter(checkpoint: Path, folder: Path, seed: int, **config: Any) -> Path:
+    """A peft LoRA adapter on `checkpoint`, with random (non-zero) A and B, saved to `folder`.
+
+    `config` is peft's LoraConfig (r, lora_alpha, target_modules, ...). Needs peft and torch (the reference extra).
+    """
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(base, peft.LoraConfig(init_lora_weights=False, **config))
+    model.save_pretrained(folder)
+    return folder
+
+
 def save_tiny_checkpoint(model: Any, folder: Path, tokenizer_dir: Path,
                          eos: tuple[str, ...] = ("<|endoftext|>", "<|end|>")) -> Path:
     """Save a transformers model with the session tokenizer and a generation_config naming `eos`."""

@@ -71,12 +71,13 @@ def serve_cluster(model_path: str, config: ServeConfig, *, replicas: int | str, 
         if ray_address is not None:
             check_export_on_nodes(path, gpus_per_replica=gpus_per_replica)
         app_options = config.app_options()
-        for key in ("max_batch", "max_queue", "api_key", "model_name"):
+        for key in ("max_batch", "max_queue", "api_key", "model_name", "max_adapters"):
             del app_options[key]  # deployment's own arguments
         app = deployment(path, replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
                          gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus, threads=threads, device=device,
                          backend=backend, max_batch=config.max_batch, max_queue=config.max_queue,
-                         api_key=config.api_key, model_name=config.model_name, app_options=app_options,
+                         api_key=config.api_key, model_name=config.model_name,
+                         max_adapters=config.max_adapters, app_options=app_options,
                          check_folder=ray_address is None)
         serve.start(http_options={"host": host, "port": port})
         try:

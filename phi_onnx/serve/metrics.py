@@ -150,6 +150,8 @@ class _PoolCollector:
     @staticmethod
     def _families(s: Any, model: str) -> Iterator[Metric]:
         store = getattr(s, "store", None)
+        model_object = getattr(s, "model", None)
+        lora = getattr(getattr(model_object, "core", None), "lora", None)  # None: no switchable adapters
         values = [
             ("phi_onnx_active_requests", "Requests holding a KV slot.", s.active if s else 0),
             ("phi_onnx_queued_requests", "Requests waiting for a KV slot.", s.queued if s else 0),
@@ -166,6 +168,10 @@ class _PoolCollector:
             ("phi_onnx_kv_tokens_capacity", "Tokens the KV pool can hold (slots x tokens per slot).",
              s.max_batch * s.capacity if s else 0),
             ("phi_onnx_kv_pool_bytes", "Bytes allocated for the KV pool.", s.pool_bytes if s else 0),
+            ("phi_onnx_lora_adapters_loaded", "Switchable LoRA adapters whose tensors are in memory.",
+             len(lora.loaded) if lora is not None else (None if s else 0)),
+            ("phi_onnx_lora_adapters_max", "Most switchable LoRA adapters kept loaded (--max-adapters; no sample: "
+             "unbounded).", lora.max_loaded if lora is not None else None),
         ]
         for name, documentation, value in values:
             family = GaugeMetricFamily(name, documentation, labels=["model"])

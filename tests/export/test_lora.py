@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import prompt_then_decode, random_ids, save_tiny_checkpoint
+from helpers import make_adapter, prompt_then_decode, random_ids, save_tiny_checkpoint
 
 from phi_onnx.errors import PhiOnnxError
 from phi_onnx.export import ExportOptions, export
@@ -22,17 +22,6 @@ torch = pytest.importorskip("torch")
 
 TOL = 1e-4  # tests/export/test_parity.py's
 PHI3_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
-
-
-def make_adapter(checkpoint: Path, folder: Path, seed: int, **config: Any) -> Path:
-    """A peft LoRA adapter on `checkpoint`, with random (non-zero) A and B, saved to `folder`."""
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    torch.manual_seed(seed)
-    model = peft.get_peft_model(base, peft.LoraConfig(init_lora_weights=False, **config))
-    model.save_pretrained(folder)
-    return folder
 
 
 def peft_model(checkpoint: Path, adapter: Path) -> Any:

@@ -209,3 +209,21 @@ def test_gauges_read_the_scheduler_and_leave_out_what_it_does_not_count() -> Non
     del scheduler.held_tokens  # a scheduler without per-slot counts: no sample rather than a made-up 0
     assert registry.get_sample_value("phi_onnx_kv_tokens_used", {"model": "m"}) is None
     assert registry.get_sample_value("phi_onnx_kv_slots_used", {"model": "m"}) == 2
+
+
+def test_lora_gauges_read_the_adapter_bank_and_are_absent_without_one() -> None:
+    from types import SimpleNamespace
+
+    from phi_onnx.serve.metrics import Metrics
+
+    bank = SimpleNamespace(loaded=("a2",), max_loaded=1)
+    scheduler = SimpleNamespace(active=0, queued=0, max_batch=4, capacity=128, pool_bytes=4096,
+                                model=SimpleNamespace(core=SimpleNamespace(lora=bank)))
+    registry = Metrics(lambda: scheduler, lambda: "m").registry
+    assert registry.get_sample_value("phi_onnx_lora_adapters_loaded", {"model": "m"}) == 1
+    assert registry.get_sample_value("phi_onnx_lora_adapters_max", {"model": "m"}) == 1
+    bank.max_loaded, bank.loaded = None, ("a1", "a2", "a3")
+    assert registry.get_sample_value("phi_onnx_lora_adapters_loaded", {"model": "m"}) == 3
+    assert registry.get_sample_value("phi_onnx_lora_adapters_max", {"model": "m"}) is None  # unbounded
+    scheduler.model = SimpleNamespace(core=SimpleNamespace(lora=None))  # an export without adapters
+    assert registry.get_sample_value("phi_onnx_lora_adapters_loaded", {"model": "m"}) is None

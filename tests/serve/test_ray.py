@@ -1,8 +1,8 @@
 """phi-onnx on Ray Serve: the deployment's options, its proxy middleware, and a live 2-replica local cluster.
 
 The cluster tests (marked `ray`) share one local Ray (2 CPUs, every listener on loopback) and run in
-file order: requests, listeners, a replica killed mid-load, then the example config. Every phase is
-bounded by timeouts.
+file order: requests, listeners, a replica killed mid-load, the example config, then an export with
+switchable LoRA adapters in place of the first deployment. Every phase is bounded by timeouts.
 """
 
 from __future__ import annotations
@@ -28,9 +28,11 @@ from typing import Any
 
 import pytest
 import yaml
+from helpers import make_adapter
 
 from phi_onnx.errors import OptionsError, PhiOnnxError
 from phi_onnx.serve import ray as pray
+from phi_onnx.tiny import TINY_PHI3_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = "phi-onnx"
@@ -116,6 +118,19 @@ def test_a_folder_that_is_not_an_export_or_bad_options_fail_before_ray_starts(tm
     result = CliRunner().invoke(main, ["serve", str(tmp_path), "--replicas", "2"])
     assert result.exit_code == 2 and "is not a phi-onnx export" in result.output
     assert "Traceback" not in result.output
+
+
+def test_max_adapters_reaches_each_replicas_serve_config(tiny_export):
+    """`max_adapters` (the CLI's --max-adapters) is in the arguments every replica builds its ServeConfig from."""
+    pytest.importorskip("ray")
+
+    def replica_max(**options: Any) -> int | None:
+        folder, load, app = pray.deployment(tiny_export, **options)._bound_deployment.init_args
+        return pray.replica_config(folder, load, app).max_adapters
+
+    assert replica_max(max_adapters=2, app_options={"capacity": 64}) == 2
+    assert replica_max(app_options={"max_adapters": 3}) == 3  # a Serve config's app_options
+    assert replica_max() is None  # all of them
 
 
 class _FakeScheduler:
@@ -235,17 +250,17 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _replicas(ray: Any) -> list[str]:
+def _replicas(ray: Any, app: str = APP) -> list[str]:
     return [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
-            if actor["name"].startswith(f"SERVE_REPLICA::{APP}#")]
+            if actor["name"].startswith(f"SERVE_REPLICA::{app}#")]
 
 
-def _wait_running(serve: Any, count: int, seconds: float = 90) -> None:
+def _wait_running(serve: Any, count: int, seconds: float = 90, app: str = APP) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        status = serve.status().applications.get(APP)
+        status = serve.status().applications.get(app)
         if status is not None and status.status == "RUNNING":
-            states = status.deployments[APP].replica_states
+            states = status.deployments[APP].replica_states  # the deployment's name is always APP
             if states.get("RUNNING", 0) == count and sum(states.values()) == count:
                 return
         time.sleep(0.5)
@@ -483,3 +498,84 @@ def test_the_example_serve_config_deploys(cluster, tiny_export):
     reply = served.completions.create(model=name, prompt="Once upon a time", max_tokens=4)
     assert reply.choices[0].text and reply.usage.completion_tokens == 4
     serve.delete(application["name"])
+
+
+@pytest.fixture(scope="module")
+def adapter_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny-phi3 int4 with two switchable peft adapters: a1 (r=4, every projection), a2 (r=8, o/down)."""
+    pytest.importorskip("peft")
+    from phi_onnx.export import ExportOptions, export
+
+    root = tmp_path_factory.mktemp("ray-lora")
+    a1 = make_adapter(TINY_PHI3_DIR, root / "a1", 1, r=4, lora_alpha=8,
+                      target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    a2 = make_adapter(TINY_PHI3_DIR, root / "a2", 2, r=8, lora_alpha=16, target_modules=["o_proj", "down_proj"])
+    export("tiny-phi3", root / "out", ExportOptions(adapters=(("a1", str(a1)), ("a2", str(a2)))))
+    return root / "out"
+
+
+def _gauge(text: str, name: str) -> float | None:
+    found = re.search(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else None
+
+
+@pytest.mark.ray
+@pytest.mark.xdist_group("ray")
+def test_replicas_serve_the_exports_switchable_adapters_by_model(cluster, adapter_export):
+    """Each replica lists the adapters, `model` picks one (its tokens are the library's), --max-adapters reaches it."""
+    httpx = pytest.importorskip("httpx")
+    import phi_onnx
+
+    prompt = list(range(40, 51))
+    with phi_onnx.load(adapter_export, backend="ort", threads=1) as model:
+        expected = {name: model.generate(prompt, adapter=None if name == "base" else name, max_new_tokens=8,
+                                         min_new_tokens=8, temperature=0).token_ids for name in ("base", "a1", "a2")}
+    assert expected["a1"] != expected["base"] and expected["a2"] != expected["base"]
+
+    serve, url, name = cluster["serve"], cluster["url"], f"{APP}-lora"
+    serve.delete(APP)  # its 2 CPUs are this deployment's (the cluster holds one deployment at a time)
+    app = pray.deployment(adapter_export, replicas=2, cpus_per_replica=1, max_batch=4, max_queue=8,
+                          model_name="base", max_adapters=1, app_options={"capacity": 256})
+    serve.run(app, name=name, route_prefix="/")
+    try:
+        _wait_running(serve, 2, app=name)
+        replicas = {replica.rsplit("#", 1)[1] for replica in _replicas(cluster["ray"], app=name)}
+
+        def ask(model_name: str) -> tuple[str, list[int]]:
+            body = {"model": model_name, "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+                    "return_token_ids": True}
+            reply = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+            assert reply.status_code == 200, reply.text
+            return reply.headers["x-phi-onnx-replica"], reply.json()["choices"][0]["token_ids"]
+
+        names = ["base", "a1", "a2"] * 4
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(ask, names, timeout=120))
+        assert [tokens for _, tokens in answers] == [expected[n] for n in names]
+        served = {replica for (replica, _), n in zip(answers, names, strict=True) if n != "base"}
+        for _ in range(20):  # bounded: until every replica has served an adapter (routing is random)
+            if served >= replicas:
+                break
+            replica, tokens = ask("a2")
+            assert tokens == expected["a2"]
+            served.add(replica)
+        assert served == replicas and len(replicas) == 2
+
+        listings: dict[str, list[str]] = {}
+        gauges: dict[str, tuple[float | None, float | None]] = {}
+        for _ in range(40):  # each replica's own listing and adapter gauges (bounded; routing is random)
+            models = httpx.get(f"{url}/v1/models", timeout=30)
+            metrics = httpx.get(f"{url}/metrics", timeout=30)
+            assert models.status_code == metrics.status_code == 200
+            listings[models.headers["x-phi-onnx-replica"]] = [m["id"] for m in models.json()["data"]]
+            gauges[metrics.headers["x-phi-onnx-replica"]] = (_gauge(metrics.text, "phi_onnx_lora_adapters_max"),
+                                                             _gauge(metrics.text, "phi_onnx_lora_adapters_loaded"))
+            if set(listings) == set(gauges) == replicas:
+                break
+        assert listings == {replica: ["base", "a1", "a2"] for replica in replicas}
+        # max_adapters=1 reached every replica, which holds one adapter of the two it read.
+        assert gauges == {replica: (1.0, 1.0) for replica in replicas}
+        missing = httpx.post(f"{url}/v1/completions", json={"model": "a3", "prompt": "x"}, timeout=30)
+        assert missing.status_code == 404 and "a1" in missing.json()["error"]["message"]
+    finally:
+        serve.delete(name)

@@ -23,8 +23,8 @@ def deployment(folder: str | os.PathLike[str], *, replicas: int | str = 1, min_r
                max_replicas: int | None = None, gpus_per_replica: float = 0.0, cpus_per_replica: float = 1.0,
                threads: int | None = None, max_batch: int = DEFAULTS.max_batch,
                max_queue: int = DEFAULTS.max_queue, api_key: str | None = None,
-               model_name: str | None = None, device: str | None = None, backend: str | None = None,
-               target_ongoing_requests: float | None = None, name: str = "phi-onnx",
+               model_name: str | None = None, max_adapters: int | None = None, device: str | None = None,
+               backend: str | None = None, target_ongoing_requests: float | None = None, name: str = "phi-onnx",
                app_options: dict[str, Any] | None = None, check_folder: bool = True) -> Any:
     """A Ray Serve application serving the export in `folder` with the OpenAI API of `phi-onnx serve`.
 
@@ -39,6 +39,8 @@ def deployment(folder: str | os.PathLike[str], *, replicas: int | str = 1, min_r
         cpus_per_replica: CPUs each replica reserves; also its ONNX Runtime threads unless `threads`.
         threads: ONNX Runtime intra-op threads per replica.
         max_batch, max_queue, api_key, model_name: as for `phi_onnx.serve.create_app`.
+        max_adapters: switchable LoRA adapters each replica keeps loaded (None: all; see `ServeConfig`).
+            Every replica serves the export's adapters (`model` selects one, /v1/models lists them).
         device, backend: override `phi_onnx.load`'s choice (default: cuda with GPUs, else cpu).
         target_ongoing_requests: autoscaling target per replica (default: max_batch).
         name: the Serve deployment's name.
@@ -59,6 +61,8 @@ def deployment(folder: str | os.PathLike[str], *, replicas: int | str = 1, min_r
                             device=device, backend=backend)
     app = {**(app_options or {}), "max_batch": max_batch, "max_queue": max_queue, "api_key": api_key,
            "model_name": model_name}
+    if max_adapters is not None:  # else app_options' (or the default: all)
+        app["max_adapters"] = max_adapters
     return replica_class().options(**options).bind(str(path), load, app)
 
 
