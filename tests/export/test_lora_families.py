@@ -280,6 +280,14 @@ def test_switchable_adapter_on_moe_experts_is_refused_with_the_module_named(moe,
     hint = result.stderr.split("Switchable adapters may adapt", 1)[1].split(";", 1)[0]
     assert "self_attn.q_proj" in hint and "self_attn.o_proj" in hint  # what is switchable here
     assert "block_sparse_moe" not in hint
+    # Later too: `adapter add` refuses it on an export with LoRA inputs, and leaves the export as it was.
+    folder = tmp_path / "switch"
+    export(moe["checkpoint"], folder, ExportOptions(precision="fp32", adapters=(("attn", str(moe["attention"])),)))
+    before = sorted((p.name, p.read_bytes()) for p in folder.iterdir())
+    added = run_cli("adapter", "add", str(folder), f"full={moe['full']}")
+    assert added.returncode == 2 and "Traceback" not in added.stderr, added.stderr
+    assert "block_sparse_moe.experts.0.w1.weight" in added.stderr and "--merge-adapter" in added.stderr
+    assert sorted((p.name, p.read_bytes()) for p in folder.iterdir()) == before
 
 
 def test_merged_adapter_on_a_tied_lm_head_copy_is_refused_not_dropped(small, tmp_path):
@@ -304,3 +312,20 @@ def test_merged_adapter_on_a_tied_lm_head_copy_is_refused_not_dropped(small, tmp
     assert "'lm_head.weight'" in result.stderr and "ties its LM head" in result.stderr
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_lora_on_transformers5_fused_moe_expert_parameters_is_refused_by_name(moe, tmp_path):
+    """peft on transformers 5's PhimoeForCausalLM adapts the fused experts through `target_parameters`
+    (3-D LoRA on `gate_up_proj`/`down_proj`, no hub names): refused, not merged into the wrong weights."""
+    from phi_onnx.source.adapter import AdapterError
+
+    adapter = tmp_path / "fused"
+    torch.manual_seed(2)
+    peft.get_peft_model(transformers_model(moe["checkpoint"]), peft.LoraConfig(
+        init_lora_weights=False, r=2, lora_alpha=4, target_modules=["o_proj"],
+        target_parameters=["experts.gate_up_proj", "experts.down_proj"])).save_pretrained(adapter)
+    assert any(".mlp.experts." in k for k in adapter_keys(adapter))
+    out = tmp_path / "out"
+    with pytest.raises(AdapterError, match=r"LoRA on parameters \(target_parameters\) is not supported"):
+        export(moe["checkpoint"], out, ExportOptions(precision="fp32", merge_adapter=str(adapter)))
+    assert not out.exists()
