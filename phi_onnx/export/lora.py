@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from phi_onnx.source.adapter import AdapterError, LoraAdapter
 INDEX = "adapters.json"
 SUFFIX = ".onnx_adapter"
 INDEX_INPUT = "adapter_index"
+_LAYER_PREFIX = re.compile(r"^model\.layers\.\d+\.")
 
 
 @dataclass(frozen=True)
@@ -115,15 +117,7 @@ def adapter_parameters(adapter: LoraAdapter, targets: Mapping[str, LoraTarget],
     Raises:
         AdapterError: the adapter adapts a weight no projection has LoRA inputs for, or does not fit its shape.
     """
-    covered = {weight: scope for scope, target in targets.items() for weight in target.weights}
-    for weight in adapter.modules:
-        if weight not in covered:
-            raise AdapterError(f"{adapter.path}: the adapter adapts {weight!r}, which has no LoRA inputs in this "
-                               "export.", hint="Switchable adapters may adapt the layers' attention and MLP "
-                                               "projections; merge this one with --merge-adapter instead.")
-    shapes = {w: (width, t.in_features) for t in targets.values() for w, width in zip(t.weights, t.widths,
-                                                                                       strict=True)}
-    adapter.check_shapes(shapes)
+    check_switchable(adapter, targets)
     params: dict[str, np.ndarray] = {}
     for scope, target in targets.items():
         present = [w for w in target.weights if w in adapter.modules]
@@ -147,6 +141,29 @@ def adapter_parameters(adapter: LoraAdapter, targets: Mapping[str, LoraTarget],
         params[f"{scope}.lora_B"] = np.ascontiguousarray(b_packed.T, dtype=np_dtype)
         params[f"{scope}.lora_adapter"] = np.zeros(rank, np.int64)
     return params
+
+
+def check_switchable(adapter: LoraAdapter, targets: Mapping[str, LoraTarget]) -> None:
+    """Refuse an adapter that adapts a weight no projection has LoRA inputs for (MoE experts and router, the LM
+    head, a module the export does not have), or that does not fit the projections' shapes.
+
+    Raises:
+        AdapterError: naming the first such weight and the modules that are switchable in this export.
+    """
+    covered = {weight for target in targets.values() for weight in target.weights}
+    for weight in adapter.modules:
+        if weight not in covered:
+            # Layer-free names ("self_attn.qkv_proj") of what has LoRA inputs, for the hint.
+            kinds = sorted({_LAYER_PREFIX.sub("", w).removesuffix(".weight") for w in covered})
+            raise AdapterError(
+                f"{adapter.path}: the adapter adapts {weight!r}, which has no LoRA inputs in this export, so it "
+                "cannot be switchable.",
+                hint=f"Switchable adapters may adapt {', '.join(kinds) or 'no module of this model'}; merge this "
+                     "adapter with --merge-adapter instead (merging applies it to every linear layer, MoE experts "
+                     "included), or train it without this module.")
+    shapes = {w: (width, t.in_features) for t in targets.values() for w, width in zip(t.weights, t.widths,
+                                                                                       strict=True)}
+    adapter.check_shapes(shapes)
 
 
 def write_adapter_file(params: Mapping[str, np.ndarray], path: Path) -> None:

@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from phi_onnx.errors import OutputWriteError, PhiOnnxError, SourceError
 from phi_onnx.export.genai_config import genai_config
-from phi_onnx.export.lora import SUFFIX, adapter_parameters, write_adapter_file, write_index
+from phi_onnx.export.lora import SUFFIX, adapter_parameters, check_switchable, write_adapter_file, write_index
 from phi_onnx.export.options import ExportOptions
 from phi_onnx.export.output import check_target, staged_output
 from phi_onnx.export.registry import builder_for
@@ -117,9 +117,14 @@ def export(source: str | os.PathLike[str], output: str | os.PathLike[str], optio
     builder = builder_cls(cfg, checkpoint, options)
     model = builder.build()
     checkpoint.check_all_read(cfg.architecture, ignore=["lm_head.weight"] if cfg.tie_word_embeddings else [])
+    if isinstance(checkpoint, MergedCheckpoint):
+        checkpoint.check_applied(cfg.architecture)  # every adapter tensor is merged, or the export is refused
+    targets = builder.lora.targets if builder.lora is not None else {}
+    for _, adapter in switchable:
+        check_switchable(adapter, targets)  # before GPTQ's calibration: a refusal costs nothing
     # GPTQ and mixed precision's measurements run here, before anything is written (a mix rebuilds the graph)
     quantization, model = prepare_int4(builder, resolved.path, model)
-    targets = builder.lora.targets if builder.lora is not None else {}
+    targets = builder.lora.targets if builder.lora is not None else {}  # again: a mix rebuilt the graph
     # Computed before the staging folder exists: an adapter that does not fit leaves nothing behind.
     adapter_params = {name: adapter_parameters(adapter, targets, builder.w.np_dtype) for name, adapter in switchable}
 

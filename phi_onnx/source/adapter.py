@@ -94,7 +94,9 @@ class LoraAdapter:
         Raises:
             AdapterError: naming the first adapter tensor that does not fit.
         """
-        self.check_shapes({name: base.info(name).shape for name in self.modules if name in base})
+        # Not `base.info`: that would count the adapted tensors as read by the graph (see `check_applied`).
+        shapes = base.shapes()
+        self.check_shapes({name: shapes[name] for name in self.modules if name in shapes})
 
     def check_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
         """Refuse an adapter that adapts a weight missing from `shapes` ({base weight: [out, in]}) or that
@@ -267,6 +269,24 @@ class MergedCheckpoint(Checkpoint):
     def sha256(self) -> str:
         """The base weights' digest (the adapter is recorded separately)."""
         return self.base.sha256()
+
+    def check_applied(self, architecture: str) -> None:
+        """Refuse an adapter that adapts a tensor the builder never asked for, so never merged: a tied model's
+        stored `lm_head.weight` copy (the graph's head reads the embedding), or any other unread tensor.
+
+        Call it after the graph is built (the builder asks for every tensor it will read while building).
+
+        Raises:
+            AdapterError: naming the first adapted tensor the graph does not read.
+        """
+        unread = [weight for weight in self.adapter.modules if weight not in self.used]
+        if unread:
+            raise AdapterError(
+                f"{self.adapter.path}: the adapter adapts {unread[0]!r}, which the {architecture} graph does not "
+                f"read (it would be dropped from the merge without a word"
+                f"{'; this model ties its LM head to the embedding' if unread[0] == 'lm_head.weight' else ''}).",
+                hint="Train the adapter without this module, or merge it in PyTorch and export the merged "
+                     "checkpoint.")
 
 
 def adapter_names(specs: Iterable[str]) -> list[tuple[str, str]]:

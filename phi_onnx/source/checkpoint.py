@@ -92,6 +92,10 @@ class Checkpoint:
         """All tensor names, in file order."""
         return list(self._tensors)
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape by name, without counting any as asked for (`check_all_read`)."""
+        return {name: info.shape for name, info in self._tensors.items()}
+
     def info(self, name: str) -> TensorInfo:
         """Dtype, shape and location of a tensor; a clear error if the checkpoint lacks it."""
         try:
