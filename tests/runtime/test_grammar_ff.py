@@ -241,3 +241,24 @@ def test_the_genai_backend_appends_forced_tokens_together(tiny):
     assert results[True].token_ids == results[False].token_ids
     jsonschema.validate(json.loads(results[True].text), PERSON)
     assert runs[False] == len(results[False].token_ids) and runs[True] < 0.75 * runs[False]
+
+
+def test_tool_calls_fast_forward_after_the_model_opens_a_call(phi4_mini_tools_export):
+    import phi_onnx
+
+    add = {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+        "required": ["a", "b"], "additionalProperties": False}}}
+    ask = [{"role": "user", "content": "Add 2 and 3."}]
+    with phi_onnx.load(phi4_mini_tools_export, device="cpu", backend="ort") as model:
+        opened = model.tokenizer.token_to_id("<|tool_call|>")
+        for choice, extra in (("auto", {"logit_bias": {opened: 100}}), ("required", {})):
+            results, runs = {}, {}
+            for on in (True, False):
+                with fast_forward(on), counted_runs(model.core) as count:
+                    results[on] = model.chat(ask, tools=[add], tool_choice=choice, temperature=1.0, seed=1,
+                                             max_new_tokens=200, **extra)
+                runs[on] = count[0]
+            assert results[True].token_ids == results[False].token_ids, choice
+            assert results[True].finish_reason == "tool_calls" and results[True].tool_calls[0].name == "add"
+            assert runs[True] < runs[False] - 3, (choice, runs)  # at least `[{"name":"add","arguments":{"a":`
