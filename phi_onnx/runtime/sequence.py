@@ -6,6 +6,10 @@ of the model ("eos"), a stop string in the text ("stop"), or the token budget ("
 decoded incrementally; while the end of the text could still be the start of a stop string it is
 held back, so streamed pieces never show a stop string.
 
+After `step`, `fast_forward` takes the tokens the sequence's grammar forces next (FAST_FORWARD_MAX at
+most), each through the same finish rule, without logits; the driver then runs the sequence's new tokens
+(the sampled one and those) through the model together.
+
 `check_prompt` is the one rule for what prompt a request may have (not empty, ids in the
 vocabulary, room left for a reply in `capacity`), with one set of messages.
 """
