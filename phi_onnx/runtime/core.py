@@ -9,6 +9,7 @@ touches ONNX Runtime is here:
 - `prefill`: a slot's next prompt chunk(s), batch 1 (GroupQueryAttention needs batch 1 for more than
   one new token over a past), chunked as the LongRoPE rule says;
 - `prefill_batch`: several empty slots' prompts in one right-padded run (a static batch);
+- `extend`: several new tokens of one slot (a grammar's forced tokens), batch 1 like a prefill chunk;
 - `decode`: one new token for each of several slots, rows grouped into runs by their run key
   (`LongRope.key`) and contiguous slot ranges; a slot that crosses the LongRoPE switch is
   recomputed from empty first.
@@ -199,6 +200,17 @@ class DecodeCore:
                 pool.held[slot].append(int(tokens[slot]))
                 out[slot] = logits[slot - lo]
         return out
+
+    def extend(self, pool: KVPool, slot: int, tokens: Sequence[int]) -> np.ndarray:
+        """Add several `tokens` to `slot` in one batch-1 run after what it holds (a sampled token and those
+        a grammar forces after it); the last one's logits [vocab]. As in `decode`, a slot that crosses the
+        LongRoPE switch is recomputed from empty first."""
+        sequence = [*pool.held[slot], *tokens]
+        if self.rope.must_recompute(pool.long[slot], len(sequence)):
+            return self.recompute(pool, slot, sequence)
+        logits = self.prefill(pool, slot, sequence)
+        assert logits is not None
+        return logits
 
     def _runs(self, pool: KVPool, slots: list[int]) -> list[list[int]]:
         """Group decoding `slots` (sorted) into runs: equal run keys, and every slot between two of a run

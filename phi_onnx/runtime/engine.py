@@ -1,4 +1,4 @@
-"""What `Generation` needs from a backend: start a batch of prompts, then add one token per row.
+"""What `Generation` needs from a backend: start a batch of prompts, then add each row's new tokens.
 
 Two backends implement it: the ort backend (`ort_backend.OrtEngine`, over the shared `DecodeCore`
 and a KVPool of the model's) and onnxruntime-genai (`genai_backend.GenaiEngine`, batch 1, its own
@@ -38,8 +38,9 @@ class Engine(Protocol):
         the cache)."""
         ...
 
-    def step(self, tokens: Mapping[int, int]) -> Mapping[int, np.ndarray]:
-        """Add one token to each row in `tokens` ({row: token}); returns {row: logits [vocab]}."""
+    def step(self, tokens: Mapping[int, Sequence[int]]) -> Mapping[int, np.ndarray]:
+        """Add each row's new tokens ({row: [token, ...]}: one sampled token, followed by those its grammar
+        forces when it fast-forwards); returns {row: the last new token's logits [vocab]}."""
         ...
 
     def forget(self) -> None:

@@ -106,9 +106,10 @@ class GenaiEngine:
             self.recomputes += 1
         return self._extend(prompt, cached)[None], cached
 
-    def step(self, tokens: Mapping[int, int]) -> Mapping[int, np.ndarray]:
-        """Add one token; a sequence crossing the LongRoPE switch runs again from empty (long factors)."""
-        sequence = [*self.held, tokens[0]]
+    def step(self, tokens: Mapping[int, Sequence[int]]) -> Mapping[int, np.ndarray]:
+        """Add the row's new tokens (several, after a grammar's fast-forward, in one `append_tokens`); a
+        sequence crossing the LongRoPE switch runs again from empty (long factors)."""
+        sequence = [*self.held, *tokens[0]]
         past = len(self.held)
         if self.rope.must_recompute(self.long, len(sequence)):
             self.recomputes += 1

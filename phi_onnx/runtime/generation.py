@@ -119,12 +119,18 @@ class Generation:
         out: Mapping[int, np.ndarray] = dict(enumerate(logits))
         while True:
             prepare_step([rows[b] for b in out])
-            pieces = {b: rows[b].step(row_logits).text for b, row_logits in out.items()}
+            pieces: list[str] = []
+            going: dict[int, list[int]] = {}  # each row's tokens the engine has not run yet
+            for b, row_logits in out.items():
+                row, before = rows[b], len(rows[b].generated)
+                events = [row.step(row_logits), *row.fast_forward()]
+                if b == 0:
+                    pieces = [e.text for e in events if e.text]
+                if not row.done:
+                    going[b] = row.generated[before:]
             if not self.first_token_at:
                 self.first_token_at = time.perf_counter()
-            if pieces.get(0):
-                yield pieces[0]
-            going = {b: row.generated[-1] for b, row in enumerate(rows) if not row.done}
+            yield from pieces
             if not going:
                 break
             out = engine.step(going)

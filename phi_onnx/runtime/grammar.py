@@ -13,8 +13,12 @@ ids, so the reply ends there ("eos"); a reply cut by max_new_tokens ends "length
 
 For several rows at once, `fill_masks` computes their masks in one llguidance call that spreads the
 rows over its thread pool (`LLExecutor.unsafe_compute_mask_ptr`); the processors then use those masks.
-Tokens the grammar forces are not fast-forwarded: each still takes a decode step whose mask allows
-only that token (running them as one multi-token step would need the decode core's help).
+Fast-forward: where the grammar forces the next tokens (a schema's fixed keys and punctuation,
+`","age":`), the mask would allow one token at a time. After each sampled token, `SequenceState.fast_forward`
+takes them at once (`SequenceGrammar.forced_tokens`: llguidance's `compute_ff_tokens`), each through the
+finish rule as if sampled, and the driver runs them through the model in one batch-1 run over the held
+prefix (`DecodeCore.extend`; the Scheduler counts it against its prefill budget) instead of one decode step
+each. Not with `logprobs` (each token needs its own logits) or with other logits processors beside the grammar.
 
 A schema with a keyword llguidance cannot enforce is refused with OptionsError naming the keyword
 (`strict=True`, the default); with `strict=False` such keywords are ignored and listed in
@@ -275,6 +279,15 @@ class SequenceGrammar:
             raise OptionsError(f"The {self.kind.replace('_', ' ')} failed: {self.matcher.get_error()}",
                                hint="Simplify the grammar.")
         return apply_mask(self.allowed(), scores)
+
+    def forced_tokens(self, token_ids: Sequence[int]) -> list[int]:
+        """The tokens the grammar forces after `token_ids` (llguidance's fast-forward tokens: its forced
+        bytes, tokenized, less a last token that could still grow). At each of them the mask allows that
+        token alone, so taking them is what decoding them one by one would give. [] if none."""
+        self.advance(token_ids)
+        if self.matcher.is_error() or self.matcher.is_stopped():
+            return []
+        return [int(t) for t in self.matcher.compute_ff_tokens()]
 
     @property
     def done(self) -> bool:

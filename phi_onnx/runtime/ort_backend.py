@@ -2,7 +2,8 @@
 
 One call runs one prompt in slot 0 (reusing the prefix the slot already holds: the previous chat
 turn) or a static batch in slots 0..n-1 (one padded prefill where the rows' LongRoPE regimes
-allow, then one decode run per step over the rows still going). The pool grows in steps of
+allow, then one decode run per step over the rows still going; a row that fast-forwards a grammar's
+forced tokens runs them alone, in one batch-1 run). The pool grows in steps of
 `CAPACITY_STEP` tokens and is reallocated (forgetting its contents) when a call needs more rows
 or tokens than it has.
 """
@@ -86,11 +87,14 @@ class OrtEngine:
         log.debug("prefilling %d prompts one by one: their LongRoPE regimes differ", len(prompts))
         return np.stack([core.prefill(pool, slot, prompt) for slot, prompt in enumerate(prompts)]), 0
 
-    def step(self, tokens: Mapping[int, int]) -> Mapping[int, np.ndarray]:
-        """One decode run (per run key) over the rows in `tokens`."""
+    def step(self, tokens: Mapping[int, Sequence[int]]) -> Mapping[int, np.ndarray]:
+        """Rows with one new token: one decode run (per run key) over them all; a row with several (a
+        grammar's forced tokens): one batch-1 run of its own (`DecodeCore.extend`)."""
         assert self.pool is not None
         try:
-            return self.core.decode(self.pool, tokens)
+            out = {row: self.core.extend(self.pool, row, new) for row, new in tokens.items() if len(new) > 1}
+            out.update(self.core.decode(self.pool, {row: new[0] for row, new in tokens.items() if len(new) == 1}))
+            return out
         except BaseException:
             self.forget()  # an interrupted run may have written part of the cache
             raise

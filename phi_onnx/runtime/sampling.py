@@ -89,11 +89,23 @@ class Sampler:
         token = int(np.argmax(scores)) if not opts.do_sample else self._draw(scores)
         return self._observe(token, logits)
 
-    def _observe(self, token: int, logits: np.ndarray) -> Choice:
+    def take(self, token: int) -> Choice:
+        """Record `token` as chosen without logits: a token the grammar forces (a fast-forward; never with
+        `logprobs`, which need each token's logits). The penalties count it as if it had been sampled."""
+        if self.options.do_sample:
+            # A mask that allows one token still costs one draw: later draws stay those of token-by-token decoding.
+            self.rng.random()
+        self._count(token)
+        return Choice(token)
+
+    def _count(self, token: int) -> None:
         if self.seen is not None:
             self.seen[token] = True
         if self.counts is not None:
             self.counts[token] += 1
+
+    def _observe(self, token: int, logits: np.ndarray) -> Choice:
+        self._count(token)
         if not self.options.logprobs:
             return Choice(token)
         shifted = logits.astype(np.float64) - logits.max()

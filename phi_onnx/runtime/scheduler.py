@@ -11,6 +11,10 @@ A `Scheduler` thread drives the model's `DecodeCore` (runtime/core.py) over a `K
    `SequenceState` samples with its own options and random generator (a seeded request gives
    the same tokens whatever else runs) and applies the finish rule; its events go to its sink.
 
+A request whose grammar forces the tokens after its sampled one takes them at once (fast-forward,
+`SequenceState.fast_forward`); before the prompt chunks, a step runs such a request's pending tokens in
+one batch-1 run (`DecodeCore.extend`, the same run the library makes), counted against the prefill budget.
+
 Prefix reuse (on unless `prefix_cache=False`): a finished request's slot keeps its tokens and KV
 rows. A newcomer goes to the free slot holding the longest common prefix of its prompt (else an
 empty slot, else the least recently used one, whose contents are first saved to the `PrefixStore`),
@@ -430,7 +434,7 @@ class Scheduler:
 
     def _step(self) -> None:
         self.steps += 1
-        budget = self._prefill_budget()
+        budget = self._fast_forward(self._prefill_budget())
         prefilling = sorted((r for r in self.slots if r is not None and r.seq is not None
                              and self.pool.filled(r.slot or 0) < len(r.prompt)), key=lambda r: r.id)
         waiting_for: list[Request] = []
@@ -454,6 +458,29 @@ class Scheduler:
             return self.chunk
         fits = self._prefill_rate * self.stall_factor * self._decode_seconds
         return int(min(max(fits, MIN_PREFILL), self.chunk))
+
+    def _fast_forward(self, budget: int) -> int:
+        """Run the forced tails: each request with several tokens not in its slot yet (a sampled token and
+        those its grammar forced) runs them in one batch-1 run, as the library does, then samples. Like a
+        prompt chunk they use the prefill budget, oldest request first; a tail that does not fit waits a
+        step, except that every step runs at least one. Returns the budget left."""
+        ran = 0
+        for request in sorted((r for r in self.slots if r is not None and r.seq is not None), key=lambda r: r.id):
+            seq, slot = request.seq, request.slot
+            assert seq is not None and slot is not None
+            held = self.pool.filled(slot)
+            if seq.done or not seq.generated or held < len(seq.prompt):
+                continue
+            tail = seq.tokens[held:]
+            if len(tail) < 2 or (ran and len(tail) > budget):
+                continue
+            before = self.core.recomputes
+            logits = self.core.extend(self.pool, slot, tail)
+            self.recomputes += self.core.recomputes - before
+            ran += 1
+            budget -= len(tail)
+            self._sample(request, logits)
+        return budget
 
     def _import_prefix(self, request: Request) -> None:
         """Copy into `request`'s slot a longer prefix of its prompt held by another slot or the store."""
@@ -548,13 +575,14 @@ class Scheduler:
         if request.finish is not None:  # finished while this step ran (closed, or its sink failed)
             return
         try:
-            event = seq.step(logits)
+            events = [seq.step(logits), *seq.fast_forward()]
         except Exception as error:  # this request's sampling (its logits processor, its numbers): it alone ends
             log.warning("request %d: sampling failed: %s", request.id, error)
             with self._cond:
                 self._finish(request, "error", error=getattr(error, "message", None) or str(error))
             return
-        self._emit(request, event)
+        for event in events:
+            self._emit(request, event)
         if seq.done:
             with self._cond:
                 self._finish(request, seq.finish_reason or "stop")

@@ -6,6 +6,10 @@ of the model ("eos"), a stop string in the text ("stop"), or the token budget ("
 decoded incrementally; while the end of the text could still be the start of a stop string it is
 held back, so streamed pieces never show a stop string.
 
+After `step`, `fast_forward` takes the tokens the sequence's grammar forces next (FAST_FORWARD_MAX at
+most), each through the same finish rule, without logits; the driver then runs the sequence's new tokens
+(the sampled one and those) through the model together.
+
 `check_prompt` is the one rule for what prompt a request may have (not empty, ids in the
 vocabulary, room left for a reply in `capacity`), with one set of messages.
 """
@@ -16,13 +20,21 @@ import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from phi_onnx.runtime.errors import OptionsError, PromptTooLongError
 from phi_onnx.runtime.options import GenerationOptions, bind_processors
-from phi_onnx.runtime.sampling import Sampler
+from phi_onnx.runtime.sampling import Choice, Sampler
 from phi_onnx.runtime.tokenizer import TextTokenizer
+
+#: Whether sequences take the tokens their grammar forces without a model run each (`fast_forward`); an
+#: internal switch, for comparisons (tests, benchmarks/grammar_ff.py).
+FAST_FORWARD = True
+#: Most forced tokens taken after one sampled token. With it, the run that computes them is at most this
+#: + 1 tokens: the Scheduler always fits one such run in a step, and the library runs the same ones.
+FAST_FORWARD_MAX = 32
 
 
 @dataclass(frozen=True)
@@ -74,6 +86,18 @@ def check_length(prompt_tokens: int, capacity: int, max_new_tokens: int | None =
             hint=f"Shorten it to at most {capacity - reply} tokens"
                  + (" or lower max_new_tokens / max_tokens." if max_new_tokens else
                     " (fewer to leave room for the reply)."))
+
+
+@runtime_checkable
+class ForcingProcessor(Protocol):
+    """A per-sequence logits processor that can name the tokens it forces next (a grammar's matcher:
+    `grammar.SequenceGrammar`), so they are taken without a model run each."""
+
+    def __call__(self, token_ids: list[int], scores: np.ndarray) -> np.ndarray: ...
+
+    def forced_tokens(self, token_ids: Sequence[int]) -> list[int]:
+        """The tokens that must follow `token_ids` (the sequence so far), whatever the logits; [] if none."""
+        ...
 
 
 class TextAssembler:
@@ -141,6 +165,8 @@ class SequenceState:
         self.events: list[TokenEvent] = []  # kept only when log-probabilities are asked for
         self.finish_reason: str | None = None
         self.first_token_at: float | None = None
+        #: the grammar that can name the tokens it forces, when this sequence fast-forwards them
+        self.forcing: ForcingProcessor | None = _forcing(self.options)
 
     @property
     def tokens(self) -> list[int]:
@@ -153,11 +179,30 @@ class SequenceState:
         return self.finish_reason is not None
 
     def step(self, logits: np.ndarray) -> TokenEvent:
-        """Choose the next token from its logits [vocab], apply the finish rule; the token's event."""
+        """Choose the next token from its logits [vocab], apply the finish rule; the token's event.
+        The driver then calls `fast_forward` for the tokens the grammar forces after it."""
         choice = self.sampler(logits, self.tokens if self.options.logits_processors else self.prompt,
                               len(self.generated))
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
+        return self._accept(choice)
+
+    def fast_forward(self) -> list[TokenEvent]:
+        """After `step`: take the tokens the grammar forces next (at most FAST_FORWARD_MAX), each through
+        the finish rule as if sampled, so text, events, budget and stop strings are those of token-by-token
+        decoding; the driver runs them through the model together. Empty when nothing is forced, the
+        sequence is done, or it cannot fast-forward (`forcing` is None)."""
+        if self.forcing is None or self.done:
+            return []
+        events = []
+        for token in self.forcing.forced_tokens(self.tokens)[:FAST_FORWARD_MAX]:
+            if token in self.eos or self.done:
+                break  # EOS is the sampler's to choose (min_new_tokens); never past the finish rule
+            events.append(self._accept(self.sampler.take(int(token))))
+        return events
+
+    def _accept(self, choice: Choice) -> TokenEvent:
+        """Append a chosen token, apply the finish rule; its event."""
         token = choice.token
         self.generated.append(token)
         if token in self.eos:
@@ -177,6 +222,16 @@ class SequenceState:
     def text(self, *, finished: bool = True) -> str:
         """The reply's text: all of it, or (an interrupted reply) only what was shown."""
         return self.assembler.text if finished else self.assembler.text[: self.assembler.emitted]
+
+
+def _forcing(options: GenerationOptions) -> ForcingProcessor | None:
+    """The processor whose forced tokens a sequence may take without a model run: only when it is the one
+    logits processor (another could rule a forced token out) and no log-probabilities are asked for (each
+    token would need its own logits)."""
+    if not FAST_FORWARD or options.logprobs or len(options.logits_processors) != 1:
+        return None
+    processor = options.logits_processors[0]
+    return processor if isinstance(processor, ForcingProcessor) else None
 
 
 def prepare_step(states: Sequence[SequenceState]) -> None:

@@ -357,15 +357,25 @@ class _SequenceSwitch:
         self.grammar: Any = None
 
     def __call__(self, token_ids: list[int], scores: np.ndarray) -> np.ndarray:
+        grammar = self._grammar(token_ids)
+        return scores if grammar is None else grammar(token_ids, scores)
+
+    def forced_tokens(self, token_ids: Sequence[int]) -> list[int]:
+        """What the calls' grammar forces once the model opened a call (fast-forward); [] before."""
+        grammar = self._grammar(token_ids)
+        return [] if grammar is None else grammar.forced_tokens(token_ids)
+
+    def _grammar(self, token_ids: Sequence[int]) -> Any:
+        """The calls' matcher, from the open token on (None while the reply is free text)."""
         if self.start is None:
             self.start = len(token_ids)
         if self.grammar is None:
-            generated = token_ids[self.start:]
+            generated = list(token_ids[self.start:])
             if self.open_token not in generated:
-                return scores
+                return None
             self.grammar = self.processor.for_sequence()
             self.grammar.advance(token_ids[: self.start + generated.index(self.open_token) + 1])
-        return self.grammar(token_ids, scores)
+        return self.grammar
 
 
 # -- parsing -------------------------------------------------------------------------------------
