@@ -21,6 +21,8 @@ from serve_helpers import API_KEY, MODEL_NAME
 
 pydantic = pytest.importorskip("pydantic")
 openai = pytest.importorskip("openai")
+# LiteLLM's TypedDicts use ReadOnly, which pydantic warns about when LiteLLM is imported
+pytestmark = pytest.mark.filterwarnings("ignore:.*ReadOnly.*:UserWarning")
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 ASK = "What is the weather in Paris?"
