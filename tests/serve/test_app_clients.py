@@ -21,8 +21,12 @@ from serve_helpers import API_KEY, MODEL_NAME
 
 pydantic = pytest.importorskip("pydantic")
 openai = pytest.importorskip("openai")
-# LiteLLM's TypedDicts use ReadOnly, which pydantic warns about when LiteLLM is imported
-pytestmark = pytest.mark.filterwarnings("ignore:.*ReadOnly.*:UserWarning")
+pytestmark = [
+    # LiteLLM's TypedDicts use ReadOnly, which pydantic warns about when LiteLLM is imported
+    pytest.mark.filterwarnings("ignore:.*ReadOnly.*:UserWarning"),
+    # LangChain's streamed structured output puts the parsed object in a field typed None, and pydantic says so
+    pytest.mark.filterwarnings("ignore:Pydantic serializer warnings:UserWarning"),
+]
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 ASK = "What is the weather in Paris?"
@@ -168,6 +172,25 @@ def test_langchain_bind_tools_and_the_tool_message_loop(langchain: Any, which: s
         assert answer.usage_metadata["input_tokens"] > alone.usage_metadata["input_tokens"] + 10
 
 
+@pytest.mark.parametrize("which", ["tiny", "phi4"])
+def test_langchain_streams_tool_calls_and_structured_output(langchain: Any, which: str,
+                                                            request: pytest.FixtureRequest) -> None:
+    """Streamed, LangChain joins the calls' argument fragments by index: the joined message has whole calls."""
+    llm = chat_model(langchain, which, request, temperature=1, seed=2, max_tokens=BUDGET[which])
+    chunks = list(llm.bind_tools([GetWeather, Add], tool_choice="any", parallel_tool_calls=False).stream(ASK))
+    assert len(chunks) > 2
+    joined = chunks[0]
+    for chunk in chunks[1:]:
+        joined += chunk
+    assert len(joined.tool_calls) == 1 and not joined.invalid_tool_calls
+    call = joined.tool_calls[0]
+    assert call["id"].startswith("call_")
+    TOOL_MODELS[call["name"]].model_validate(call["args"])
+    assert joined.response_metadata["finish_reason"] == "tool_calls"
+    people = list(llm.with_structured_output(Person, method="json_schema").stream("Who are you?"))
+    assert people and isinstance(people[-1], Person)
+
+
 # -- LiteLLM --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def litellm(loopback_only: list[str]) -> Any:
@@ -192,6 +215,17 @@ def test_litellm_response_format_a_pydantic_model(litellm: Any, which: str, requ
     reply = litellm_call(litellm, which, request, messages=[{"role": "user", "content": "Hi"}],
                          response_format=schema, temperature=1, seed=7, max_tokens=BUDGET[which])
     Person.model_validate_json(reply.choices[0].message.content)
+
+
+@pytest.mark.parametrize("which", ["tiny", "phi4"])
+def test_litellm_streams_structured_output(litellm: Any, which: str, request: pytest.FixtureRequest) -> None:
+    stream = litellm_call(litellm, which, request, messages=[{"role": "user", "content": "Who are you?"}],
+                          response_format=Person, temperature=1, seed=5, max_tokens=BUDGET[which], stream=True)
+    chunks = list(stream)
+    assert len(chunks) > 2
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    Person.model_validate_json(text)
 
 
 @pytest.mark.parametrize("which", ["tiny", "phi4"])
