@@ -46,3 +46,19 @@ def client(live_server: LiveServer) -> Any:
     """The real openai client (no retries, bounded timeouts)."""
     openai = pytest.importorskip("openai")
     return openai.OpenAI(base_url=f"{live_server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def phi4_server(phi4_mini_tools_export: Path) -> Iterator[LiveServer]:
+    """The Phi-4-mini tools fixture (tests/conftest.py) served in its own tool format, as "phi4" with two
+    aliases; no API key, 2 slots of 1024 tokens."""
+    pytest.importorskip("fastapi")
+    import phi_onnx
+    from phi_onnx.serve import create_app
+
+    model = phi_onnx.load(phi4_mini_tools_export, device="cpu", backend="ort")
+    app = create_app(model, max_batch=2, max_queue=4, model_name="phi4", model_aliases=("phi4-alias", "p4"),
+                     capacity=1024)
+    with LiveServer(app) as server:
+        yield server
+    model.close()

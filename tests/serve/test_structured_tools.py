@@ -4,7 +4,6 @@ real openai client: tiny-phi3 (the generic tool format) and the Phi-4-mini tools
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import httpx
@@ -39,20 +38,6 @@ class Person(pydantic.BaseModel):
     name: str = pydantic.Field(max_length=10)
     age: int = pydantic.Field(ge=0, le=120)
     pet: Literal["cat", "dog", "none"]
-
-
-@pytest.fixture(scope="module")
-def phi4_server(phi4_mini_tools_export: Any) -> Iterator[LiveServer]:
-    """The Phi-4-mini tools fixture served (its own tool format), with an alias."""
-    import phi_onnx
-    from phi_onnx.serve import create_app
-
-    model = phi_onnx.load(phi4_mini_tools_export, device="cpu", backend="ort")
-    app = create_app(model, max_batch=2, max_queue=4, model_name="phi4", model_aliases=("phi4-alias", "p4"),
-                     capacity=1024)
-    with LiveServer(app) as server:
-        yield server
-    model.close()
 
 
 @pytest.fixture()
