@@ -200,3 +200,14 @@ def test_apply_mask_equals_the_bit_by_bit_rule(vocab, density):
     out = grammar.apply_mask(mask, scores)
     assert out is scores
     np.testing.assert_array_equal(out, expected)
+
+
+def test_special_tokens_in_a_lark_grammar_do_not_warn_and_unknown_ones_are_refused(tiny, caplog):
+    # Validation without a tokenizer cannot check `<|...|>` tokens; binding to the model does.
+    with caplog.at_level("WARNING", logger="phi_onnx"):
+        constraint = grammar.lark('start: <|end|> "x"')
+    assert constraint.warnings == ()
+    assert not [r for r in caplog.records if "not enforced" in r.getMessage()]
+    tiny.grammar(constraint)
+    with pytest.raises(OptionsError, match="cannot be enforced"):
+        tiny.grammar(grammar.lark('start: <|no_such_token|> "x"'))
