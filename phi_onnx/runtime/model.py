@@ -103,8 +103,9 @@ class PreparedChat:
 
     prompt_ids: list[int]
     options: GenerationOptions
-    tool_format: str | None = None  # "phi4-mini" or "generic" when tools are in play
+    tool_format: str | None = None  # "phi4-mini" or "generic" when the reply may hold calls
     dropped: int = 0  # oldest messages dropped to fit the context
+    structured: bool = False  # the text answer follows a response format (parse_tool_calls(structured=))
 
 
 class EngineLock:
@@ -360,6 +361,11 @@ class Model:
         {"type": "function", "function": {"name": ...}}; "required" and a named tool always yield
         valid calls (constrained decoding). History may hold assistant messages with `tool_calls`
         and `role: "tool"` results. See `phi_onnx.runtime.tools` for the formats per model.
+
+        A response format (json_schema= or json_object=) combines with tools: with tool_choice "auto"
+        the reply is either valid calls or `content` valid against the format; with "required" or a
+        named tool the reply is a call (the format is for a later reply in text). regex= and grammar=
+        cannot be combined with tools that may be called (OptionsError).
         """
         return self.chat_stream(messages, tools=tools, tool_choice=tool_choice,
                                 parallel_tool_calls=parallel_tool_calls, **options).finish()
@@ -369,17 +375,19 @@ class Model:
         """Stream the assistant's reply to `messages` (oldest turns dropped if they outgrow the context).
 
         Like `stream`, the stream holds the model until it ends or is closed. With tools, the pieces
-        are the raw reply (call markup included): feed them to `ToolCallStream(stream.tool_format)`
-        for content and call deltas; the finished `result` has `tool_calls` and `content`.
+        are the raw reply (call markup included): feed them to `ToolCallStream(stream.tool_format,
+        structured=stream.structured)` for content and call deltas; the finished `result` has
+        `tool_calls` and `content`.
         """
         prepared = self.prepare_chat(messages, tools=tools, tool_choice=tool_choice,
                                      parallel_tool_calls=parallel_tool_calls, **options)
         stream = self._stream([prepared.prompt_ids], prepared.options)
         stream.dropped_messages = prepared.dropped
         stream.tool_format = prepared.tool_format
+        stream.structured = prepared.structured
         fmt = prepared.tool_format
         if fmt is not None:
-            stream.on_finish(lambda result: _attach_calls(result, fmt))
+            stream.on_finish(lambda result: _attach_calls(result, fmt, prepared.structured))
         return stream
 
     def prepare_chat(self, messages: Sequence[Message], *, tools: Sequence[Any] | None = None,
@@ -392,18 +400,26 @@ class Model:
         `ToolCallStream` when `tool_format` is set.
         """
         fmt = None
+        structured = False
         if tools is not None or tool_choice not in (None, "none", "auto") or _has_tool_history(messages):
-            from phi_onnx.runtime.tools import ToolCallSwitch, plan_tools, tool_format
+            from phi_onnx.runtime.grammar import constraint_from
+            from phi_onnx.runtime.tools import ToolCallSwitch, answer_schema, plan_tools, tool_format
 
             fmt = tool_format(self.chat_template.source, self.tokenizer.vocabulary())
+            asked = {name: options.pop(name) for name in CONSTRAINT_KEYWORDS if name in options}
+            answer = None
+            if tools and any(v is not None and v is not False for k, v in asked.items() if k != "strict"):
+                # "auto": calls or an answer in the format, one grammar; "required"/named: a call, and
+                # the format is for a later reply in text (still checked now)
+                if tool_choice in (None, "auto"):
+                    answer = answer_schema(**asked)
+                elif tool_choice != "none":
+                    constraint_from(**asked)
             plan = plan_tools(_items(messages, "messages"), tools, tool_choice, fmt,
-                              parallel_tool_calls=parallel_tool_calls)
+                              parallel_tool_calls=parallel_tool_calls, answer=answer)
             messages = plan.messages
+            structured = plan.structured
             if plan.constraint is not None:
-                if any(options.get(k) is not None for k in CONSTRAINT_KEYWORDS if k != "strict"):
-                    raise OptionsError("tools with tool_choice constrain the reply; json_schema/regex/grammar "
-                                       "cannot be added to that.",
-                                       hint='Use tool_choice="none" (or "auto") with a response format.')
                 options["grammar"] = plan.constraint
             elif plan.switch is not None:
                 opened = self.tokenizer.token_to_id("<|tool_call|>")
@@ -411,10 +427,16 @@ class Model:
                 base = self.options(**options)
                 options["logits_processors"] = (*base.logits_processors,
                                                 ToolCallSwitch(self.grammar(plan.switch), opened))
+            else:
+                options.update(asked)  # no call can come: the format applies to the reply as without tools
+            if not plan.tools or tool_choice == "none":
+                # as the server: a reply that cannot hold calls is text (a JSON answer with a "name"
+                # is not a call)
+                fmt = None
         messages = check_messages(messages)
         opts = self.options(**options)
         kept, dropped = self.fit_chat(messages, opts.max_new_tokens)
-        return PreparedChat(self.chat_prompt_ids(kept), opts, fmt, dropped)
+        return PreparedChat(self.chat_prompt_ids(kept), opts, fmt, dropped, structured)
 
     def fit_chat(self, messages: Sequence[Message], max_new_tokens: int | None = None) -> tuple[list[Message], int]:
         """Drop the oldest turns until the prompt leaves room for a reply of max_new_tokens (at most half
@@ -513,13 +535,13 @@ def _has_tool_history(messages: Any) -> bool:
         isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")) for m in messages)
 
 
-def _attach_calls(result: GenerationResult, fmt: str) -> None:
+def _attach_calls(result: GenerationResult, fmt: str, structured: bool = False) -> None:
     """Parse a finished reply's tool calls into `result.tool_calls` / `result.content`."""
     from phi_onnx.runtime.tools import parse_tool_calls
 
     if result.finish_reason == "interrupted":
         result.content = result.text
         return
-    result.content, result.tool_calls = parse_tool_calls(result.text, fmt)
+    result.content, result.tool_calls = parse_tool_calls(result.text, fmt, structured=structured)
     if result.tool_calls and result.finish_reason in ("eos", "stop"):
         result.finish_reason = "tool_calls"

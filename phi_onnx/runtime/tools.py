@@ -24,6 +24,13 @@ object above), "required" (at least one valid call is forced), or {"type": "func
 {"name": ...}} (a call of that tool is forced). A constrained reply holds at most MAX_PARALLEL_CALLS
 calls, or one with `parallel_tool_calls=False`.
 
+A response format (json_schema or json_object; `answer_schema`) with tools: "auto" makes the reply either
+calls or a text answer valid against the format, one grammar from the first token (phi4-mini: the
+`<|tool_call|>` block or the format's JSON; generic: {"tool_calls": [...]} or {"response": ANSWER}, the
+system prompt saying ANSWER's schema, and the content is ANSWER's JSON text). "required" or a named tool:
+the reply is a call, and the format applies to no part of it (it applies to the next reply in text).
+"none": the format applies to the reply as without tools.
+
 `parse_tool_calls(text, format)` turns a reply into (content, [ToolCall]); it also accepts what an
 unconstrained model writes: the bare list without the tags, and "parameters" for "arguments".
 `ToolCallStream` does the same incrementally for streamed text: content deltas, then per call (by
@@ -44,8 +51,8 @@ import numpy as np
 from phi_onnx.runtime.errors import OptionsError
 
 __all__ = ["GENERIC", "PHI4_MINI", "Tool", "ToolCall", "ToolCallDelta", "ToolCallStream", "ToolPlan",
-           "check_tool_choice", "check_tools", "parse_tool_calls", "plan_tools", "render_tool_messages",
-           "tool_format"]
+           "answer_schema", "check_tool_choice", "check_tools", "parse_tool_calls", "plan_tools",
+           "render_tool_messages", "tool_format"]
 
 PHI4_MINI = "phi4-mini"
 GENERIC = "generic"
@@ -61,6 +68,8 @@ GENERIC_INSTRUCTIONS = (
     "Answer with one JSON object: {{\"tool_calls\": [{{\"name\": TOOL NAME, \"arguments\": {{...}}}}]}} to call "
     "tools, or {{\"response\": YOUR ANSWER}} to answer directly. Tool results come back as "
     "{{\"tool_response\": {{...}}}}.")
+#: Added to GENERIC_INSTRUCTIONS when a response format is combined with tools ({schema}: its JSON).
+GENERIC_ANSWER_SCHEMA = "YOUR ANSWER is a JSON value valid against this JSON Schema: {schema}"
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 TOOL_HINT = ('Pass tools=[{"type": "function", "function": {"name": "get_weather", "description": "...", '
@@ -291,6 +300,8 @@ class ToolPlan:
         constraint: a grammar the whole reply must match (None: unconstrained, or `switch`).
         switch: phi4-mini "auto": a Constraint applied once the model opens a call (after CALL_OPEN).
         tools: the tools offered.
+        structured: the reply's text answer (not a call) is structured output (a response format was
+            combined with tool_choice "auto"); parse the reply with `structured=True`.
     """
 
     format: str
@@ -298,12 +309,52 @@ class ToolPlan:
     constraint: Any = None
     switch: Any = None
     tools: list[Tool] = field(default_factory=list)
+    structured: bool = False
+
+
+def answer_schema(*, json_schema: Any = None, json_object: bool = False, regex: str | None = None,
+                  grammar: Any = None, strict: bool = True) -> tuple[dict[str, Any], bool] | None:
+    """The JSON schema a text answer must match when a response format (`Model.options`' constraint
+    keywords) is combined with tools the model may call, and whether it is strict; None when no format
+    is asked. The format is first checked on its own (`grammar.constraint_from`), so a bad schema is
+    refused with the same message as without tools. A regex or Lark format cannot be combined with
+    tools (the generic protocol's answer is JSON): OptionsError.
+    """
+    from phi_onnx.runtime import grammar as g
+
+    if g.constraint_from(json_schema=json_schema, json_object=json_object, regex=regex, grammar=grammar,
+                         strict=strict) is None:
+        return None
+    if regex is not None or grammar is not None:
+        raise OptionsError(f"A {'regex' if regex is not None else 'Lark grammar'} response format cannot be "
+                           "combined with tools the model may call (only json_schema and json_object can).",
+                           hint='Use a json_schema response format, or tool_choice "none" (no calls) with it.')
+    if json_schema is None:
+        return {"type": "object"}, True
+    schema = json.loads(json_schema) if isinstance(json_schema, str) else json_schema
+    return ({} if schema is True else dict(schema)), strict
+
+
+def _answer_json(schema: Mapping[str, Any], strict: bool) -> str:
+    """`%json` of a response format's schema (non-strict: what llguidance cannot enforce is left out)."""
+    from phi_onnx.runtime.grammar import JSON_LAYOUT
+
+    layout = {**JSON_LAYOUT, **({} if strict else {"lenient": True})}
+    return "%json " + json.dumps({**schema, "x-guidance": layout})
 
 
 def plan_tools(messages: Sequence[Mapping[str, Any]], tools: Any, tool_choice: Any, fmt: str, *,
-               parallel_tool_calls: bool = True) -> ToolPlan:
+               parallel_tool_calls: bool = True, answer: tuple[Mapping[str, Any], bool] | None = None
+               ) -> ToolPlan:
     """Messages and constraint for `tools` with `tool_choice` in format `fmt` (see the module doc).
-    `tools` may be None (history with tool messages is still rendered)."""
+    `tools` may be None (history with tool messages is still rendered).
+
+    `answer` (from `answer_schema`): a response format's (schema, strict). With tool_choice "auto" the
+    reply is then either calls or a text answer valid against the schema, one grammar for both
+    (`structured` is set). With "required" or a named tool the reply is a call and the format applies to
+    no part of it (it applies to a later text reply); with "none" (or no tools) the plan does not
+    constrain the reply and the caller applies the format itself.
+    """
     from phi_onnx.runtime import grammar
 
     checked = check_tools(tools) if tools is not None else []
@@ -317,20 +368,44 @@ def plan_tools(messages: Sequence[Mapping[str, Any]], tools: Any, tool_choice: A
     offered = [choice] if isinstance(choice, Tool) else checked
     calls = _calls_schema(offered, parallel_tool_calls)
     rendered = render_tool_messages(messages, checked, fmt)
+    structured = choice == "auto" and answer is not None
     if fmt == PHI4_MINI:
         # Unquoted, llguidance's Lark names the token itself: llguidance treats every added token as
         # special (a quoted "<|tool_call|>" would have to be spelled in ordinary text tokens).
         block = f"{CALL_OPEN} calls {CALL_CLOSE}"
+        if structured:
+            assert answer is not None
+            # calls, or (instead of free text) the response format's JSON: one grammar from the first token
+            source = f"start: {block} | answer\ncalls: {_lark_json(calls)}\nanswer: {_answer_json(*answer)}\n"
+            return ToolPlan(fmt, rendered, grammar.lark(source), tools=checked, structured=True)
         if choice == "auto":
             rest = grammar.lark(f"start: calls {CALL_CLOSE}\ncalls: {_lark_json(calls)}\n")
             return ToolPlan(fmt, rendered, switch=rest, tools=checked)
         return ToolPlan(fmt, rendered, grammar.lark(f"start: {block}\ncalls: {_lark_json(calls)}\n"), tools=checked)
     reply: dict[str, Any] = {"type": "object", "properties": {"tool_calls": calls}, "required": ["tool_calls"],
                              "additionalProperties": False}
+    if structured:
+        assert answer is not None
+        schema, strict = answer
+        rendered = _note_answer(rendered, schema)
+        # {"tool_calls": [...]} or {"response": ANSWER}, ANSWER valid against the format's schema; two
+        # %json alternatives, so that a non-strict format is lenient without making the tools' lenient
+        answered = {"type": "object", "properties": {"response": dict(schema)}, "required": ["response"],
+                    "additionalProperties": False}
+        source = f"start: {_lark_json(reply)} | {_answer_json(answered, strict)}\n"
+        return ToolPlan(fmt, rendered, grammar.lark(source), tools=checked, structured=True)
     if choice == "auto":
         reply = {"anyOf": [reply, {"type": "object", "properties": {"response": {"type": "string"}},
                                    "required": ["response"], "additionalProperties": False}]}
     return ToolPlan(fmt, rendered, grammar.json_schema(reply), tools=checked)
+
+
+def _note_answer(messages: list[dict[str, Any]], schema: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The generic protocol's system message (first: render_tool_messages put it there) told that a
+    direct answer is JSON valid against `schema`."""
+    note = GENERIC_ANSWER_SCHEMA.format(schema=json.dumps(schema, ensure_ascii=False))
+    first = messages[0]
+    return [{**first, "content": f"{first.get('content') or ''}\n{note}"}, *messages[1:]]
 
 
 class ToolCallSwitch:
@@ -405,10 +480,14 @@ def _calls_of(value: Any) -> list[ToolCall] | None:
     return [c for c in calls if c is not None]
 
 
-def parse_tool_calls(text: str, fmt: str) -> tuple[str | None, list[ToolCall]]:
+def parse_tool_calls(text: str, fmt: str, *, structured: bool = False) -> tuple[str | None, list[ToolCall]]:
     """(content, calls) of a reply. phi4-mini: `<|tool_call|>[...]<|/tool_call|>` blocks (the closing tag
     may be missing at the end), or a bare JSON list/object of calls as the whole reply; generic: the JSON
-    object {"tool_calls": [...]} or {"response": "..."}. Text that is no call stays content."""
+    object {"tool_calls": [...]} or {"response": "..."}. Text that is no call stays content.
+
+    structured (a response format combined with tools, `ToolPlan.structured`): the answer is JSON, so a
+    bare JSON object is content, never read as a call (phi4-mini), and the generic {"response": VALUE}
+    gives VALUE's JSON text as content (a string VALUE stays JSON: the format may ask for one)."""
     stripped = text.strip()
     if fmt == GENERIC:
         try:
@@ -416,6 +495,8 @@ def parse_tool_calls(text: str, fmt: str) -> tuple[str | None, list[ToolCall]]:
         except ValueError:
             value = None
         if isinstance(value, Mapping):
+            if "response" in value and structured:
+                return _raw_response(stripped, value["response"]), []
             if "response" in value and isinstance(value["response"], str):
                 return value["response"], []
             found = _calls_of(value.get("tool_calls", value.get("tool_call")))
@@ -434,12 +515,29 @@ def parse_tool_calls(text: str, fmt: str) -> tuple[str | None, list[ToolCall]]:
         content_parts.append(before)
         calls.extend(found)
     content_parts.append(rest)
-    if not calls:
+    if not calls and not structured:
         found = _json_calls(stripped)  # a bare list (or object) with no tags
         if found:
             return None, found
     content = "".join(content_parts).strip()
     return (content or None) if calls else text, calls
+
+
+_RESPONSE_HEAD = re.compile(r'\{\s*"response"\s*:')
+
+
+def _raw_response(text: str, value: Any) -> str:
+    """The JSON text of a generic {"response": VALUE} reply's VALUE, as the model wrote it when the object
+    has only that key (the constrained case), else VALUE written again."""
+    head = _RESPONSE_HEAD.match(text)
+    if head is not None and text.endswith("}"):
+        raw = text[head.end():-1].strip()
+        try:
+            if json.loads(raw) == value:
+                return raw
+        except ValueError:
+            pass
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _json_calls(body: str) -> list[ToolCall] | None:
@@ -459,8 +557,9 @@ class ToolCallStream:
     arguments in fragments as they arrive. generic: the JSON object is held and parsed at the end
     (its `response` is then the content)."""
 
-    def __init__(self, fmt: str) -> None:
+    def __init__(self, fmt: str, *, structured: bool = False) -> None:
         self.format = fmt
+        self.structured = structured  # as parse_tool_calls' flag
         self.text = ""
         self.shown = 0  # content characters of `text` sent
         self.calls: list[ToolCall] = []
@@ -514,7 +613,7 @@ class ToolCallStream:
 
     def finish(self) -> Iterator[str | ToolCallDelta]:
         """The end of the reply: everything held back, and `calls` set."""
-        content, calls = parse_tool_calls(self.text, self.format)
+        content, calls = parse_tool_calls(self.text, self.format, structured=self.structured)
         if self.format == GENERIC:
             if calls:
                 for i, call in enumerate(calls):

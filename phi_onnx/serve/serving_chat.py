@@ -24,6 +24,7 @@ from phi_onnx.runtime.tools import (
     ToolCallDelta,
     ToolCallStream,
     ToolCallSwitch,
+    answer_schema,
     parse_tool_calls,
     plan_tools,
     tool_format,
@@ -53,7 +54,7 @@ class ChatResponseBuilder(ResponseBuilder):
         if self.tool_format is None or finish.reason not in ("eos", "stop"):
             # a reply cut by max_tokens is not parsed: its calls may be incomplete (finish_reason says length)
             return {"message": {"role": "assistant", "content": finish.text}}
-        content, calls = parse_tool_calls(finish.text, self.tool_format)
+        content, calls = parse_tool_calls(finish.text, self.tool_format, structured=self.structured)
         if not calls:
             return {"message": {"role": "assistant", "content": content}}
         return {"message": {"role": "assistant", "content": content, "tool_calls": [c.to_openai() for c in calls]},
@@ -68,13 +69,13 @@ class ChatResponseBuilder(ResponseBuilder):
     def pieces(self, index: int, text: str) -> list[dict[str, Any]]:
         if self.tool_format is None:
             return [self.delta(text, False)]
-        parser = self._parsers.setdefault(index, ToolCallStream(self.tool_format))
+        parser = self._parsers.setdefault(index, ToolCallStream(self.tool_format, structured=self.structured))
         return [self._piece(p) for p in parser.push(text)]
 
     def ending(self, index: int) -> tuple[list[dict[str, Any]], bool]:
         if self.tool_format is None:
             return [], False
-        parser = self._parsers.setdefault(index, ToolCallStream(self.tool_format))
+        parser = self._parsers.setdefault(index, ToolCallStream(self.tool_format, structured=self.structured))
         held = [self._piece(p) for p in parser.finish()]
         return held, bool(parser.calls)
 
@@ -108,29 +109,41 @@ class OpenAIServingChat(OpenAIServing):
         """The messages as the chat template takes them (OpenAI's developer role is the system role)."""
         return [m.as_dict() for m in body.messages]
 
-    def prepare(self, loaded: Model, body: ChatRequest) -> tuple[list[int], list[LogitsProcessor], str | None]:
+    def prepare(self, loaded: Model, body: ChatRequest) -> tuple[list[int], list[LogitsProcessor], str | None, bool]:
         """The prompt's token ids, the reply's logits processors (a grammar for response_format or tool
-        calls) and the tool format to parse the reply with (None: no tool calls expected). Runs off the
-        event loop (rendering, tokenizing and compiling a grammar take a while)."""
+        calls), the tool format to parse the reply with (None: no tool calls expected) and whether its
+        text answer is structured (response_format with tool_choice "auto": parse with structured=True).
+        Runs off the event loop (rendering, tokenizing and compiling a grammar take a while)."""
         messages = self.messages(body)
         tools, choice = body.tool_list(), body.choice()
         processors: list[LogitsProcessor] = []
         fmt = None
+        structured = False
         asked = body.response_format.constraint() if body.response_format is not None else {}
         if tools is not None or choice not in (None, "none", "auto") or \
                 any(m.role == "tool" or m.tool_calls for m in body.messages):
             fmt = tool_format(loaded.chat_template.source, loaded.tokenizer.vocabulary())
+            answer = None
             try:
-                plan = plan_tools(messages, tools, choice, fmt, parallel_tool_calls=body.parallel_tool_calls)
+                # response_format with tools that may be called: "auto" answers calls or text in the
+                # format (one grammar); "required"/named answer a call, the format is for a text reply
+                if asked and tools and choice in (None, "auto"):
+                    answer = answer_schema(**asked)
+                elif asked and tools and choice != "none":
+                    constraint_from(**asked)  # still checked: a bad format is a 400 whatever the reply
+            except PhiOnnxError as error:
+                raise ApiError(400, f"Invalid value for 'response_format': {error.message}",
+                               param="response_format", code="invalid_value") from None
+            try:
+                plan = plan_tools(messages, tools, choice, fmt, parallel_tool_calls=body.parallel_tool_calls,
+                                  answer=answer)
             except PhiOnnxError as error:
                 param = "tool_choice" if "tool_choice" in error.message else "tools"
                 raise ApiError(400, error.message, param=param) from None
             messages = plan.messages
-            if asked and (plan.constraint is not None or plan.switch is not None):
-                # One grammar per reply: tool calls (or text, with "auto") or the format, not both at once.
-                raise ApiError(400, "response_format cannot be combined with tools that may be called (the reply "
-                               "is constrained to tool calls); send tool_choice 'none' with it, or leave one out.",
-                               param="response_format", code="unsupported_value")
+            structured = plan.structured
+            if plan.constraint is not None or plan.switch is not None:
+                asked = {}  # the plan's grammar holds the format (auto) or the reply is a call
             if plan.constraint is not None:
                 processors.append(loaded.grammar(plan.constraint))
             elif plan.switch is not None:
@@ -148,7 +161,7 @@ class OpenAIServingChat(OpenAIServing):
             if constraint is not None:
                 processors.append(loaded.grammar(constraint))
         try:
-            return loaded.chat_prompt_ids(check_messages(messages)), processors, fmt
+            return loaded.chat_prompt_ids(check_messages(messages)), processors, fmt, structured
         except PhiOnnxError as error:
             raise ApiError(400, error.message, param="messages") from None
 
@@ -157,5 +170,5 @@ class OpenAIServingChat(OpenAIServing):
         loaded, _ = self.client.engine()
         self.check_model(body)
         self.check_length(body.characters(), self.max_tokens(body))
-        prompt, processors, fmt = await asyncio.to_thread(self.prepare, loaded, body)
-        return await self.respond(request, body, [prompt], processors, fmt)
+        prompt, processors, fmt, structured = await asyncio.to_thread(self.prepare, loaded, body)
+        return await self.respond(request, body, [prompt], processors, fmt, structured=structured)

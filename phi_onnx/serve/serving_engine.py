@@ -34,9 +34,10 @@ class ResponseBuilder:
     chunk_name = "text_completion"
 
     def __init__(self, model: Model, name: str, logprobs: int | None, token_ids: bool = False,
-                 tool_format: str | None = None) -> None:
+                 tool_format: str | None = None, *, structured: bool = False) -> None:
         self.model, self.name, self.logprobs, self.token_ids = model, name, logprobs, token_ids
         self.tool_format = tool_format  # set when the reply may hold tool calls (chat with tools)
+        self.structured = structured  # its text answer is structured output (tools.parse_tool_calls)
         self.id = self.prefix + uuid.uuid4().hex
         self.created = int(time.time())
 
@@ -231,12 +232,14 @@ class OpenAIServing:
         return generations
 
     async def respond(self, request: Request, body: Any, prompts: list[list[int]],
-                      processors: Sequence[LogitsProcessor] = (), tool_format: str | None = None) -> Response:
+                      processors: Sequence[LogitsProcessor] = (), tool_format: str | None = None, *,
+                      structured: bool = False) -> Response:
         """Check `prompts` against the model and its limits, generate (one choice each), and answer (JSON or SSE)."""
         loaded, _ = self.client.engine()
         name = self.check_model(body)
         generations = self.submit(body, prompts, processors)
-        reply = self.builder(loaded, name, self.logprobs(body), body.return_token_ids, tool_format)
+        reply = self.builder(loaded, name, self.logprobs(body), body.return_token_ids, tool_format,
+                             structured=structured)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(self.stream(generations, reply, usage), media_type="text/event-stream",

@@ -39,8 +39,10 @@ def _id(prefix: str) -> str:
 class ResponseObject:
     """The `response` object of one request, and its stream events (each numbered)."""
 
-    def __init__(self, body: ResponsesRequest, name: str, tool_format: str | None) -> None:
+    def __init__(self, body: ResponsesRequest, name: str, tool_format: str | None, structured: bool = False
+                 ) -> None:
         self.body, self.name, self.tool_format = body, name, tool_format
+        self.structured = structured  # text.format with tools: the text answer is JSON (parse_tool_calls)
         self.id = _id("resp_")
         self.created = int(time.time())
         self.sequence = 0
@@ -102,7 +104,7 @@ class ResponseObject:
         status = self.status(finish)
         content, calls = (finish.text, [])
         if self.tool_format is not None and finish.reason in ("eos", "stop"):
-            content, calls = parse_tool_calls(finish.text, self.tool_format)
+            content, calls = parse_tool_calls(finish.text, self.tool_format, structured=self.structured)
         output: list[dict[str, Any]] = []
         if content or not calls:
             output.append(self.message(content or "", status))
@@ -205,9 +207,9 @@ class OpenAIServingResponses(OpenAIServingChat):
         chat: ChatRequest = parse(ChatRequest, body.chat_body())
         name = self.check_model(chat)
         self.check_length(chat.characters(), self.max_tokens(chat))
-        prompt, processors, fmt = await asyncio.to_thread(self.prepare, loaded, chat)
+        prompt, processors, fmt, structured = await asyncio.to_thread(self.prepare, loaded, chat)
         generations = self.submit(chat, [prompt], processors)
-        reply = ResponseObject(body, name, fmt)
+        reply = ResponseObject(body, name, fmt, structured)
         if body.stream:
             return StreamingResponse(self.events(generations[0], reply), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -220,7 +222,8 @@ class OpenAIServingResponses(OpenAIServingChat):
         """The Responses stream: created, in_progress, the items' events, then completed (or incomplete)."""
         events = generation.events()
         state = _StreamState(reply)
-        parser = ToolCallStream(reply.tool_format) if reply.tool_format is not None else None
+        parser = ToolCallStream(reply.tool_format, structured=reply.structured) \
+            if reply.tool_format is not None else None
         try:
             yield reply.event("response.created", response=reply.envelope("in_progress", []))
             yield reply.event("response.in_progress", response=reply.envelope("in_progress", []))

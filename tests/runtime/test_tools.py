@@ -255,3 +255,96 @@ def test_prepare_chat_runs_on_the_scheduler_as_a_server_would(phi4mini):
         assert content is None
         assert_valid_calls(calls, {"get_weather"} if isinstance(choice, dict) else {"get_weather", "add"})
     scheduler.close()
+
+
+# -- a response format with tools (tool_choice "auto": calls or an answer in the format) ------------
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+def assert_call_or_answer(result: Any, names: set[str], schema: dict[str, Any]) -> str:
+    """Either valid calls (finish "tool_calls") or content valid against `schema` (finish "eos"); which."""
+    if result.tool_calls:
+        assert result.finish_reason == "tool_calls", result.text
+        assert_valid_calls(result.tool_calls, names)
+        return "call"
+    assert result.finish_reason == "eos", result.text
+    jsonschema.validate(json.loads(result.content), schema)
+    return "answer"
+
+
+def test_phi4_mini_auto_with_a_json_schema_gives_a_valid_call_or_a_valid_answer(phi4mini):
+    opened = phi4mini.tokenizer.token_to_id("<|tool_call|>")
+    seen = set()
+    for seed in range(6):
+        result = phi4mini.chat(ASK, tools=[WEATHER, ADD], json_schema=PERSON, temperature=1.0, seed=seed,
+                               max_new_tokens=400)
+        seen.add(assert_call_or_answer(result, {"get_weather", "add"}, PERSON))
+    # each branch, pushed by a bias on the call token: the other side of the grammar is the format's JSON
+    for bias, branch in ((100, "call"), (-100, "answer")):
+        for seed in range(3):
+            result = phi4mini.chat(ASK, tools=[WEATHER, ADD], tool_choice="auto", json_schema=PERSON,
+                                   temperature=1.0, seed=seed, max_new_tokens=400, logit_bias={opened: bias})
+            assert assert_call_or_answer(result, {"get_weather", "add"}, PERSON) == branch
+            if branch == "answer":  # the answer is the whole reply, no call markup, parsed as content
+                assert result.content == result.text and result.text.startswith("{")
+    # the answer names a "name": it is content still, not read as a call of a tool by that name
+    assert "name" in PERSON["properties"]
+    stream = phi4mini.chat_stream(ASK, tools=[ADD], json_schema=PERSON, temperature=1.0, seed=1,
+                                  max_new_tokens=200, logit_bias={opened: -100})
+    assert stream.structured and stream.tool_format == T.PHI4_MINI
+    parser = T.ToolCallStream(stream.tool_format, structured=stream.structured)
+    shown = [x for piece in stream for x in parser.push(piece)] + list(parser.finish())
+    assert stream.result is not None and stream.result.finish_reason == "eos" and parser.calls == []
+    jsonschema.validate(json.loads("".join(shown)), PERSON)
+    assert "".join(shown) == stream.result.content
+
+
+def test_generic_auto_with_a_json_schema_gives_a_valid_call_or_a_valid_answer(tiny):
+    plan = T.plan_tools(ASK, [ADD], "auto", T.GENERIC, answer=(PERSON, True))
+    assert plan.structured and plan.constraint is not None
+    assert json.dumps(PERSON) in plan.messages[0]["content"]  # the prompt says what an answer looks like
+    seen = set()
+    for seed in range(8):
+        result = tiny.chat(ASK, tools=[WEATHER, ADD], json_schema=PERSON, temperature=1.0, seed=seed,
+                           parallel_tool_calls=False, max_new_tokens=200)
+        seen.add(assert_call_or_answer(result, {"get_weather", "add"}, PERSON))
+        if not result.tool_calls:  # {"response": ANSWER}: content is ANSWER's JSON as written
+            assert result.text == '{"response":' + result.content + "}"
+    assert seen == {"call", "answer"}, seen  # a random model takes both branches over these seeds
+
+
+def test_required_and_named_with_a_response_format_give_calls_and_regex_with_auto_is_refused(phi4mini, tiny):
+    for model in (phi4mini, tiny):
+        result = model.chat(ASK, tools=[ADD], tool_choice="required", json_schema=PERSON, temperature=1.0,
+                            seed=3, parallel_tool_calls=False, max_new_tokens=200)
+        assert result.finish_reason == "tool_calls"
+        assert_valid_calls(result.tool_calls, {"add"})
+        # tool_choice "none": no call can come, the format applies to the reply
+        result = model.chat(ASK, tools=[ADD], tool_choice="none", json_schema=PERSON, temperature=1.0,
+                            seed=3, max_new_tokens=200)
+        assert result.tool_calls == [] and result.finish_reason == "eos"
+        jsonschema.validate(json.loads(result.text), PERSON)
+        with pytest.raises(OptionsError, match="regex response format cannot be combined with tools"):
+            model.chat(ASK, tools=[ADD], regex="[a-z]+", max_new_tokens=4)
+        with pytest.raises(OptionsError, match="uniqueItems"):  # the format is checked whatever the choice
+            model.chat(ASK, tools=[ADD], tool_choice="required", max_new_tokens=4,
+                       json_schema={"type": "array", "uniqueItems": True})
+
+
+def test_parsing_a_structured_reply_reads_no_answer_as_a_call():
+    answer = '{"name":"add","arguments":{"a":1}}'  # a JSON answer that looks like a bare call
+    assert [c.name for c in T.parse_tool_calls(answer, T.PHI4_MINI)[1]] == ["add"]  # unconstrained: a call
+    assert T.parse_tool_calls(answer, T.PHI4_MINI, structured=True) == (answer, [])
+    content, calls = T.parse_tool_calls('<|tool_call|>[{"name":"add","arguments":{"a":1,"b":2}}]<|/tool_call|>',
+                                        T.PHI4_MINI, structured=True)
+    assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == [("add", {"a": 1, "b": 2})]
+    # generic: {"response": VALUE} gives VALUE's JSON text, a string included (the format may ask for one)
+    assert T.parse_tool_calls('{"response":{"name":"Bo","age":3}}', T.GENERIC, structured=True) == \
+        ('{"name":"Bo","age":3}', [])
+    assert T.parse_tool_calls('{"response":"hi"}', T.GENERIC, structured=True) == ('"hi"', [])
+    assert T.parse_tool_calls('{"response":"hi"}', T.GENERIC) == ("hi", [])
+    stream = T.ToolCallStream(T.GENERIC, structured=True)
+    shown = [x for piece in ['{"resp', 'onse":{"a":', '[1]}}'] for x in stream.push(piece)] + list(stream.finish())
+    assert shown == ['{"a":[1]}'] and stream.calls == []

@@ -227,9 +227,12 @@ def test_bad_tools_are_400s_naming_them(client: Any) -> None:
     cases = [({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
              ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
              ({"tool_choice": "required"}, "tool_choice"),
-             ({"tools": TOOLS, "tool_choice": "required",
-               "response_format": {"type": "json_object"}}, "response_format"),
-             ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format"),
+             # a regex (or Lark) format cannot be the answer beside calls; a bad schema is a 400 whatever the choice
+             ({"tools": TOOLS, "response_format": {"type": "regex", "regex": "[a-z]+"}}, "response_format"),
+             ({"tools": TOOLS, "tool_choice": "required", "response_format": {
+                 "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array",
+                                                                               "uniqueItems": True}}}},
+              "response_format"),
              ({"tools": [{"type": "web_search"}]}, "tools.0.type")]
     for extra, param in cases:
         response = httpx.post(f"{client.base_url}chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
@@ -243,6 +246,142 @@ def test_bad_tools_are_400s_naming_them(client: Any) -> None:
     reply = client.chat.completions.create(model=MODEL_NAME, messages=ASK, tools=TOOLS, tool_choice="none",
                                            response_format=fmt, max_tokens=120, temperature=1, seed=4)
     jsonschema.validate(json.loads(reply.choices[0].message.content), PERSON)
+
+
+# -- response_format with tools -------------------------------------------------------------------------
+class AddArgs(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    a: int = pydantic.Field(ge=-99, le=99)
+    b: int = pydantic.Field(ge=-99, le=99)
+
+
+class Pet(pydantic.BaseModel):
+    """A short answer: tiny-phi3's 512-token slots hold the generic prompt, the tool and this schema."""
+    model_config = pydantic.ConfigDict(extra="forbid")
+    pet: Literal["cat", "dog"]
+
+
+def check_call_or_answer(choice: Any, names: set[str]) -> str:
+    """A reply to tools + response_format (auto): valid calls (finish "tool_calls") or content valid against
+    PERSON (finish "stop"); which of the two."""
+    if choice.finish_reason == "tool_calls":
+        check_calls(choice.message, names)
+        assert not choice.message.content
+        return "call"
+    assert choice.finish_reason == "stop" and choice.message.tool_calls is None, choice
+    jsonschema.validate(json.loads(choice.message.content), PERSON)
+    return "answer"
+
+
+@pytest.mark.parametrize("which", ["phi4", "tiny"])
+def test_auto_with_a_response_format_gives_a_valid_call_or_valid_content(which: str, phi4: Any, client: Any
+                                                                          ) -> None:
+    api, model = (phi4, "phi4") if which == "phi4" else (client, MODEL_NAME)
+    # tiny-phi3's 512-token slots: one tool (the generic prompt lists the tools and the answer's schema)
+    tools, budget = (TOOLS, 300) if which == "phi4" else ([ADD], 100)
+    names = {t["function"]["name"] for t in tools}
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    seen = set()
+    for seed in range(5):
+        reply = api.chat.completions.create(model=model, messages=ASK, tools=tools, response_format=fmt,
+                                            temperature=1, seed=seed, max_tokens=budget, parallel_tool_calls=False)
+        seen.add(check_call_or_answer(reply.choices[0], names))
+        content, calls, finish = streamed_calls(api.chat.completions.create(
+            model=model, messages=ASK, tools=tools, tool_choice="auto", response_format=fmt, temperature=1,
+            seed=seed, max_tokens=budget, parallel_tool_calls=False, stream=True))
+        if calls:
+            assert finish == "tool_calls" and not content
+            for call in calls.values():
+                jsonschema.validate(json.loads(call["arguments"]), SCHEMAS[call["name"]])
+        else:
+            assert finish == "stop"
+            jsonschema.validate(json.loads(content), PERSON)
+    if which == "tiny":
+        assert seen == {"call", "answer"}, seen  # the random model takes both branches over these seeds
+    # tool_choice "required" with a format: the reply is a call (the format is for a reply in text)
+    reply = api.chat.completions.create(model=model, messages=ASK, tools=tools, tool_choice="required",
+                                        response_format=fmt, temperature=1, seed=1, max_tokens=budget,
+                                        parallel_tool_calls=False)
+    assert reply.choices[0].finish_reason == "tool_calls"
+    check_calls(reply.choices[0].message, names)
+
+
+@pytest.mark.parametrize("which", ["phi4", "tiny"])
+def test_parse_with_a_pydantic_model_and_tools(which: str, phi4: Any, client: Any) -> None:
+    """The openai SDK's parse(response_format=Model, tools=[...]): a parsed answer or parsed call arguments."""
+    api, model = (phi4, "phi4") if which == "phi4" else (client, MODEL_NAME)
+    budget = 300 if which == "phi4" else 50
+    tool = openai.pydantic_function_tool(AddArgs, name="add")
+    seen = set()
+    for seed in range(4):
+        completion = api.chat.completions.parse(model=model, messages=ASK, response_format=Pet, tools=[tool],
+                                                temperature=1, seed=seed, max_tokens=budget,
+                                                parallel_tool_calls=False)
+        choice = completion.choices[0]
+        if choice.finish_reason == "tool_calls":
+            (call,) = choice.message.tool_calls
+            assert call.function.name == "add" and isinstance(call.function.parsed_arguments, AddArgs)
+            assert choice.message.parsed is None
+            seen.add("call")
+        else:
+            assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, Pet)
+            assert Pet.model_validate_json(choice.message.content) == choice.message.parsed
+            seen.add("answer")
+    assert seen
+
+
+def test_responses_text_format_with_a_tool_gives_a_call_or_a_schema_answer(client: Any, phi4: Any) -> None:
+    tool = {"type": "function", "name": "add", "description": "Add.", "parameters": SCHEMAS["add"], "strict": True}
+    text = {"format": {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}}
+    for api, model, budget in ((client, MODEL_NAME, 100), (phi4, "phi4", 300)):
+        for seed in range(3):
+            response = api.responses.create(model=model, input="Add 2 and 3", tools=[tool], text=text,
+                                            parallel_tool_calls=False, max_output_tokens=budget, temperature=1,
+                                            extra_body={"seed": seed})
+            assert response.status == "completed"
+            calls = [item for item in response.output if item.type == "function_call"]
+            if calls:
+                assert [c.name for c in calls] == ["add"] and not response.output_text
+                jsonschema.validate(json.loads(calls[0].arguments), SCHEMAS["add"])
+            else:
+                jsonschema.validate(json.loads(response.output_text), PERSON)
+        with api.responses.stream(model=model, input="Add 2 and 3", tools=[tool], text=text, temperature=1,
+                                  parallel_tool_calls=False, max_output_tokens=budget,
+                                  extra_body={"seed": 7}) as stream:
+            final = stream.get_final_response()
+        calls = [item for item in final.output if item.type == "function_call"]
+        if calls:
+            jsonschema.validate(json.loads(calls[0].arguments), SCHEMAS["add"])
+        else:
+            jsonschema.validate(json.loads(final.output_text), PERSON)
+
+
+def test_every_format_with_every_tool_choice_is_answered_or_a_400(client: Any) -> None:
+    """Each response_format × tool_choice combination: a reply or an OpenAI-shaped 400 on response_format,
+    never a 500; and the server keeps serving."""
+    formats = [{"type": "text"}, {"type": "json_object"},
+               {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}},
+               {"type": "json_schema", "json_schema": {"name": "u", "strict": False,
+                                                       "schema": {"type": "array", "uniqueItems": True}}},
+               {"type": "json_schema", "json_schema": {"name": "u", "schema": {"type": "array", "uniqueItems": True}}},
+               {"type": "json_schema", "json_schema": {"name": "r", "schema": {"$ref": "#/nope"}}},
+               {"type": "regex", "regex": "[a-z]{2}"}, {"type": "lark", "lark": 'start: "yes"'}]
+    choices = ["auto", "required", {"type": "function", "function": {"name": "add"}}, "none"]
+    for fmt in formats:
+        for choice in choices:
+            response = httpx.post(f"{client.base_url}chat/completions", timeout=60,
+                                  headers={"Authorization": f"Bearer {API_KEY}"},
+                                  json={"model": MODEL_NAME, "messages": ASK, "max_tokens": 4, "tools": [ADD],
+                                        "tool_choice": choice, "response_format": fmt})
+            assert response.status_code in (200, 400), (fmt, choice, response.text)
+            if response.status_code == 400:
+                assert response.json()["error"]["param"] == "response_format", (fmt, choice, response.text)
+            # refused: a schema that cannot be enforced (strict), and regex/lark where a call may come
+            unenforceable = fmt.get("json_schema", {}).get("strict") is not False and \
+                fmt.get("json_schema", {}).get("name") in ("u", "r")
+            assert (response.status_code == 400) == (unenforceable or (fmt["type"] in ("regex", "lark")
+                                                                       and choice == "auto")), (fmt, choice)
+    assert client.chat.completions.create(model=MODEL_NAME, messages=ASK, max_tokens=2).choices
 
 
 # -- logit_bias, prompt lists, models ------------------------------------------------------------------
