@@ -3,6 +3,7 @@ lines as one message, recalls history, and Ctrl-C / Ctrl-D do what they did with
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -97,7 +98,16 @@ def test_ctrl_c_stops_a_reply_or_clears_the_prompt_and_ctrl_d_quits(tiny_export)
         child.expect_exact(b"(Ctrl-C stops a reply; /exit or Ctrl-D quits.)")
         child.expect_exact(PROMPT)
         child.send("Tell me everything\r")
-        time.sleep(1.5)  # the reply is streaming (3000 tokens take the tiny model several seconds)
+        # Interrupt only once the reply streams: Ctrl-C is a signal only after the line editor has given the
+        # terminal back (before, it is a key in raw mode), which a fixed sleep raced under load (the reply then
+        # ran to its end). 1 KB is well past the editor's last redraw; 3000 tokens are several times that.
+        child.expect_exact(b"Tell me everything")
+        streamed = b""
+        deadline = time.monotonic() + 30
+        while len(streamed) < 1024 and time.monotonic() < deadline:
+            with contextlib.suppress(pexpect.TIMEOUT):
+                streamed += child.read_nonblocking(size=256, timeout=1)
+        assert len(streamed) >= 1024, streamed
         child.sendintr()  # mid-reply: the reply stops, the session goes on
         tokens, _, reason, shown = turn(child)
         assert reason == "interrupted" and 0 < tokens < 3000
