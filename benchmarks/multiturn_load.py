@@ -8,6 +8,11 @@ Two workloads, on token ids so that every server sees the same tokens:
   them with the `return_token_ids` extension, llama-server with `return_tokens`).
 - `burst`: N requests sharing one P-token prefix, each with its own Q-token question, C at a time.
 
+llama-server's stream never sends the id of a token that ends inside a UTF-8 character (it holds the text
+back and sends only the completing token's id), so its replies would come back short. `--tokenizer
+tokenizer.json` bans such tokens (every id whose text alone is not whole UTF-8) on both servers alike with
+logit_bias: which tokens the replies hold changes, not how many, nor the work.
+
 Per workload: wall time, aggregate output tokens/s, TTFT p50 per turn, ITL p50/p99, and the prompt
 tokens the server says it served from its cache. `--api phi-onnx` talks /v1/completions; `--api llama`
 talks llama-server's /completion (cache_prompt on, its default).
@@ -28,6 +33,22 @@ from typing import Any
 import httpx
 import numpy as np
 
+BANNED: list[int] = []  # ids whose text alone is not whole UTF-8 (--tokenizer), kept out of every reply
+
+
+def partial_utf8_ids(tokenizer_json: str) -> list[int]:
+    """Token ids whose decoded text alone is not whole UTF-8 (a replacement character)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(tokenizer_json)
+    return [i for i in range(tokenizer.get_vocab_size()) if "\ufffd" in tokenizer.decode([i])]
+
+
+def fresh_connections(clients: int) -> httpx.Limits:
+    """A new connection per request, for both servers: llama-server closed a kept-alive connection that the
+    next turn reused (httpx.ReadError); on loopback a connection costs well under a millisecond."""
+    return httpx.Limits(max_connections=clients + 4, max_keepalive_connections=0)
+
 
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (0..100), NaN when empty."""
@@ -40,10 +61,14 @@ async def complete(client: httpx.AsyncClient, api: str, prompt: list[int], new_t
         path, body = "/v1/completions", {
             "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}, "return_token_ids": True}
+        if BANNED:
+            body["logit_bias"] = {str(i): -100 for i in BANNED}
     else:
         path, body = "/completion", {
             "prompt": prompt, "n_predict": new_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
             "cache_prompt": True, "return_tokens": True}
+        if BANNED:
+            body["logit_bias"] = [[i, False] for i in BANNED]
     start = time.perf_counter()
     arrivals: list[float] = []
     ids: list[int] = []
@@ -95,7 +120,7 @@ async def multiturn(url: str, api: str, vocab: int, users: int, turns: int, syst
     rng = np.random.default_rng(seed)
     shared = rng.integers(10, vocab - 10, size=system).tolist()
     results: list[dict[str, Any]] = []
-    async with httpx.AsyncClient(base_url=url, timeout=900, limits=httpx.Limits(max_connections=users + 4)) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=900, limits=fresh_connections(users)) as client:
         async def user(u: int) -> None:
             history = list(shared)
             for t in range(turns):
@@ -120,7 +145,7 @@ async def burst(url: str, api: str, vocab: int, requests: int, concurrency: int,
     gate = asyncio.Semaphore(concurrency)
     results: list[dict[str, Any]] = []
     async with httpx.AsyncClient(base_url=url, timeout=900,
-                                 limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+                                 limits=fresh_connections(concurrency)) as client:
         async def one(prompt: list[int]) -> None:
             async with gate:
                 results.append(await complete(client, api, prompt, reply))
@@ -138,6 +163,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer.json: ban ids that end inside a UTF-8 character (see above)")
     sub = parser.add_subparsers(dest="workload", required=True)
     mt = sub.add_parser("multiturn")
     mt.add_argument("--users", type=int, default=4)
@@ -152,6 +179,8 @@ def main() -> None:
     b.add_argument("--question-tokens", type=int, default=30)
     b.add_argument("--reply-tokens", type=int, default=32)
     args = parser.parse_args()
+    if args.tokenizer:
+        BANNED.extend(partial_utf8_ids(args.tokenizer))
     # a warm-up request on ids no workload sends
     asyncio.run(burst(args.url, args.api, args.vocab, 1, 1, 16, 4, 4, seed=10_000 + args.seed))
     if args.workload == "multiturn":

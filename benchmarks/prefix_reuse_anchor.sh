@@ -75,6 +75,7 @@ for users in ${USERS//,/ }; do
     for kind in llama phi-onnx; do
         start "$kind" "$users"
         "$PYTHON" "$HERE/multiturn_load.py" --url "http://127.0.0.1:$PORT" --api "$kind" --vocab "$VOCAB" \
+            --tokenizer "$EXPORT/tokenizer.json" \
             --json "$RESULTS/multiturn-$kind-$users.json" multiturn --users "$users" --turns "$TURNS" \
             --system-tokens "$SYSTEM" --turn-tokens "$TURN" --reply-tokens "$REPLY"
         stop_server
@@ -83,6 +84,7 @@ done
 for kind in llama phi-onnx; do
     start "$kind" 8
     "$PYTHON" "$HERE/multiturn_load.py" --url "http://127.0.0.1:$PORT" --api "$kind" --vocab "$VOCAB" \
+            --tokenizer "$EXPORT/tokenizer.json" \
         --json "$RESULTS/burst-$kind.json" burst --requests 16 --concurrency 8 --prefix-tokens 600 \
         --question-tokens 30 --reply-tokens 32
     stop_server
