@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -195,6 +196,10 @@ def chat(model: str, device: str, backend: str, threads: int | None, precision: 
         return
     stdin = click.get_binary_stream("stdin")
     interactive = stdin.isatty()
+    if interactive and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # Started with SIGINT ignored (inherited from a parent that ignores it): Python then never raises
+        # KeyboardInterrupt, and Ctrl-C, this chat's way to stop a reply, would do nothing while one streams.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     editor = _line_editor() if interactive else None
     click.echo(f"phi-onnx chat: {_display_name(model, lm.path)} on {lm.provider} ({lm.backend} backend, "
                f"{lm.context_length}-token context). {CHAT_HELP} Ctrl-C stops a reply."

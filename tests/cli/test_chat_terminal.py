@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -38,11 +39,13 @@ def tiny_model(tiny_export: Path) -> Any:
     return phi_onnx.load(tiny_export, device="cpu", backend="ort")
 
 
-def spawn(folder: Path, *options: str) -> Any:
+def spawn(folder: Path, *options: str, sigint: Any = signal.SIG_DFL) -> Any:
+    """`phi-onnx chat` on a terminal; `sigint`: the SIGINT disposition it inherits."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "TERM": "xterm",
            "PROMPT_TOOLKIT_NO_CPR": "1"}  # pexpect does not answer the cursor position query a terminal would
     child = pexpect.spawn(sys.executable, ["-m", "phi_onnx", "chat", str(folder), "--backend", "ort", *options],
-                          env=env, timeout=30, dimensions=(40, 200))
+                          env=env, timeout=30, dimensions=(40, 200),
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
     child.expect(rb"Alt\+Enter starts a new line")  # the banner names what the line editor adds
     child.expect_exact(PROMPT)
     return child
@@ -91,8 +94,10 @@ def test_a_pasted_block_of_two_lines_is_one_message(tiny_export, tiny_model):
         child.terminate(force=True)
 
 
-def test_ctrl_c_stops_a_reply_or_clears_the_prompt_and_ctrl_d_quits(tiny_export):
-    child = spawn(tiny_export, "--max-new-tokens", "3000", "--min-new-tokens", "3000")
+# SIG_IGN: a parent that ignores SIGINT (as a test worker did in CI) passes that on; the chat must still stop.
+@pytest.mark.parametrize("sigint", [signal.SIG_DFL, signal.SIG_IGN], ids=["default", "inherited-ignored"])
+def test_ctrl_c_stops_a_reply_or_clears_the_prompt_and_ctrl_d_quits(tiny_export, sigint):
+    child = spawn(tiny_export, "--max-new-tokens", "3000", "--min-new-tokens", "3000", sigint=sigint)
     try:
         child.sendintr()  # at the prompt: a hint, and the session goes on
         child.expect_exact(b"(Ctrl-C stops a reply; /exit or Ctrl-D quits.)")
