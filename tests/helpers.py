@@ -225,3 +225,16 @@ def phi4_mini_tools_tokenizer(tokenizer_dir: Path, out: Path) -> Path:
         if (tokenizer_dir / name).exists():
             shutil.copy2(tokenizer_dir / name, out / name)
     return out
+
+
+# OpenAI function tools the runtime and server tool-call tests share.
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather of a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                    "unit": {"enum": ["C", "F"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+ADD = {"type": "function", "function": {
+    "name": "add", "description": "Add two integers.",
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer", "minimum": -99, "maximum": 99},
+                                                    "b": {"type": "integer", "minimum": -99, "maximum": 99}},
+                   "required": ["a", "b"], "additionalProperties": False}}}

@@ -23,3 +23,16 @@ def models(make_export: Any) -> Iterator[Any]:
     yield get
     for model in cache.values():
         model.close()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The bundled tiny-phi3 exported (fp32) and loaded on the ort backend, once per module."""
+    import phi_onnx
+    from phi_onnx.export import export
+
+    out = tmp_path_factory.mktemp("tiny") / "tiny-phi3"
+    export("tiny-phi3", out)
+    model = phi_onnx.load(out, device="cpu", backend="ort")
+    yield model
+    model.close()

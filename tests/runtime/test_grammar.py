@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -27,18 +26,6 @@ PERSON = {
     "required": ["name", "age", "tags", "ok"],
     "additionalProperties": False,
 }
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    import phi_onnx
-    from phi_onnx.export import export
-
-    out = tmp_path_factory.mktemp("grammar") / "tiny-phi3"
-    export("tiny-phi3", out)
-    model = phi_onnx.load(out, device="cpu", backend="ort")
-    yield model
-    model.close()
 
 
 def test_json_schema_at_temperature_one_is_valid_for_every_seed(tiny):

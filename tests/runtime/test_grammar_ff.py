@@ -33,18 +33,6 @@ PERSON = {
 PROMPT = "Describe a person:"
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    import phi_onnx
-    from phi_onnx.export import export
-
-    out = tmp_path_factory.mktemp("grammar-ff") / "tiny-phi3"
-    export("tiny-phi3", out)
-    model = phi_onnx.load(out, device="cpu", backend="ort")
-    yield model
-    model.close()
-
-
 @contextmanager
 def fast_forward(on: bool) -> Iterator[None]:
     saved = sequence.FAST_FORWARD

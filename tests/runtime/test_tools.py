@@ -6,23 +6,13 @@ import json
 from typing import Any
 
 import pytest
-from helpers import PHI4_MINI_CHAT_TEMPLATE
+from helpers import ADD, PHI4_MINI_CHAT_TEMPLATE, WEATHER
 
 from phi_onnx.errors import OptionsError
 from phi_onnx.runtime import tools as T
 
 jsonschema = pytest.importorskip("jsonschema")
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Weather of a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
-                                                    "unit": {"enum": ["C", "F"]}},
-                   "required": ["city", "unit"], "additionalProperties": False}}}
-ADD = {"type": "function", "function": {
-    "name": "add", "description": "Add two integers.",
-    "parameters": {"type": "object", "properties": {"a": {"type": "integer", "minimum": -99, "maximum": 99},
-                                                    "b": {"type": "integer", "minimum": -99, "maximum": 99}},
-                   "required": ["a", "b"], "additionalProperties": False}}}
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, ADD)}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
@@ -32,18 +22,6 @@ def phi4mini(phi4_mini_tools_export: Any) -> Any:
     import phi_onnx
 
     model = phi_onnx.load(phi4_mini_tools_export, device="cpu", backend="ort")
-    yield model
-    model.close()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    import phi_onnx
-    from phi_onnx.export import export
-
-    out = tmp_path_factory.mktemp("tools") / "tiny-phi3"
-    export("tiny-phi3", out)
-    model = phi_onnx.load(out, device="cpu", backend="ort")
     yield model
     model.close()
 
