@@ -26,11 +26,26 @@ GAUGES = ["phi_onnx_active_requests", "phi_onnx_queued_requests", "phi_onnx_kv_s
           "phi_onnx_kv_pool_bytes"]
 
 
+STEP_SECONDS = 0.02
+
+
 @pytest.fixture()
-def server(tiny_model: Any) -> Iterator[LiveServer]:
-    """A server of its own (fresh counts): one slot of 1024 tokens, no API key."""
+def server(tiny_model: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[LiveServer]:
+    """A server of its own (fresh counts): one slot of 1024 tokens, no API key.
+
+    Each decode step takes at least STEP_SECONDS, so the 900-token stream below runs for 18 s or more:
+    its client leaves long before, however slow the machine (on a fast tiny model it could otherwise
+    finish first and count as "length", not "cancelled")."""
+    from phi_onnx.runtime.core import DecodeCore
     from phi_onnx.serve import create_app
 
+    decode = DecodeCore.decode
+
+    def slow_decode(self: DecodeCore, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(STEP_SECONDS)
+        return decode(self, *args, **kwargs)
+
+    monkeypatch.setattr(DecodeCore, "decode", slow_decode)
     app = create_app(tiny_model, max_batch=1, max_queue=4, model_name=NAME, capacity=CAPACITY)
     with LiveServer(app) as live:
         yield live
