@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
 def test_dry_run_writes_the_report(tmp_path):
     out = tmp_path / "report.json"
-    env = {**os.environ, "GPU_CHECK_DRY_RUN": "1"}
+    # The dry run uses the `python` on PATH: this interpreter's, also when its venv is not activated.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "GPU_CHECK_DRY_RUN": "1", "PATH": path}
     done = subprocess.run(["bash", str(SCRIPT), "--out", str(out), "--work", str(tmp_path / "work")], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

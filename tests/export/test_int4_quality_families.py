@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 from helpers import heldout_windows_of, kl_and_top1, window_log_probs
 from phi3small_reference import forward, random_weights
 from test_int4_quality import logits_of, perplexity, quality
@@ -95,15 +97,29 @@ def train_phi3small(folder: Path, like: Path, steps: int, seed: int = 0) -> None
             shutil.copy2(like / name, folder / name)
 
 
+def trained_root(factory: pytest.TempPathFactory) -> Path:
+    """Where the trained checkpoints live: under xdist, one folder for all workers of this run (each
+    checkpoint takes one to two minutes to train, so it is trained once, not once per worker)."""
+    base = factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "trained-families"
+
+
 def trained_checkpoint(name: str, root: Path) -> Path:
-    """Folder of the trained tiny `name` (phi2, phimoe or phi3small), trained once per session."""
+    """Folder of the trained tiny `name` (phi2, phimoe or phi3small), trained once per test run: the first
+    process to need it trains it into a staging folder under a lock; the others wait and reuse it."""
     if name not in _TRAINED:
+        root.mkdir(parents=True, exist_ok=True)
         folder = root / name
-        if name == "phi3small":
-            folder.mkdir(parents=True)
-            train_phi3small(folder, trained_checkpoint("phi2", root), STEPS[name])
-        else:
-            tiny_train.main(["--out", str(folder), "--arch", name, "--max-steps", str(STEPS[name]), *SHAPE])
+        with FileLock(str(root / f"{name}.lock")):
+            if not folder.is_dir():
+                staging = root / f"{name}.partial"
+                shutil.rmtree(staging, ignore_errors=True)  # a crashed worker's half (ours alone: test temp)
+                if name == "phi3small":
+                    staging.mkdir()
+                    train_phi3small(staging, trained_checkpoint("phi2", root), STEPS[name])
+                else:
+                    tiny_train.main(["--out", str(staging), "--arch", name, "--max-steps", str(STEPS[name]), *SHAPE])
+                staging.rename(folder)
         _TRAINED[name] = folder
     return _TRAINED[name]
 
@@ -111,7 +127,7 @@ def trained_checkpoint(name: str, root: Path) -> Path:
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """`trained(name)` → the trained checkpoint folder of phi2, phimoe or phi3small."""
-    root = tmp_path_factory.getbasetemp() / "trained-families"
+    root = trained_root(tmp_path_factory)
     return lambda name: trained_checkpoint(name, root)
 
 

@@ -21,7 +21,7 @@ from phi_onnx.export import ExportOptions, export
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "export"))
 from phi3small_reference import forward
-from test_int4_quality_families import trained_checkpoint
+from test_int4_quality_families import trained_checkpoint, trained_root
 
 pytestmark = pytest.mark.slow  # every test needs the trained checkpoints (about 90 s of training, once)
 
@@ -36,7 +36,7 @@ MESSAGES = [{"role": "system", "content": "You are terse."},
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory):
     """Same folders as the export tests' `trained` fixture (the training cache is module level)."""
-    root = tmp_path_factory.getbasetemp() / "trained-families"
+    root = trained_root(tmp_path_factory)
     return lambda name: trained_checkpoint(name, root)
 
 
