@@ -102,6 +102,7 @@ async def complete(client: httpx.AsyncClient, api: str, prompt: list[int], new_t
 def summary(results: list[dict[str, Any]], wall: float, turns: int = 1) -> dict[str, Any]:
     """Aggregate figures of one workload."""
     tokens = sum(len(r["ids"]) for r in results)
+    began = min((r["start"] for r in results), default=0.0)
     itl = [b - a for r in results for a, b in zip(r["arrivals"], r["arrivals"][1:], strict=False) if b > a]
     ttft = {t: [r["arrivals"][0] - r["start"] for r in results if r.get("turn", 0) == t and r["arrivals"]]
             for t in range(turns)}
@@ -112,7 +113,11 @@ def summary(results: list[dict[str, Any]], wall: float, turns: int = 1) -> dict[
             "ttft_p50_s_by_turn": [round(percentile(v, 50), 2) for v in ttft.values()],
             "itl_p50_ms": round(1000 * percentile(itl, 50), 1), "itl_p99_ms": round(1000 * percentile(itl, 99), 1),
             "prompt_tokens": prompt, "prompt_tokens_cached": sum(cached) if cached else None,
-            "prompt_tokens_computed": prompt - sum(cached) if len(cached) == len(results) else None}
+            "prompt_tokens_computed": prompt - sum(cached) if len(cached) == len(results) else None,
+            # per request, in start order (written to --json only): when it started, its TTFT, its cached tokens
+            "detail": [{"start_s": round(r["start"] - began, 3), "turn": r.get("turn", 0),
+                        "ttft_s": round(r["arrivals"][0] - r["start"], 3) if r["arrivals"] else None,
+                        "cached": r["cached"]} for r in sorted(results, key=lambda r: r["start"])]}
 
 
 async def multiturn(url: str, api: str, vocab: int, users: int, turns: int, system: int, turn: int, reply: int,
@@ -190,7 +195,7 @@ def main() -> None:
         row = asyncio.run(burst(args.url, args.api, args.vocab, args.requests, args.concurrency, args.prefix_tokens,
                                 args.question_tokens, args.reply_tokens, args.seed + 1))  # not multiturn's ids
     row = {"api": args.api, "workload": args.workload, **row}
-    print(json.dumps(row), flush=True)
+    print(json.dumps({k: v for k, v in row.items() if k != "detail"}), flush=True)
     if args.json:
         with open(args.json, "w") as out:
             json.dump(row, out, indent=2)

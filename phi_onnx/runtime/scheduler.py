@@ -434,6 +434,7 @@ class Scheduler:
 
     def _step(self) -> None:
         self.steps += 1
+        started, computed = time.perf_counter(), self.computed_tokens
         budget = self._fast_forward(self._prefill_budget())
         prefilling = sorted((r for r in self.slots if r is not None and r.seq is not None
                              and self.pool.filled(r.slot or 0) < len(r.prompt)), key=lambda r: r.id)
@@ -447,7 +448,12 @@ class Scheduler:
                     continue  # an earlier request is computing this one's prefix right now
             waiting_for.append(request)
             budget -= self._prefill(request, budget)
-        self._decode()
+        prefilled = time.perf_counter()
+        rows = self._decode()
+        if log.isEnabledFor(logging.DEBUG):  # the step's shape and times, to see where stalls come from
+            log.debug("step %d: prefill %d tokens %.0f ms, decode %d rows %.0f ms", self.steps,
+                      self.computed_tokens - computed, 1000 * (prefilled - started), rows,
+                      1000 * (time.perf_counter() - prefilled))
 
     def _prefill_budget(self) -> int:
         """Prompt tokens this step may prefill: `chunk`, or while streams decode, what fits in
@@ -547,8 +553,8 @@ class Scheduler:
             self._sample(request, logits)
         return ran
 
-    def _decode(self) -> None:
-        """One new token for every request whose prompt is done and that has not finished."""
+    def _decode(self) -> int:
+        """One new token for every request whose prompt is done and that has not finished; returns how many."""
         tokens = {}
         for slot, request in enumerate(self.slots):
             seq = request.seq if request is not None else None
@@ -556,7 +562,7 @@ class Scheduler:
                     self.pool.filled(slot) == len(seq.prompt) + len(seq.generated) - 1:
                 tokens[slot] = seq.generated[-1]
         if not tokens:
-            return
+            return 0
         before, started = self.core.recomputes, time.perf_counter()
         out = self.core.decode(self.pool, tokens)
         if self.core.recomputes == before:
@@ -567,6 +573,7 @@ class Scheduler:
             request = self.slots[slot]
             assert request is not None
             self._sample(request, logits)
+        return len(out)
 
     # -- sampling, events -----------------------------------------------------------------------
     def _sample(self, request: Request, logits: np.ndarray) -> None:
