@@ -117,7 +117,11 @@ def summary(results: list[dict[str, Any]], wall: float, turns: int = 1) -> dict[
             # per request, in start order (written to --json only): when it started, its TTFT, its cached tokens
             "detail": [{"start_s": round(r["start"] - began, 3), "turn": r.get("turn", 0),
                         "ttft_s": round(r["arrivals"][0] - r["start"], 3) if r["arrivals"] else None,
-                        "cached": r["cached"]} for r in sorted(results, key=lambda r: r["start"])]}
+                        "cached": r["cached"], "itl_max_s": round(max(
+                            (b - a for a, b in zip(r["arrivals"], r["arrivals"][1:], strict=False)), default=0), 3),
+                        "itl_max_at_s": round(max(zip(r["arrivals"], r["arrivals"][1:], strict=False),
+                                                  key=lambda p: p[1] - p[0], default=(began,))[0] - began, 3)}
+                       for r in sorted(results, key=lambda r: r["start"])]}
 
 
 async def multiturn(url: str, api: str, vocab: int, users: int, turns: int, system: int, turn: int, reply: int,

@@ -1,14 +1,20 @@
 """KV of prompt prefixes kept beyond the slots: many conversations and common system prompts survive
 while their slots serve others.
 
-When the scheduler gives a free slot to a request that shares nothing with what the slot holds, the
-slot's contents would be lost; the `PrefixStore` copies them out first (at least `min_tokens`), into
-host memory, within a byte budget, least recently used out first. A later request whose prompt starts
-with a stored prefix gets those rows copied into its slot instead of computing them. Rows for
-positions < n depend only on tokens < n, so a stored prefix serves any prompt sharing its first m
-tokens (m at most its length): the granularity is one token.
+When the scheduler gives a free slot to a request that shares less than the slot holds, the slot's
+contents would be lost; the `PrefixStore` copies them out first, into host memory, within a byte budget.
+A later request whose prompt starts with stored tokens gets those rows copied into its slot instead of
+computing them.
 
-Entries carry the LongRoPE regime they were computed in, and are matched under `LongRope.reusable`.
+The store is a tree of blocks of `BLOCK` tokens (the last one of a sequence may be shorter): a block is
+keyed by its parent block and its own tokens, so conversations that share a system prompt share its
+blocks, and saving a slot copies only the blocks not stored yet (a slot's 600-token shared prefix is
+copied once, not once per conversation). Rows for positions < n depend only on tokens < n, so a block
+serves any prompt sharing its first tokens: matches are to the token. Least recently used leaves are
+evicted first; freed blocks' memory is reused (fresh pages would cost a page fault each).
+
+The tree has one root per LongRoPE regime and LoRA adapter: rows computed with other factors or another
+adapter's weights never serve a prompt.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -26,86 +32,190 @@ from phi_onnx.runtime.longrope import LongRope
 
 log = logging.getLogger(__name__)
 
-#: Shortest prefix worth storing (shorter ones cost more bookkeeping than their prefill).
+#: Tokens per block: the unit of saving, sharing and eviction.
+BLOCK = 32
+#: Most bytes one save copies (the first blocks missing; the rest of that slot is lost): a save runs
+#: between steps, so like a prefill chunk it must not stall the running streams for long. A long new
+#: prefix is stored over the saves of the slots that hold it, a conversation's new turns in one.
+SAVE_BYTES = 64 * 2**20
+#: Evicted blocks' memory kept for reuse (beyond it, memory goes back to the allocator).
+FREE_KEPT = 4
+#: Shortest prefix worth storing or copying (shorter ones cost more bookkeeping than their prefill).
 MIN_TOKENS = 32
 
 
-@dataclass
-class _Entry:
-    tokens: list[int]
-    long: bool
-    adapter: str | None  # the switchable LoRA adapter the rows were computed with (None: the base)
-    rows: list[np.ndarray]  # per pool buffer: [kv_heads, n, head_dim]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(r.nbytes for r in self.rows)
+@dataclass(eq=False)
+class _Block:
+    id: int
+    parent: _Block | None
+    tokens: tuple[int, ...]
+    start: int  # position of its first token
+    rows: np.ndarray  # [pool buffers, kv_heads, BLOCK, head_dim]; the first len(tokens) columns are valid
+    children: dict[tuple[int, ...], _Block] = field(default_factory=dict)
+    key: tuple[bool, str | None] | None = None  # a root's (long factors, adapter)
 
 
 class PrefixStore:
-    """A byte-bounded LRU store of slot prefixes (CPU pools only)."""
+    """A byte-bounded store of prompt prefixes in shared blocks (CPU pools only); see the module docstring."""
 
-    def __init__(self, budget_bytes: int, rope: LongRope, *, min_tokens: int = MIN_TOKENS) -> None:
+    def __init__(self, budget_bytes: int, rope: LongRope, *, min_tokens: int = MIN_TOKENS, block: int = BLOCK,
+                 save_bytes: int = SAVE_BYTES) -> None:
         self.budget = max(int(budget_bytes), 0)
+        self.save_bytes = save_bytes
         self.rope = rope
         self.min_tokens = min_tokens
-        self.entries: OrderedDict[int, _Entry] = OrderedDict()
+        self.block = block
+        self.roots: dict[tuple[bool, str | None], _Block] = {}  # (long factors, adapter) -> tokenless root
+        self.lru: OrderedDict[int, _Block] = OrderedDict()  # every block but the roots, least recent first
         self.nbytes = 0
-        self.saved = self.restored = self.evicted = 0
+        self.saved = self.restored = self.evicted = 0  # slots saved, prefixes restored, blocks evicted
+        self._free: list[np.ndarray] = []  # evicted blocks' memory, for reuse
         self._ids = itertools.count()
 
-    def match(self, tokens: Sequence[int], adapter: str | None = None) -> tuple[int | None, int]:
-        """(entry id, tokens of `tokens` it can serve) for the best entry computed with `adapter`, or (None, 0)."""
-        best, length = None, 0
-        for key, entry in self.entries.items():
-            if entry.adapter != adapter:
-                continue
-            n = self.rope.reusable(entry.tokens, entry.long, tokens)
-            if n > length:
-                best, length = key, n
-        return best, length
+    @property
+    def blocks(self) -> int:
+        """Blocks held."""
+        return len(self.lru)
 
-    def save(self, pool: KVPool, slot: int) -> None:
-        """Copy what `slot` holds into the store (unless too short, already stored, or over the budget)."""
-        held, adapter = pool.held[slot], pool.adapter[slot]
-        n = len(held)
-        if n < self.min_tokens or not self.budget or pool.device != "cpu":
-            return
-        # Already stored whole (this conversation was restored and not extended): keep the entry, refresh it.
-        for key, entry in self.entries.items():
-            if len(entry.tokens) >= n and (entry.long, entry.adapter) == (pool.long[slot], adapter) and \
-                    entry.tokens[:n] == held:
-                self.entries.move_to_end(key)
-                return
-        rows = [np.array(buffer[slot, :, :n]) for buffer in pool.buffers]
-        entry = _Entry(list(held), pool.long[slot], adapter, rows)
-        if entry.nbytes > self.budget:
-            return
-        # An entry this one extends is now redundant.
-        for key in [k for k, e in self.entries.items()
-                    if len(e.tokens) <= n and (e.long, e.adapter) == (entry.long, adapter)
-                    and held[: len(e.tokens)] == e.tokens]:
-            self._drop(key)
-        while self.nbytes + entry.nbytes > self.budget and self.entries:
-            self._drop(next(iter(self.entries)))
-            self.evicted += 1
-        self.entries[next(self._ids)] = entry
-        self.nbytes += entry.nbytes
-        self.saved += 1
+    @property
+    def tokens(self) -> int:
+        """Tokens whose keys and values the store holds (a block shared by many prefixes counts once)."""
+        return sum(len(b.tokens) for b in self.lru.values())
 
-    def restore(self, key: int, n: int, pool: KVPool, slot: int) -> None:
-        """Copy the entry's first `n` tokens' rows into `slot` (which then holds exactly those tokens)."""
-        entry = self.entries[key]
-        for buffer, rows in zip(pool.buffers, entry.rows, strict=True):
-            buffer[slot, :, :n] = rows[:, :n]
-        pool.held[slot], pool.long[slot], pool.adapter[slot] = list(entry.tokens[:n]), entry.long, entry.adapter
-        self.entries.move_to_end(key)
+    # -- lookups --------------------------------------------------------------------------------------
+    def match(self, tokens: Sequence[int], adapter: str | None = None) -> tuple[_Block | None, int]:
+        """(handle, n): the stored rows serve the first n tokens of `tokens` (computed with `adapter` and the
+        LongRoPE factors `tokens` needs, and leaving at least one token to run); (None, 0) if none."""
+        root = self.roots.get((self.rope.is_long(len(tokens)), adapter))
+        limit = len(tokens) - 1
+        if root is None or limit < self.min_tokens:
+            return None, 0
+        node, length = root, 0
+        while True:
+            whole = tuple(tokens[length: length + self.block])
+            child = node.children.get(whole) if len(whole) == self.block and length + self.block <= limit else None
+            if child is None:
+                break
+            node, length = child, length + self.block
+        # The last block: any stored child sharing the next tokens serves them (its first columns).
+        best, extra = None, 0
+        rest = tokens[length: limit]
+        for child in node.children.values():
+            same = _common(child.tokens, rest)
+            if same > extra:
+                best, extra = child, same
+        if best is not None:
+            node, length = best, length + extra
+        if length < self.min_tokens:
+            return None, 0
+        return node, length
+
+    def restore(self, handle: _Block, n: int, pool: KVPool, slot: int) -> None:
+        """Copy the first `n` tokens' rows of `handle`'s chain into `slot` (which then holds exactly those)."""
+        chain = _chain(handle)
+        tokens: list[int] = []
+        for block in chain:
+            take = min(len(block.tokens), n - block.start)
+            if take <= 0:
+                break
+            for index, buffer in enumerate(pool.buffers):
+                buffer[slot, :, block.start: block.start + take] = block.rows[index, :, :take]
+            tokens.extend(block.tokens[:take])
+            self.lru.move_to_end(block.id)
+        pool.held[slot] = tokens
+        root = chain[0].parent
+        assert root is not None and root.key is not None
+        pool.long[slot], pool.adapter[slot] = root.key
         self.restored += 1
 
-    def _drop(self, key: int) -> None:
-        self.nbytes -= self.entries.pop(key).nbytes
+    # -- saving ---------------------------------------------------------------------------------------
+    def save(self, pool: KVPool, slot: int) -> None:
+        """Copy what `slot` holds into the store: only the blocks not stored yet, at most `save_bytes` of them,
+        as far as the budget allows (least recently used leaves make room; the prefix being saved is never
+        evicted for its own tail)."""
+        held = pool.held[slot]
+        if len(held) < self.min_tokens or not self.budget or pool.device != "cpu":
+            return
+        key = (pool.long[slot], pool.adapter[slot])
+        node = self.roots.get(key)
+        if node is None:
+            node = self.roots[key] = _Block(-1, None, (), 0, np.empty(0), key=key)
+        path: set[int] = set()
+        copied = 0
+        for start in range(0, len(held), self.block):
+            tokens = tuple(held[start: start + self.block])
+            child = node.children.get(tokens)
+            if child is None:
+                rows = self._allocate(pool, path) if copied < self.save_bytes else None
+                if rows is None:
+                    break
+                for index, buffer in enumerate(pool.buffers):
+                    rows[index, :, : len(tokens)] = buffer[slot, :, start: start + len(tokens)]
+                copied += rows.nbytes
+                child = _Block(next(self._ids), node, tokens, start, rows)
+                node.children[tokens] = child
+                self._drop_covered(node, child)
+            self.lru[child.id] = child
+            self.lru.move_to_end(child.id)
+            path.add(child.id)
+            node = child
+        self.saved += 1
+
+    def _drop_covered(self, parent: _Block, block: _Block) -> None:
+        """Drop the shorter leaf siblings whose tokens `block` starts with: it serves all they did."""
+        for tokens, sibling in list(parent.children.items()):
+            if sibling is not block and not sibling.children and len(tokens) < len(block.tokens) and \
+                    block.tokens[: len(tokens)] == tokens:
+                self._evict(sibling)
+
+    def _allocate(self, pool: KVPool, keep: set[int]) -> np.ndarray | None:
+        """A block's memory within the budget, evicting least recently used leaves outside `keep`; None if
+        none can be made."""
+        shape = (len(pool.buffers), pool.layout.kv_heads, self.block, pool.layout.head_size)
+        nbytes = int(np.prod(shape)) * pool.layout.dtype.itemsize
+        while self.nbytes + nbytes > self.budget:
+            victim = next((b for b in self.lru.values() if not b.children and b.id not in keep), None)
+            if victim is None:
+                return None
+            self._evict(victim)
+            self.evicted += 1
+        self.nbytes += nbytes
+        while self._free:
+            rows = self._free.pop()
+            if rows.shape == shape and rows.dtype == pool.layout.dtype:
+                return rows
+        return np.empty(shape, dtype=pool.layout.dtype)
+
+    def _evict(self, block: _Block) -> None:
+        assert not block.children and block.parent is not None
+        del block.parent.children[block.tokens]
+        del self.lru[block.id]
+        self.nbytes -= block.rows.nbytes
+        if len(self._free) < FREE_KEPT:
+            self._free.append(block.rows)
 
     def clear(self) -> None:
-        """Drop every entry."""
-        self.entries.clear()
+        """Drop every block."""
+        self.roots.clear()
+        self.lru.clear()
+        self._free.clear()
         self.nbytes = 0
+
+
+def _chain(block: _Block) -> list[_Block]:
+    """The blocks from the root's first child down to `block`."""
+    chain = []
+    node: _Block | None = block
+    while node is not None and node.id != -1:
+        chain.append(node)
+        node = node.parent
+    return chain[::-1]
+
+
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the common prefix of `a` and `b`."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

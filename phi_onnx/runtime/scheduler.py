@@ -24,8 +24,12 @@ recomputed or shifted). Requests that share a long prefix with one that is still
 for it rather than compute it twice. Matching is on token ids, under the LongRoPE rule.
 
 Stalls are bounded by time: while streams decode, a step's prefill work is sized so that it takes
-about `stall_factor` times a decode step (measured), so running streams' inter-token latency stays
-within (1 + stall_factor) times its usual value; with nothing decoding a step prefills `chunk` tokens.
+about `stall_factor` times a decode step at the pool's occupancy (measured per row count: the step the
+streams see once every request holding a slot decodes), so running streams' inter-token latency stays
+within about (1 + stall_factor) times its usual value; with nothing decoding a step prefills `chunk`
+tokens, and once a stream starts within a step the rest of that step keeps to the bound. A prompt is cut
+into even pieces (`piece`): every run reads all the weights once, so a small remnant run costs almost a
+decode step of its own.
 
 A request whose sampling fails (its own logits processor, say) ends with "error" alone; the others
 in the step go on. The scheduler shares the Model's InferenceSession (ONNX Runtime sessions allow
@@ -72,8 +76,11 @@ log = logging.getLogger(__name__)
 
 #: Most prompt tokens prefilled per step.
 CHUNK = 256
-#: While streams decode, a step's prefill may take this many times a decode step.
-STALL_FACTOR = 2.0
+#: While streams decode, a step's prefill may take this many times a decode step (on average; a piece
+#: may run up to SLACK times over, so the worst stall is about STALL_FACTOR * SLACK decode steps).
+STALL_FACTOR = 1.4
+#: How far over the budget a piece may run rather than leave a remnant for another run.
+SLACK = 1.25
 #: Fewest prompt tokens prefilled per step, however slow the prefill.
 MIN_PREFILL = 16
 #: Share of the memory available at start that the prefix store may use by default.
@@ -143,6 +150,19 @@ class Request:
 def _average(old: float | None, new: float, weight: float = 0.3) -> float:
     """An exponential moving average (the first value as is)."""
     return new if old is None else (1 - weight) * old + weight * new
+
+
+def piece(remaining: int, budget: int, slack: float = SLACK) -> int:
+    """How many of a prompt's `remaining` tokens to run now, under a step's `budget`: all of them when
+    they fit within `slack` times the budget, else an even share of the fewest runs that do (a run over
+    a few leftover tokens would cost almost as much as a decode step: it reads all the weights)."""
+    if remaining <= 0 or budget <= 0:
+        return 0
+    allowed = max(1, int(budget * slack))
+    if remaining <= allowed:
+        return remaining
+    runs = -(-remaining // allowed)
+    return -(-remaining // runs)
 
 
 def _count(value: Any, name: str, low: int, high: int | None = None) -> int:
@@ -217,8 +237,9 @@ class Scheduler:
         self.reused_tokens = 0  # prompt tokens a request found in its own slot
         self.copied_tokens = 0  # prompt tokens copied from another slot or the store
         self.computed_tokens = 0  # prompt tokens prefilled
-        self._decode_seconds: float | None = None  # moving averages, for the prefill budget
-        self._prefill_rate: float | None = None
+        self._decode_seconds: dict[int, float] = {}  # rows -> moving average of a decode step (prefill budget)
+        self._token_seconds: float | None = None  # a prompt token's share of a prefill run, moving average
+        self._admit_seconds = 0.0  # the current step's admission (slot placement, prefix store saves)
         self.recomputes = 0
         self.steps = 0
         self._ids = itertools.count()
@@ -368,8 +389,10 @@ class Scheduler:
                 if self._stopping:
                     return
             try:
+                admitting = time.perf_counter()
                 with self._cond:
                     self._admit()
+                self._admit_seconds = time.perf_counter() - admitting  # prefix saves: part of the stall
                 self._step()
             except Exception as error:  # a bug or an ORT failure: fail the running requests, keep serving
                 log.exception("scheduler step failed")
@@ -428,17 +451,21 @@ class Scheduler:
         if self._thread is not None:
             raise OptionsError("step() cannot run while the scheduler thread runs (start() was called).",
                                hint="Use either start() or step(), not both.")
+        admitting = time.perf_counter()
         with self._cond:
             self._admit()
+        self._admit_seconds = time.perf_counter() - admitting
         self._step()
 
     def _step(self) -> None:
         self.steps += 1
         started, computed = time.perf_counter(), self.computed_tokens
-        budget = self._fast_forward(self._prefill_budget())
+        decoding = self._decoding()
+        budget = self._fast_forward(self._prefill_budget() if decoding else self.chunk)
         prefilling = sorted((r for r in self.slots if r is not None and r.seq is not None
                              and self.pool.filled(r.slot or 0) < len(r.prompt)), key=lambda r: r.id)
         waiting_for: list[Request] = []
+        ran = 0
         for request in prefilling:
             if budget <= 0:
                 break
@@ -447,23 +474,44 @@ class Scheduler:
                 if self._shares_work(request, waiting_for):
                     continue  # an earlier request is computing this one's prefix right now
             waiting_for.append(request)
-            budget -= self._prefill(request, budget)
+            remaining = len(request.prompt) - self.pool.filled(request.slot or 0)
+            size = piece(remaining, budget) if decoding else min(remaining, budget)
+            if ran and size < min(remaining, MIN_PREFILL):
+                break  # the budget's rest is too small for a run of its own: next step
+            budget -= self._prefill(request, size)
+            ran += 1
+            if not decoding and request.generated:  # a stream started: the rest of this step keeps the bound
+                decoding = True
+                budget = min(budget, self._prefill_budget())
         prefilled = time.perf_counter()
         rows = self._decode()
         if log.isEnabledFor(logging.DEBUG):  # the step's shape and times, to see where stalls come from
-            log.debug("step %d: prefill %d tokens %.0f ms, decode %d rows %.0f ms", self.steps,
+            log.debug("step %d at %.3f s: prefill %d tokens %.0f ms, decode %d rows %.0f ms", self.steps, started,
                       self.computed_tokens - computed, 1000 * (prefilled - started), rows,
                       1000 * (time.perf_counter() - prefilled))
 
+    def _decoding(self) -> bool:
+        """Whether a stream is running (has its first token and is not done)."""
+        return any(r is not None and r.seq is not None and r.seq.generated and not r.seq.done for r in self.slots)
+
     def _prefill_budget(self) -> int:
-        """Prompt tokens this step may prefill: `chunk`, or while streams decode, what fits in
-        `stall_factor` decode steps at the measured prefill speed."""
-        decoding = any(r is not None and r.seq is not None and r.seq.generated and not r.seq.done
-                       for r in self.slots)
-        if not decoding or self._decode_seconds is None or self._prefill_rate is None:
+        """Prompt tokens a step may prefill while streams decode: what fits in `stall_factor` decode steps
+        at the pool's occupancy, at the measured prefill speed (`chunk` until both were measured)."""
+        seconds, run = self._decode_step_seconds(max(self.active, 1)), self._decode_step_seconds(1)
+        if seconds is None or run is None or self._token_seconds is None:
             return self.chunk
-        fits = self._prefill_rate * self.stall_factor * self._decode_seconds
+        # A run costs about a one-row decode step (one pass over the weights) plus its tokens' share; the
+        # step's admission (saving a slot's prefix to the store) already stalled the streams.
+        fits = (self.stall_factor * seconds - self._admit_seconds - run) / max(self._token_seconds, 1e-9)
         return int(min(max(fits, MIN_PREFILL), self.chunk))
+
+    def _decode_step_seconds(self, rows: int) -> float | None:
+        """A decode step's measured time at `rows` rows, else at the nearest row count measured (fewer
+        rows first: the smaller step, the safer bound)."""
+        if not self._decode_seconds:
+            return None
+        nearest = min(self._decode_seconds, key=lambda n: (abs(n - rows), n))
+        return self._decode_seconds[nearest]
 
     def _fast_forward(self, budget: int) -> int:
         """Run the forced tails: each request with several tokens not in its slot yet (a sampled token and
@@ -547,8 +595,10 @@ class Scheduler:
         logits = self.core.prefill(self.pool, slot, request.prompt, limit=budget)
         ran = self.pool.filled(slot) - before
         self.computed_tokens += ran
-        if ran >= MIN_PREFILL:
-            self._prefill_rate = _average(self._prefill_rate, ran / max(time.perf_counter() - started, 1e-6))
+        run = self._decode_step_seconds(1)
+        if ran >= MIN_PREFILL and run is not None:
+            share = max(time.perf_counter() - started - run, 0.0) / ran
+            self._token_seconds = _average(self._token_seconds, share)
         if logits is not None:
             self._sample(request, logits)
         return ran
@@ -566,7 +616,8 @@ class Scheduler:
         before, started = self.core.recomputes, time.perf_counter()
         out = self.core.decode(self.pool, tokens)
         if self.core.recomputes == before:
-            self._decode_seconds = _average(self._decode_seconds, time.perf_counter() - started)
+            self._decode_seconds[len(tokens)] = _average(self._decode_seconds.get(len(tokens)),
+                                                         time.perf_counter() - started)
         self.recomputes += self.core.recomputes - before
         prepare_step([seq for slot in out if (seq := self.slots[slot].seq) is not None])  # type: ignore[union-attr]
         for slot, logits in out.items():

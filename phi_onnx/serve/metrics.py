@@ -163,8 +163,8 @@ class _PoolCollector:
              getattr(s, "idle_tokens", None) if s else 0),
             ("phi_onnx_prefix_store_bytes", "Bytes of prompt prefixes kept in the prefix store.",
              store.nbytes if store is not None else (None if s else 0)),
-            ("phi_onnx_prefix_store_entries", "Prompt prefixes kept in the prefix store.",
-             len(store.entries) if store is not None else (None if s else 0)),
+            ("phi_onnx_prefix_store_blocks", "Blocks of prompt tokens (shared by the prefixes that start with "
+             "them) kept in the prefix store.", store.blocks if store is not None else (None if s else 0)),
             ("phi_onnx_kv_tokens_capacity", "Tokens the KV pool can hold (slots x tokens per slot).",
              s.max_batch * s.capacity if s else 0),
             ("phi_onnx_kv_pool_bytes", "Bytes allocated for the KV pool.", s.pool_bytes if s else 0),

@@ -158,3 +158,94 @@ def test_copy_rows_copies_the_prefix_and_its_tokens(models):
     with pytest.raises(ValueError):
         pool.copy_rows(1, 0, 5)  # slot 1 holds nothing
     pool.close()
+
+
+def test_store_shares_blocks_between_prefixes_and_copies_only_new_ones(models):
+    """Two conversations on one 70-token system prompt: its two whole blocks are stored once; the second
+    save copies only its own blocks; each conversation comes back whole, row for row."""
+    model = models("phi3-gqa")
+    core = model.core
+    pool = core.pool(3, 128)
+    system = ids(70, 11)
+    first, second = system + ids(30, 12), system + ids(25, 13)
+    core.prefill(pool, 0, first)
+    core.prefill(pool, 1, second)
+    store = PrefixStore(10 * 2**20, core.rope, block=32)
+    store.save(pool, 0)
+    assert store.blocks == 4 and store.tokens == 100  # 32 + 32 + 32 + 4
+    per_block = store.nbytes // store.blocks
+    store.save(pool, 1)
+    # The system prompt's first two blocks are shared; the second conversation adds one of 31 tokens.
+    assert store.blocks == 5 and store.tokens == 131 and store.nbytes == 5 * per_block
+    for slot, prompt in ((0, first), (1, second)):
+        handle, n = store.match([*prompt, 7])
+        assert n == len(prompt)
+        store.restore(handle, n, pool, 2)
+        assert pool.held[2] == prompt
+        for buffer in pool.buffers:
+            np.testing.assert_array_equal(buffer[2, :, :n], buffer[slot, :, :n])
+    # To the token, inside a block: the system prompt and 3 tokens of the first conversation's turn.
+    assert store.match([*first[:73], 1, 2])[1] == 73
+    assert store.match(system)[1] == 69  # one token is always left to run
+    pool.close()
+
+
+def test_store_evicts_least_recently_used_leaves_and_keeps_apart_adapters_and_regimes(models):
+    model = models("phi3-gqa")
+    core = model.core
+    pool = core.pool(2, 128)
+    conversations = [ids(64, 20 + i) for i in range(3)]
+    probe = PrefixStore(10 * 2**20, core.rope, block=32)
+    core.prefill(pool, 0, conversations[0])
+    probe.save(pool, 0)
+    per_block = probe.nbytes // probe.blocks
+    store = PrefixStore(5 * per_block, core.rope, block=32)  # two conversations and a half
+    for conversation in conversations:
+        pool.clear(0)
+        core.prefill(pool, 0, conversation)
+        store.save(pool, 0)
+        assert store.nbytes <= store.budget
+        # The newest is always whole: a save never evicts its own prefix for its tail.
+        assert store.match([*conversation, 1])[1] == 64
+    # Least recently used leaves first: the first conversation's second block made room for the third's.
+    assert [store.match([*c, 1])[1] for c in conversations] == [32, 64, 64] and store.evicted == 1
+    # Rows computed with an adapter never serve the base model, nor the base's rows an adapter; its two
+    # blocks evict the first conversation's last block (now a leaf) and the second's leaf.
+    pool.adapter[0] = "style"
+    store.save(pool, 0)
+    assert store.match([*conversations[2], 1], adapter="style")[1] == 64
+    assert store.match([*conversations[2], 1], adapter="other")[1] == 0
+    assert [store.match([*c, 1])[1] for c in conversations] == [0, 32, 64] and store.evicted == 3
+    pool.close()
+
+
+def test_a_longer_save_replaces_the_shorter_partial_block_it_extends(models):
+    model = models("phi3-gqa")
+    core = model.core
+    pool = core.pool(1, 128)
+    conversation = ids(40, 30)
+    core.prefill(pool, 0, conversation)
+    store = PrefixStore(10 * 2**20, core.rope, block=32)
+    store.save(pool, 0)
+    assert store.blocks == 2 and store.tokens == 40
+    longer = conversation + ids(30, 31)
+    core.prefill(pool, 0, longer)
+    store.save(pool, 0)
+    assert store.blocks == 3 and store.tokens == 70  # the 8-token block is gone, served by the 32-token one
+    assert store.match([*conversation, 5])[1] == 40
+
+
+def test_a_save_copies_at_most_save_bytes_and_the_next_save_goes_on(models):
+    """A long new prefix is stored over several saves (each a bounded stall), from its start."""
+    model = models("phi3-gqa")
+    core = model.core
+    pool = core.pool(1, 128)
+    conversation = ids(100, 40)
+    core.prefill(pool, 0, conversation)
+    probe = PrefixStore(10 * 2**20, core.rope, block=16)
+    probe.save(pool, 0)
+    per_block = probe.nbytes // probe.blocks
+    store = PrefixStore(10 * 2**20, core.rope, block=16, min_tokens=16, save_bytes=3 * per_block)
+    for saved in (48, 96, 100):
+        store.save(pool, 0)
+        assert store.tokens == saved and store.match([*conversation, 1])[1] == saved
