@@ -144,6 +144,10 @@ def _loopback(host: str) -> bool:
 @click.option("--prefix-cache-bytes", type=click.IntRange(min=0), default=None,
               help="Bytes the prefix store may hold beyond the slots (default: a fifth of the memory available; "
                    "0: the slots only).")
+@click.option("--stall-factor", type=FiniteFloat(min=0, min_open=True, max=1000),
+              default=DEFAULTS.stall_factor, show_default=True,
+              help="While streams decode, a newcomer's prefill takes about this many decode steps per step "
+                   "(higher: sooner first tokens, longer pauses in running streams).")
 @user_errors
 def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int, max_queue: int,
           max_context: int | None, model_name: tuple[str, ...], max_adapters: int | None, device: str,
@@ -151,7 +155,7 @@ def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int,
           replicas: str | None, min_replicas: int | None, max_replicas: int | None,
           gpus_per_replica: float | None, ray_address: str | None, allowed_hosts: tuple[str, ...],
           cors_origins: tuple[str, ...], header_timeout: float, body_timeout: float, max_connections: int,
-          prefix_cache: bool, prefix_cache_bytes: int | None) -> None:
+          prefix_cache: bool, prefix_cache_bytes: int | None, stall_factor: float) -> None:
     """Serve MODEL with OpenAI's API (/v1/chat/completions, /v1/completions) and a chat page at /.
 
     MODEL is an export folder, or a short name, hub id or checkpoint folder, exported once into the local
@@ -180,7 +184,7 @@ def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int,
                          capacity=max_context, allowed_hosts=tuple(hosts), cors_origins=tuple(origins),
                          body_timeout=body_timeout, host=host, port=port, grace=grace,
                          header_timeout=header_timeout, max_connections=max_connections, prefix_cache=prefix_cache,
-                         prefix_cache_bytes=prefix_cache_bytes)
+                         prefix_cache_bytes=prefix_cache_bytes, stall_factor=stall_factor)
     sockets = _listen(host, port)  # before the model is exported or loaded
     click.get_current_context().call_on_close(lambda: [sock.close() for sock in sockets])
     if not _loopback(host) and not api_key:

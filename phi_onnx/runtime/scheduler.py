@@ -78,7 +78,7 @@ log = logging.getLogger(__name__)
 CHUNK = 256
 #: While streams decode, a step's prefill may take this many times a decode step (on average; a piece
 #: may run up to SLACK times over, so the worst stall is about STALL_FACTOR * SLACK decode steps).
-STALL_FACTOR = 1.4
+STALL_FACTOR = DEFAULTS.stall_factor
 #: How far over the budget a piece may run rather than leave a remnant for another run.
 SLACK = 1.25
 #: Fewest prompt tokens prefilled per step, however slow the prefill.

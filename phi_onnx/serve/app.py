@@ -93,6 +93,7 @@ def create_app(model: Model | Callable[[], Model], config: ServeConfig | None = 
             CORS headers and preflight answers. Requests with any other Origin but the server's own get 403.
         max_body_bytes: largest body (413 beyond); body_timeout: seconds a body may take to arrive (408 after).
         prefix_cache, prefix_cache_bytes: prompt prefix reuse across requests and the prefix store's budget.
+        stall_factor: while streams decode, a step's prefill takes about this many decode steps.
     """
     unknown = sorted(set(options) - set(APP_FIELDS))
     if unknown:

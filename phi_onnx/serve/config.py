@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 #: Options of create_app that are not the listener's (what Ray passes on to each replica).
 APP_FIELDS = ("max_batch", "max_queue", "capacity", "chunk", "api_key", "model_name", "model_aliases", "max_adapters",
               "replica_name",
-              "allowed_hosts", "cors_origins", "max_body_bytes", "body_timeout", "prefix_cache", "prefix_cache_bytes")
+              "allowed_hosts", "cors_origins", "max_body_bytes", "body_timeout", "prefix_cache", "prefix_cache_bytes",
+              "stall_factor")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class ServeConfig:
         max_body_bytes: largest request body (413 beyond); body_timeout: seconds a body may take (408 after).
         prefix_cache: reuse prompt prefixes across requests (the Scheduler's slots and prefix store).
         prefix_cache_bytes: the prefix store's budget (None: a fifth of the memory available at start).
+        stall_factor: while streams decode, a step's prefill takes about this many decode steps at the pool's
+            occupancy; higher: sooner first tokens, longer pauses in running streams.
         host, port, grace, header_timeout, max_connections: the CLI's listener (phi_onnx.serve.server).
     """
 
@@ -56,6 +59,7 @@ class ServeConfig:
     body_timeout: float = 60.0
     prefix_cache: bool = True
     prefix_cache_bytes: int | None = None
+    stall_factor: float = 1.4
     host: str = "127.0.0.1"
     port: int = 8000
     grace: float = 10.0
@@ -74,6 +78,9 @@ class ServeConfig:
         if isinstance(timeout, bool) or not (isinstance(timeout, int | float) and math.isfinite(timeout)
                                              and timeout > 0):
             raise OptionsError(f"body_timeout must be a positive number of seconds, not {timeout!r}.")
+        stall = self.stall_factor
+        if isinstance(stall, bool) or not (isinstance(stall, int | float) and math.isfinite(stall) and stall > 0):
+            raise OptionsError(f"stall_factor must be a positive number of decode steps, not {stall!r}.")
 
     @classmethod
     def of(cls, config: ServeConfig | None = None, **options: Any) -> ServeConfig:

@@ -215,3 +215,35 @@ def test_model_name_repeated_gives_aliases(monkeypatch: Any, tiny_export: Path) 
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
         reply = client.post("/v1/completions", json={"model": "alias", "prompt": "x", "max_tokens": 1})
         assert reply.status_code == 200 and reply.json()["model"] == "alias"
+
+
+def test_stall_factor_and_prefix_cache_flags_reach_the_scheduler(monkeypatch: Any, tiny_export: Path) -> None:
+    import uvicorn
+
+    served: list[Any] = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, *a, **k: served.append(self.config.app))
+    result = CliRunner().invoke(main, ["serve", str(tiny_export), "--port", "0", "--max-batch", "1",
+                                       "--max-context", "256", "--stall-factor", "3.5",
+                                       "--prefix-cache-bytes", "1000000"])
+    assert result.exit_code == 0, result.output
+    from fastapi.testclient import TestClient
+
+    with TestClient(served[-1]) as client:
+        deadline = time.monotonic() + 60
+        while client.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        scheduler = served[-1].state.phi_onnx.client.scheduler
+        assert scheduler.stall_factor == 3.5
+        assert scheduler.store is not None and scheduler.store.budget == 1_000_000
+    for bad in ("0", "-1", "nan"):
+        refused = CliRunner().invoke(main, ["serve", str(tiny_export), "--stall-factor", bad])
+        assert refused.exit_code == 2 and "--stall-factor" in refused.output, bad
+
+
+def test_create_app_refuses_a_bad_stall_factor_before_serving(tiny_model: Any) -> None:
+    from phi_onnx.errors import OptionsError
+    from phi_onnx.serve import create_app
+
+    for bad in (0, -2.0, float("nan"), float("inf"), True, "2"):
+        with pytest.raises(OptionsError, match="stall_factor"):
+            create_app(tiny_model, stall_factor=bad)
