@@ -506,12 +506,24 @@ class Scheduler:
         return int(min(max(fits, MIN_PREFILL), self.chunk))
 
     def _decode_step_seconds(self, rows: int) -> float | None:
-        """A decode step's measured time at `rows` rows, else at the nearest row count measured (fewer
-        rows first: the smaller step, the safer bound)."""
-        if not self._decode_seconds:
-            return None
-        nearest = min(self._decode_seconds, key=lambda n: (abs(n - rows), n))
-        return self._decode_seconds[nearest]
+        """A decode step's time at `rows` rows: measured, else drawn through the nearest row counts measured
+        (a step is one pass over the weights plus a share per row), else from one measured count plus a
+        prompt token's share per extra row (a decode row is one token's work)."""
+        known = self._decode_seconds
+        if rows in known or not known:
+            return known.get(rows)
+        below, above = [n for n in known if n < rows], [n for n in known if n > rows]
+        if below and above:
+            lo, hi = max(below), min(above)
+        elif len(known) >= 2:
+            lo, hi = sorted(known, key=lambda n: abs(n - rows))[:2]
+            lo, hi = min(lo, hi), max(lo, hi)
+        else:
+            (only,) = known
+            per_row = self._token_seconds if rows > only and self._token_seconds is not None else 0.0
+            return known[only] + (rows - only) * per_row
+        slope = max((known[hi] - known[lo]) / (hi - lo), 0.0)
+        return max(known[lo] + (rows - lo) * slope, 0.0)
 
     def _fast_forward(self, budget: int) -> int:
         """Run the forced tails: each request with several tokens not in its slot yet (a sampled token and

@@ -336,3 +336,37 @@ def test_step_is_refused_while_the_thread_runs_and_result_can_be_read_twice(mode
         assert list(handle) == []  # the events were read: iterating again ends at once
     finally:
         scheduler.close()
+
+
+def test_pieces_are_even_and_leave_no_remnant_run() -> None:
+    from phi_onnx.runtime.scheduler import piece
+
+    assert piece(30, 26) == 30  # within 1.25x the budget: whole
+    assert [piece(61, 16)] == [16] and piece(45, 16) == 15 and piece(40, 20) == 20  # 4, 3 and 2 even runs
+    rest, runs = 61, []
+    while rest:
+        runs.append(piece(rest, 20))
+        rest -= runs[-1]
+    assert runs == [21, 20, 20]  # not 20 + 20 + 20 + 1
+    assert piece(0, 16) == 0 and piece(10, 0) == 0
+
+
+def test_prefill_budget_follows_the_decode_step_at_the_pools_occupancy(models: Any) -> None:
+    """The stall budget: stall_factor decode steps at the occupancy (measured, else estimated from the
+    row counts measured), less one pass over the weights and the step's admission time, in prompt tokens."""
+    scheduler = Scheduler(models("phi3-mha"), max_batch=8, chunk=256, stall_factor=3.0)
+    assert scheduler._prefill_budget() == 256  # nothing measured yet
+    scheduler._token_seconds = 0.01
+    scheduler._decode_seconds = {1: 0.05}
+    assert scheduler._decode_step_seconds(8) == pytest.approx(0.05 + 7 * 0.01)  # one row's work per row
+    scheduler._decode_seconds = {1: 0.05, 4: 0.11}
+    assert scheduler._decode_step_seconds(2) == pytest.approx(0.07)  # between two measured counts
+    assert scheduler._decode_step_seconds(8) == pytest.approx(0.19)  # along the two nearest
+    scheduler.slots = [object()] * 4 + [None] * 4  # type: ignore[list-item]
+    assert scheduler._prefill_budget() in (27, 28)  # (3 x 0.11 - 0.05) / 0.01: D(4), not D(1) or D(8)
+    scheduler._admit_seconds = 0.1
+    assert scheduler._prefill_budget() in (17, 18)  # less the admission's 0.1 s
+    scheduler._admit_seconds = 0.25
+    assert scheduler._prefill_budget() == 16  # 3 would fit: MIN_PREFILL
+    scheduler.slots = [None] * 8
+    scheduler.close()
