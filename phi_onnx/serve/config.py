@@ -59,7 +59,7 @@ class ServeConfig:
     body_timeout: float = 60.0
     prefix_cache: bool = True
     prefix_cache_bytes: int | None = None
-    stall_factor: float = 1.4
+    stall_factor: float = 1.25
     host: str = "127.0.0.1"
     port: int = 8000
     grace: float = 10.0

@@ -368,5 +368,7 @@ def test_prefill_budget_follows_the_decode_step_at_the_pools_occupancy(models: A
     assert scheduler._prefill_budget() in (17, 18)  # less the admission's 0.1 s
     scheduler._admit_seconds = 0.25
     assert scheduler._prefill_budget() == 16  # 3 would fit: MIN_PREFILL
+    scheduler._admit_seconds = 0.3
+    assert scheduler._prefill_budget() == 0  # the admission took it all: the prompts wait a step
     scheduler.slots = [None] * 8
     scheduler.close()
