@@ -82,7 +82,7 @@ STALL_FACTOR = DEFAULTS.stall_factor
 #: How far over the budget a piece may run rather than leave a remnant for another run.
 SLACK = 1.25
 #: Fewest prompt tokens prefilled per step, however slow the prefill.
-MIN_PREFILL = 16
+MIN_PREFILL = 12
 #: Share of the memory available at start that the prefix store may use by default.
 PREFIX_CACHE_SHARE = 0.2
 
@@ -497,15 +497,16 @@ class Scheduler:
     def _prefill_budget(self) -> int:
         """Prompt tokens a step may prefill while streams decode: what fits in `stall_factor` decode steps
         at the pool's occupancy, at the measured prefill speed (`chunk` until both were measured), at least
-        MIN_PREFILL unless the step's admission already took all of that time."""
+        MIN_PREFILL unless the step's admission already took half of that time or more."""
         seconds, run = self._decode_step_seconds(max(self.active, 1)), self._decode_step_seconds(1)
         if seconds is None or run is None or self._token_seconds is None:
             return self.chunk
         # A run costs about a one-row decode step (one pass over the weights) plus its tokens' share; the
         # step's admission (saving a slot's prefix to the store) already stalled the streams.
-        fits = (self.stall_factor * seconds - self._admit_seconds - run) / max(self._token_seconds, 1e-9)
-        if fits <= 0 < self._admit_seconds:
-            return 0  # the admission took this step's stall: the prompts wait one step
+        stall = self.stall_factor * seconds - run
+        if self._admit_seconds > stall / 2:
+            return 0  # the admission took most of this step's stall: the prompts wait one step
+        fits = (stall - self._admit_seconds) / max(self._token_seconds, 1e-9)
         return int(min(max(fits, MIN_PREFILL), self.chunk))
 
     def _decode_step_seconds(self, rows: int) -> float | None:

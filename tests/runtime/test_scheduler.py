@@ -366,9 +366,9 @@ def test_prefill_budget_follows_the_decode_step_at_the_pools_occupancy(models: A
     assert scheduler._prefill_budget() in (27, 28)  # (3 x 0.11 - 0.05) / 0.01: D(4), not D(1) or D(8)
     scheduler._admit_seconds = 0.1
     assert scheduler._prefill_budget() in (17, 18)  # less the admission's 0.1 s
-    scheduler._admit_seconds = 0.25
-    assert scheduler._prefill_budget() == 16  # 3 would fit: MIN_PREFILL
-    scheduler._admit_seconds = 0.3
-    assert scheduler._prefill_budget() == 0  # the admission took it all: the prompts wait a step
+    scheduler._admit_seconds = 0.135
+    assert scheduler._prefill_budget() == 14  # just under half the stall: what is left
+    scheduler._admit_seconds = 0.15
+    assert scheduler._prefill_budget() == 0  # the admission took over half of it: the prompts wait a step
     scheduler.slots = [None] * 8
     scheduler.close()
