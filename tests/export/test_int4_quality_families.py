@@ -61,6 +61,10 @@ THRESHOLDS = {  # (top-1 agreement at least, perplexity change at most, fp32 per
     "phi3small": (0.90, 0.04, 32.0),
 }
 
+# One worker takes every test of the trained checkpoints (with tests/runtime/test_families.py) under --dist
+# loadgroup: the others never wait on the training lock.
+pytestmark = pytest.mark.xdist_group("trained-families")
+
 _TRAINED: dict[str, Path] = {}  # module level: the runtime tests import this module and share the folders
 
 

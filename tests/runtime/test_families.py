@@ -23,7 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "export"))
 from phi3small_reference import forward
 from test_int4_quality_families import trained_checkpoint, trained_root
 
-pytestmark = pytest.mark.slow  # every test needs the trained checkpoints (about 90 s of training, once)
+# Every test needs the trained checkpoints (one to two minutes of training each, once per run): one worker takes
+# them all with the export tests that train them (--dist loadgroup), so no worker idles on another's lock.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("trained-families")]
 
 FAMILIES = ["phi2", "phimoe", "phi3small"]
 BACKENDS = ["ort", "genai"]
