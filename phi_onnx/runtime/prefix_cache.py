@@ -172,7 +172,7 @@ class PrefixStore:
         """A block's memory within the budget, evicting least recently used leaves outside `keep`; None if
         none can be made."""
         shape = (len(pool.buffers), pool.layout.kv_heads, self.block, pool.layout.head_size)
-        nbytes = int(np.prod(shape)) * pool.layout.dtype.itemsize
+        nbytes = pool.layout.token_bytes() * self.block
         while self.nbytes + nbytes > self.budget:
             victim = next((b for b in self.lru.values() if not b.children and b.id not in keep), None)
             if victim is None:

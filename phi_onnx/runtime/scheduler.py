@@ -389,10 +389,7 @@ class Scheduler:
                 if self._stopping:
                     return
             try:
-                admitting = time.perf_counter()
-                with self._cond:
-                    self._admit()
-                self._admit_seconds = time.perf_counter() - admitting  # prefix saves: part of the stall
+                self._timed_admit()
                 self._step()
             except Exception as error:  # a bug or an ORT failure: fail the running requests, keep serving
                 log.exception("scheduler step failed")
@@ -451,11 +448,15 @@ class Scheduler:
         if self._thread is not None:
             raise OptionsError("step() cannot run while the scheduler thread runs (start() was called).",
                                hint="Use either start() or step(), not both.")
+        self._timed_admit()
+        self._step()
+
+    def _timed_admit(self) -> None:
+        """`_admit` under the condition, timed: its prefix-store saves are part of the step's stall."""
         admitting = time.perf_counter()
         with self._cond:
             self._admit()
         self._admit_seconds = time.perf_counter() - admitting
-        self._step()
 
     def _step(self) -> None:
         self.steps += 1

@@ -173,7 +173,8 @@ def test_store_shares_blocks_between_prefixes_and_copies_only_new_ones(models):
     store = PrefixStore(10 * 2**20, core.rope, block=32)
     store.save(pool, 0)
     assert store.blocks == 4 and store.tokens == 100  # 32 + 32 + 32 + 4
-    per_block = store.nbytes // store.blocks
+    per_block = core.layout.token_bytes() * 32  # a partial block takes a whole one's memory
+    assert store.nbytes == 4 * per_block
     store.save(pool, 1)
     # The system prompt's first two blocks are shared; the second conversation adds one of 31 tokens.
     assert store.blocks == 5 and store.tokens == 131 and store.nbytes == 5 * per_block
@@ -195,10 +196,7 @@ def test_store_evicts_least_recently_used_leaves_and_keeps_apart_adapters_and_re
     core = model.core
     pool = core.pool(2, 128)
     conversations = [ids(64, 20 + i) for i in range(3)]
-    probe = PrefixStore(10 * 2**20, core.rope, block=32)
-    core.prefill(pool, 0, conversations[0])
-    probe.save(pool, 0)
-    per_block = probe.nbytes // probe.blocks
+    per_block = core.layout.token_bytes() * 32
     store = PrefixStore(5 * per_block, core.rope, block=32)  # two conversations and a half
     for conversation in conversations:
         pool.clear(0)
@@ -242,9 +240,7 @@ def test_a_save_copies_at_most_save_bytes_and_the_next_save_goes_on(models):
     pool = core.pool(1, 128)
     conversation = ids(100, 40)
     core.prefill(pool, 0, conversation)
-    probe = PrefixStore(10 * 2**20, core.rope, block=16)
-    probe.save(pool, 0)
-    per_block = probe.nbytes // probe.blocks
+    per_block = core.layout.token_bytes() * 16
     store = PrefixStore(10 * 2**20, core.rope, block=16, min_tokens=16, save_bytes=3 * per_block)
     for saved in (48, 96, 100):
         store.save(pool, 0)

@@ -21,6 +21,22 @@ from phi_onnx.cli.serve import _loopback
 httpx = pytest.importorskip("httpx")
 
 
+def record_served_apps(monkeypatch: Any) -> list[Any]:
+    """The apps `phi-onnx serve` hands to uvicorn, recorded instead of served."""
+    import uvicorn
+
+    served: list[Any] = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, *a, **k: served.append(self.config.app))
+    return served
+
+
+def wait_until_loaded(client: Any, seconds: float = 60) -> None:
+    """Poll /health until 200: the model loads in the background and /health is 503 until then."""
+    deadline = time.monotonic() + seconds
+    while client.get("/health").status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def test_serve_process_answers_then_stops_gracefully_on_sigterm(tiny_export: Path) -> None:
     pytest.importorskip("uvicorn")
     pytest.importorskip("fastapi")
@@ -80,11 +96,8 @@ def test_loopback_detection() -> None:
 
 def test_serve_a_name_exports_it_into_the_store_once(monkeypatch: Any, tmp_path: Path) -> None:
     """`phi-onnx serve tiny-phi3` runs from the store like chat/generate: exported on first use, reused after."""
-    import uvicorn
-
     monkeypatch.setenv("PHI_ONNX_HOME", str(tmp_path / "home"))
-    served: list[Any] = []
-    monkeypatch.setattr(uvicorn.Server, "run", lambda self, *a, **k: served.append(self.config.app))
+    served = record_served_apps(monkeypatch)
     for _ in range(2):
         result = CliRunner().invoke(main, ["serve", "tiny-phi3", "--port", "0"])
         assert result.exit_code == 0, result.output
@@ -94,9 +107,7 @@ def test_serve_a_name_exports_it_into_the_store_once(monkeypatch: Any, tmp_path:
     from fastapi.testclient import TestClient
 
     with TestClient(served[-1]) as client:
-        deadline = time.monotonic() + 60
-        while client.get("/health").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.1)  # the model loads in the background; /health is 503 until then
+        wait_until_loaded(client)
         assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny-phi3"]
 
 
@@ -195,10 +206,7 @@ def test_serve_frees_the_port_when_it_stops_early(tmp_path: Path) -> None:
 
 def test_model_name_repeated_gives_aliases(monkeypatch: Any, tiny_export: Path) -> None:
     """`--model-name a --model-name b`: `a` is the main id, `b` an alias; both listed and accepted."""
-    import uvicorn
-
-    served: list[Any] = []
-    monkeypatch.setattr(uvicorn.Server, "run", lambda self, *a, **k: served.append(self.config.app))
+    served = record_served_apps(monkeypatch)
     result = CliRunner().invoke(main, ["serve", str(tiny_export), "--port", "0", "--max-batch", "1",
                                        "--max-context", "256", "--model-name", "main", "--model-name", "alias",
                                        "--model-name", "main"])
@@ -206,9 +214,7 @@ def test_model_name_repeated_gives_aliases(monkeypatch: Any, tiny_export: Path) 
     from fastapi.testclient import TestClient
 
     with TestClient(served[-1]) as client:
-        deadline = time.monotonic() + 60
-        while client.get("/health").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until_loaded(client)
         assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["main", "alias"]
         assert client.get("/v1/models/alias").json()["id"] == "alias"
         missing = client.get("/v1/models/other")
@@ -218,10 +224,7 @@ def test_model_name_repeated_gives_aliases(monkeypatch: Any, tiny_export: Path) 
 
 
 def test_stall_factor_and_prefix_cache_flags_reach_the_scheduler(monkeypatch: Any, tiny_export: Path) -> None:
-    import uvicorn
-
-    served: list[Any] = []
-    monkeypatch.setattr(uvicorn.Server, "run", lambda self, *a, **k: served.append(self.config.app))
+    served = record_served_apps(monkeypatch)
     result = CliRunner().invoke(main, ["serve", str(tiny_export), "--port", "0", "--max-batch", "1",
                                        "--max-context", "256", "--stall-factor", "3.5",
                                        "--prefix-cache-bytes", "1000000"])
@@ -229,9 +232,7 @@ def test_stall_factor_and_prefix_cache_flags_reach_the_scheduler(monkeypatch: An
     from fastapi.testclient import TestClient
 
     with TestClient(served[-1]) as client:
-        deadline = time.monotonic() + 60
-        while client.get("/health").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until_loaded(client)
         scheduler = served[-1].state.phi_onnx.client.scheduler
         assert scheduler.stall_factor == 3.5
         assert scheduler.store is not None and scheduler.store.budget == 1_000_000
