@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import time
 from typing import Any
@@ -117,11 +118,15 @@ def summary(results: list[dict[str, Any]], wall: float, turns: int = 1) -> dict[
             # per request, in start order (written to --json only): when it started, its TTFT, its cached tokens
             "detail": [{"start_s": round(r["start"] - began, 3), "turn": r.get("turn", 0),
                         "ttft_s": round(r["arrivals"][0] - r["start"], 3) if r["arrivals"] else None,
-                        "cached": r["cached"], "itl_max_s": round(max(
-                            (b - a for a, b in zip(r["arrivals"], r["arrivals"][1:], strict=False)), default=0), 3),
-                        "itl_max_at_s": round(max(zip(r["arrivals"], r["arrivals"][1:], strict=False),
-                                                  key=lambda p: p[1] - p[0], default=(began,))[0] - began, 3)}
+                        "cached": r["cached"], **widest_gap(r["arrivals"], began)}
                        for r in sorted(results, key=lambda r: r["start"])]}
+
+
+def widest_gap(arrivals: list[float], began: float) -> dict[str, float]:
+    """A request's longest inter-token gap, and when it began (seconds from the workload's start)."""
+    gaps = [(b - a, a) for a, b in itertools.pairwise(arrivals)]
+    gap, at = max(gaps, default=(0.0, began))
+    return {"itl_max_s": round(gap, 3), "itl_max_at_s": round(at - began, 3)}
 
 
 async def multiturn(url: str, api: str, vocab: int, users: int, turns: int, system: int, turn: int, reply: int,
