@@ -10,7 +10,11 @@
 # `phi-onnx serve EXPORT --max-batch U`, and finally the `burst` workload (16 requests sharing a 600-token
 # prefix, 30-token questions, 8 at a time) against both with 8 slots. Servers run one at a time on free
 # 127.0.0.1 ports with $THREADS threads (default 2) and are stopped after each run. Prints one JSON line
-# per run; results stay in WORK_DIR/prefix-results.
+# per run; each run's results stay in a folder of their own, WORK_DIR/prefix-results/YYYYmmdd-HHMMSS.
+#
+# The VM this was written on drifts by 10-30 % within minutes, so the comparison runs in $ROUNDS rounds
+# (default 3): each round runs every workload on both servers back to back, the first server alternating
+# between rounds, and benchmarks/prefix_reuse_summary.py prints each round's ratios and their medians.
 set -euo pipefail
 CKPT=$(realpath "$1")
 EXPORT=$(realpath "$2")
@@ -22,9 +26,10 @@ TURN=${TURN:-60}
 REPLY=${REPLY:-64}
 THREADS=${THREADS:-2}
 CONTEXT=${CONTEXT:-1024}
+ROUNDS=${ROUNDS:-3}
 HERE="$(cd "$(dirname "$0")" && pwd)"
 . "$HERE/llama_cpp_common.sh"
-RESULTS="$WORK/prefix-results"
+RESULTS="$WORK/prefix-results/$(date +%Y%m%d-%H%M%S)"  # a new folder: nothing earlier is overwritten
 mkdir -p "$RESULTS"
 VOCAB=$("$PYTHON" -c 'import sys; from phi_onnx.runtime.folder import read_folder; print(read_folder(sys.argv[1]).vocab_size)' "$EXPORT")
 
@@ -71,21 +76,28 @@ start() {
     wait_healthy "$PORT" || { echo "$1 did not start: see $RESULTS" >&2; exit 1; }
 }
 
-for users in ${USERS//,/ }; do
-    for kind in llama phi-onnx; do
-        start "$kind" "$users"
-        "$PYTHON" "$HERE/multiturn_load.py" --url "http://127.0.0.1:$PORT" --api "$kind" --vocab "$VOCAB" \
-            --tokenizer "$EXPORT/tokenizer.json" \
-            --json "$RESULTS/multiturn-$kind-$users.json" multiturn --users "$users" --turns "$TURNS" \
-            --system-tokens "$SYSTEM" --turn-tokens "$TURN" --reply-tokens "$REPLY"
-        stop_server
+# run KIND SLOTS NAME WORKLOAD ARGS...: one load against a fresh server, its JSON kept as NAME
+run() {
+    local kind=$1 slots=$2 name=$3
+    shift 3
+    start "$kind" "$slots"
+    "$PYTHON" "$HERE/multiturn_load.py" --url "http://127.0.0.1:$PORT" --api "$kind" --vocab "$VOCAB" \
+        --tokenizer "$EXPORT/tokenizer.json" --json "$RESULTS/$name.json" "$@"
+    stop_server
+}
+
+for round in $(seq "$ROUNDS"); do
+    # Alternate which server goes first, so a drift of the machine's speed does not favour one of them.
+    if [ $((round % 2)) = 1 ]; then order="llama phi-onnx"; else order="phi-onnx llama"; fi
+    for users in ${USERS//,/ }; do
+        for kind in $order; do
+            run "$kind" "$users" "multiturn-$kind-$users-r$round" multiturn --users "$users" --turns "$TURNS" \
+                --system-tokens "$SYSTEM" --turn-tokens "$TURN" --reply-tokens "$REPLY"
+        done
+    done
+    for kind in $order; do
+        run "$kind" 8 "burst-$kind-r$round" burst --requests 16 --concurrency 8 --prefix-tokens 600 \
+            --question-tokens 30 --reply-tokens 32
     done
 done
-for kind in llama phi-onnx; do
-    start "$kind" 8
-    "$PYTHON" "$HERE/multiturn_load.py" --url "http://127.0.0.1:$PORT" --api "$kind" --vocab "$VOCAB" \
-            --tokenizer "$EXPORT/tokenizer.json" \
-        --json "$RESULTS/burst-$kind.json" burst --requests 16 --concurrency 8 --prefix-tokens 600 \
-        --question-tokens 30 --reply-tokens 32
-    stop_server
-done
+"$PYTHON" "$HERE/prefix_reuse_summary.py" "$RESULTS"
