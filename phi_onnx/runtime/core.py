@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 LOGITS_BUDGET_BYTES = 256 * 1024 * 1024
 #: Longest prompt chunk: GroupQueryAttention on CPU holds [heads, chunk, total] attention scores.
 MAX_CHUNK = 2048
+#: Most idle slots a decode run on CPU bridges: each costs about a row's share of the weight pass (a prompt
+#: token's work), a second run about a one-row step (one whole pass, ~4-5 tokens' work on the CPUs measured).
+#: On a GPU a row is nearly free beside a pass over the weights: runs bridge any gap there.
+MAX_IDLE_GAP = 3
 
 
 class DecodeCore:
@@ -178,9 +182,12 @@ class DecodeCore:
         """Add one token to each slot in `tokens` ({slot: token}); returns {slot: logits [vocab]}.
 
         A slot whose cache must be recomputed (the LongRoPE switch) is run again from empty, alone.
-        The others run in as few runs as their run keys allow, each over a contiguous slot range; a slot
-        in such a range that is not decoding writes one throw-away entry just past what it holds
-        (which its own next run overwrites), so it may sit in a range only if its width keeps the run's key.
+        The others run in as few runs as their run keys allow, each over a contiguous slot range (on CPU
+        bridging at most MAX_IDLE_GAP slots that are not decoding). Such an idle slot still writes one throw-away
+        entry. On a CPU pool it is *parked*: a one-token mask, so it attends to one entry instead of all it
+        holds (a decode row's attention reads its whole cache), and its entry at position 0, which the
+        throw-away one overwrites, is copied aside and written back. Elsewhere it writes just past what it
+        holds (its own next run overwrites that), so it may sit in a range only if its width keeps the key.
         """
         out: dict[int, np.ndarray] = {}
         rest = []
@@ -194,8 +201,13 @@ class DecodeCore:
             ids = np.full((hi - lo, 1), self.pad, dtype=np.int64)
             for slot in run:
                 ids[slot - lo, 0] = tokens[slot]
-            valid = np.array([pool.filled(s) + 1 for s in range(lo, hi)])
-            logits = self.run(pool, lo, hi, ids, valid)
+            parked = [s for s in range(lo, hi) if s not in run and pool.filled(s)] if pool.parks else []
+            valid = np.array([1 if s in parked else pool.filled(s) + 1 for s in range(lo, hi)])
+            saved = pool.first_entries(parked)
+            try:
+                logits = self.run(pool, lo, hi, ids, valid)
+            finally:
+                pool.put_first_entries(parked, saved)
             for slot in run:
                 pool.held[slot].append(int(tokens[slot]))
                 out[slot] = logits[slot - lo]
@@ -213,18 +225,25 @@ class DecodeCore:
         return logits
 
     def _runs(self, pool: KVPool, slots: list[int]) -> list[list[int]]:
-        """Group decoding `slots` (sorted) into runs: equal run keys, and every slot between two of a run
-        (idle ones too, whose throw-away entry widens the mask) compatible with that key."""
+        """Group decoding `slots` (sorted) into runs: equal run keys; where the pool parks idle slots (CPU), at
+        most MAX_IDLE_GAP of them between two of a run; elsewhere every idle one compatible with that key (its
+        throw-away entry widens the mask)."""
         runs: list[list[int]] = []
         for slot in slots:
             key = self.rope.key(pool.filled(slot) + 1)
-            if runs and self.rope.key(pool.filled(runs[-1][0]) + 1) == key and all(
-                    pool.filled(s) < pool.capacity and (key or not self.rope.key(pool.filled(s) + 1))
-                    for s in range(runs[-1][-1] + 1, slot)):
+            if runs and self.rope.key(pool.filled(runs[-1][0]) + 1) == key and \
+                    self._bridges(pool, key, runs[-1][-1], slot):
                 runs[-1].append(slot)
             else:
                 runs.append([slot])
         return runs
+
+    def _bridges(self, pool: KVPool, key: bool, last: int, slot: int) -> bool:
+        """Whether a run with run key `key` ending at slot `last` may take in `slot` over the idle slots between."""
+        if pool.parks:
+            return slot - last - 1 <= MAX_IDLE_GAP
+        return all(pool.filled(s) < pool.capacity and (key or not self.rope.key(pool.filled(s) + 1))
+                   for s in range(last + 1, slot))
 
     def recompute(self, pool: KVPool, slot: int, tokens: Sequence[int]) -> np.ndarray:
         """The LongRoPE crossing: run `tokens` again from an empty slot (long factors); last logits [vocab]."""

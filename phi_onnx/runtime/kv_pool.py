@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -133,6 +134,22 @@ class KVPool:
                 buffer[dst, :, :n] = buffer[src, :, :n]
         self.held[dst], self.long[dst] = list(self.held[src][:n]), self.long[src]
         self.adapter[dst] = self.adapter[src]  # the entries were computed with its adapter
+
+    @property
+    def parks(self) -> bool:
+        """Whether a run may park its idle rows (`first_entries`): CPU pools, whose rows numpy can copy."""
+        return self.device == "cpu"
+
+    def first_entries(self, slots: Sequence[int]) -> list[np.ndarray]:
+        """Copies of position 0 of `slots` in every buffer, for `put_first_entries` to write back: a run that
+        parks an idle slot gives it a one-token mask, so its throw-away entry lands on position 0."""
+        return [buffer[list(slots), :, 0, :] for buffer in self.buffers] if slots else []
+
+    def put_first_entries(self, slots: Sequence[int], saved: list[np.ndarray]) -> None:
+        """Write back what `first_entries(slots)` copied."""
+        if slots:
+            for buffer, entries in zip(self.buffers, saved, strict=True):
+                buffer[list(slots), :, 0, :] = entries
 
     def keep(self, slot: int, n: int) -> None:
         """Keep only the first `n` held tokens of `slot` (later entries are overwritten by the next run)."""
