@@ -50,11 +50,7 @@ class LongRope:
         limit = min(len(held), len(tokens) - 1)
         if limit <= 0:
             return 0
-        if list(held[:limit]) == list(tokens[:limit]):  # the common case, compared in C
-            same = limit
-        else:
-            differ = np.flatnonzero(np.asarray(held[:limit]) != np.asarray(tokens[:limit]))
-            same = int(differ[0]) if differ.size else limit
+        same = common_prefix(held[:limit], tokens[:limit])
         if same and self.threshold is not None and cached_long != self.is_long(len(tokens)):
             return 0  # the entries were computed with the other factors
         return same
@@ -74,3 +70,12 @@ class LongRope:
             bounds.append((start, stop))
             start = stop
         return bounds
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of token sequences `a` and `b`."""
+    n = min(len(a), len(b))
+    if list(a[:n]) == list(b[:n]):  # the common case, compared in C
+        return n
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0])

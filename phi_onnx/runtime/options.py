@@ -102,14 +102,14 @@ class GenerationOptions:
         _check(_whole(self.min_new_tokens) and 0 <= self.min_new_tokens <= self.max_new_tokens,
                f"min_new_tokens must be between 0 and max_new_tokens ({self.max_new_tokens}), "
                f"got {self.min_new_tokens!r}.", "Lower min_new_tokens or raise max_new_tokens.")
-        _check(_finite(self.temperature) and self.temperature >= 0,
+        _check(finite_number(self.temperature) and self.temperature >= 0,
                f"temperature must be 0 (greedy) or positive (got {self.temperature!r}).",
                "Use 0 for greedy decoding or e.g. 0.7 to sample.")
         _check(_whole(self.top_k) and self.top_k >= 0,
                f"top_k must be 0 (off) or a positive integer (got {self.top_k!r}).", "Use e.g. --top-k 50.")
-        _check(_finite(self.top_p) and 0 < self.top_p <= 1,
+        _check(finite_number(self.top_p) and 0 < self.top_p <= 1,
                f"top_p must be in (0, 1] (got {self.top_p!r}).", "Use e.g. --top-p 0.9 (1.0 turns it off).")
-        _check(_finite(self.repetition_penalty) and self.repetition_penalty > 0,
+        _check(finite_number(self.repetition_penalty) and self.repetition_penalty > 0,
                f"repetition_penalty must be positive (got {self.repetition_penalty!r}).",
                "Use 1.0 (off) or e.g. 1.1.")
         _check(self.seed is None or (_whole(self.seed) and self.seed >= 0),
@@ -118,7 +118,7 @@ class GenerationOptions:
                f"stop strings must be non-empty strings (got {list(self.stop)!r}).", "Use e.g. --stop '\\n\\n'.")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            _check(_finite(value) and abs(value) <= MAX_PENALTY,
+            _check(finite_number(value) and abs(value) <= MAX_PENALTY,
                    f"{name} must be a number in -2..2 (got {value!r}).", f"Use e.g. {name}=0.5 (0 is off).")
         _check(isinstance(self.logprobs, bool), f"logprobs must be True or False (got {self.logprobs!r}).",
                "Use logprobs=True.")
@@ -172,7 +172,7 @@ def _bias_pairs(value: Any) -> tuple[tuple[int, float], ...]:
     pairs: dict[int, float] = {}
     for key, bias in items:
         token = int(key) if isinstance(key, str) and key.strip().isdigit() else key
-        _check(_whole(token) and token >= 0 and _finite(bias) and abs(bias) <= MAX_BIAS,
+        _check(_whole(token) and token >= 0 and finite_number(bias) and abs(bias) <= MAX_BIAS,
                f"logit_bias takes token ids >= 0 with biases in -100..100 (got {key!r}: {bias!r}).", hint)
         pairs[int(token)] = float(bias)
     return tuple(sorted(pairs.items()))
@@ -184,7 +184,8 @@ def _whole(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _finite(value: Any) -> bool:
+def finite_number(value: Any) -> bool:
+    """Whether `value` is a finite int or float (not a bool: True is a mistake, not 1)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from phi_onnx.runtime.kv_pool import KVPool
-from phi_onnx.runtime.longrope import LongRope
+from phi_onnx.runtime.longrope import LongRope, common_prefix
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class PrefixStore:
         best, extra = None, 0
         rest = tokens[length: limit]
         for child in node.children.values():
-            same = _common(child.tokens, rest)
+            same = common_prefix(child.tokens, rest)
             if same > extra:
                 best, extra = child, same
         if best is not None:
@@ -211,11 +211,3 @@ def _chain(block: _Block) -> list[_Block]:
         node = node.parent
     return chain[::-1]
 
-
-def _common(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the common prefix of `a` and `b`."""
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n

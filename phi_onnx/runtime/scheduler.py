@@ -53,7 +53,7 @@ import numpy as np
 
 from phi_onnx.errors import OptionsError, PhiOnnxError
 from phi_onnx.runtime.kv_pool import CGROUPS, MEMINFO, available_memory, check_pool_memory, pool_bytes
-from phi_onnx.runtime.options import MAX_TOP_LOGPROBS, GenerationOptions
+from phi_onnx.runtime.options import MAX_TOP_LOGPROBS, GenerationOptions, finite_number
 from phi_onnx.runtime.prefix_cache import MIN_TOKENS, PrefixStore
 from phi_onnx.runtime.sequence import (
     Event,
@@ -207,8 +207,7 @@ class Scheduler:
             capacity = _count(capacity, "capacity", 2, model.folder.context_length)
         if prefix_cache_bytes is not None:
             prefix_cache_bytes = _count(prefix_cache_bytes, "prefix_cache_bytes", 0)
-        if isinstance(stall_factor, bool) or not isinstance(stall_factor, (int, float)) or \
-                not 0 < stall_factor < float("inf"):
+        if not finite_number(stall_factor) or stall_factor <= 0:
             raise OptionsError(f"stall_factor must be a positive number (got {stall_factor!r}).",
                                hint="Use e.g. stall_factor=2.0.")
         folder = model.folder

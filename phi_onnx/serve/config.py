@@ -4,12 +4,12 @@ and `fit_pool`, the KV-pool sizing every server process applies before it loads 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from phi_onnx.errors import OptionsError
+from phi_onnx.runtime.options import finite_number
 
 if TYPE_CHECKING:
     from phi_onnx.runtime.folder import ModelFolder
@@ -74,13 +74,10 @@ class ServeConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 object.__setattr__(self, name, tuple(value))
-        timeout = self.body_timeout
-        if isinstance(timeout, bool) or not (isinstance(timeout, int | float) and math.isfinite(timeout)
-                                             and timeout > 0):
-            raise OptionsError(f"body_timeout must be a positive number of seconds, not {timeout!r}.")
-        stall = self.stall_factor
-        if isinstance(stall, bool) or not (isinstance(stall, int | float) and math.isfinite(stall) and stall > 0):
-            raise OptionsError(f"stall_factor must be a positive number of decode steps, not {stall!r}.")
+        if not finite_number(self.body_timeout) or self.body_timeout <= 0:
+            raise OptionsError(f"body_timeout must be a positive number of seconds, not {self.body_timeout!r}.")
+        if not finite_number(self.stall_factor) or self.stall_factor <= 0:
+            raise OptionsError(f"stall_factor must be a positive number of decode steps, not {self.stall_factor!r}.")
 
     @classmethod
     def of(cls, config: ServeConfig | None = None, **options: Any) -> ServeConfig:

@@ -31,6 +31,21 @@ def ids(n: int, seed: int, vocab: int = 1000) -> list[int]:
     return [int(t) % vocab for t in random_ids(n, seed=seed).ravel()]
 
 
+def gqa_pool(models: Any, slots: int, capacity: int, *prompts: list[int]) -> tuple[Any, KVPool]:
+    """phi3-gqa's decode core and a new pool of `slots` x `capacity` tokens whose first slots hold `prompts`."""
+    core = models("phi3-gqa").core
+    pool = core.pool(slots, capacity)
+    for slot, prompt in enumerate(prompts):
+        core.prefill(pool, slot, prompt)
+    return core, pool
+
+
+def assert_same_rows(pool: KVPool, a: int, b: int, n: int) -> None:
+    """Slots `a` and `b` hold the same keys and values at their first `n` positions, in every buffer."""
+    for buffer in pool.buffers:
+        np.testing.assert_array_equal(buffer[a, :, :n], buffer[b, :, :n])
+
+
 # phi4mini's original context is 64: its conversations cross the LongRoPE switch between turns.
 @pytest.mark.parametrize("name, system, turn, reply", [("phi3-mha", 30, 9, 7), ("phi3-gqa", 30, 9, 7),
                                                        ("phi3-window", 30, 9, 7), ("phi4mini", 20, 9, 7)])
@@ -129,19 +144,15 @@ def test_a_tiny_store_under_pressure_never_corrupts_a_request(models):
 
 
 def test_store_save_match_restore_roundtrip(models):
-    model = models("phi3-gqa")
-    core = model.core
-    pool = core.pool(2, 64)
     prompt = ids(40, 4)
-    core.prefill(pool, 0, prompt)
+    core, pool = gqa_pool(models, 2, 64, prompt)
     store = PrefixStore(10 * 2**20, core.rope)
     store.save(pool, 0)
     key, n = store.match([*prompt[:35], 5, 6])
     assert key is not None and n == 35
     store.restore(key, n, pool, 1)
     assert pool.held[1] == prompt[:35]
-    for buffer in pool.buffers:
-        np.testing.assert_array_equal(buffer[1, :, :35], buffer[0, :, :35])
+    assert_same_rows(pool, 1, 0, 35)
     assert store.match(ids(10, 99))[1] == 0
     pool.close()
 
@@ -152,9 +163,8 @@ def test_copy_rows_copies_the_prefix_and_its_tokens(models):
     model.core.prefill(pool, 2, ids(20, 5))
     pool.copy_rows(2, 0, 12)
     assert pool.held[0] == pool.held[2][:12] and pool.long[0] == pool.long[2]
-    for buffer in pool.buffers:
-        np.testing.assert_array_equal(buffer[0, :, :12], buffer[2, :, :12])
-        assert not buffer[0, :, 12:].any()
+    assert_same_rows(pool, 0, 2, 12)
+    assert not any(buffer[0, :, 12:].any() for buffer in pool.buffers)
     with pytest.raises(ValueError):
         pool.copy_rows(1, 0, 5)  # slot 1 holds nothing
     pool.close()
@@ -163,13 +173,9 @@ def test_copy_rows_copies_the_prefix_and_its_tokens(models):
 def test_store_shares_blocks_between_prefixes_and_copies_only_new_ones(models):
     """Two conversations on one 70-token system prompt: its two whole blocks are stored once; the second
     save copies only its own blocks; each conversation comes back whole, row for row."""
-    model = models("phi3-gqa")
-    core = model.core
-    pool = core.pool(3, 128)
     system = ids(70, 11)
     first, second = system + ids(30, 12), system + ids(25, 13)
-    core.prefill(pool, 0, first)
-    core.prefill(pool, 1, second)
+    core, pool = gqa_pool(models, 3, 128, first, second)
     store = PrefixStore(10 * 2**20, core.rope, block=32)
     store.save(pool, 0)
     assert store.blocks == 4 and store.tokens == 100  # 32 + 32 + 32 + 4
@@ -183,8 +189,7 @@ def test_store_shares_blocks_between_prefixes_and_copies_only_new_ones(models):
         assert n == len(prompt)
         store.restore(handle, n, pool, 2)
         assert pool.held[2] == prompt
-        for buffer in pool.buffers:
-            np.testing.assert_array_equal(buffer[2, :, :n], buffer[slot, :, :n])
+        assert_same_rows(pool, 2, slot, n)
     # To the token, inside a block: the system prompt and 3 tokens of the first conversation's turn.
     assert store.match([*first[:73], 1, 2])[1] == 73
     assert store.match(system)[1] == 69  # one token is always left to run
@@ -192,9 +197,7 @@ def test_store_shares_blocks_between_prefixes_and_copies_only_new_ones(models):
 
 
 def test_store_evicts_least_recently_used_leaves_and_keeps_apart_adapters_and_regimes(models):
-    model = models("phi3-gqa")
-    core = model.core
-    pool = core.pool(2, 128)
+    core, pool = gqa_pool(models, 2, 128)
     conversations = [ids(64, 20 + i) for i in range(3)]
     per_block = core.layout.token_bytes() * 32
     store = PrefixStore(5 * per_block, core.rope, block=32)  # two conversations and a half
@@ -218,11 +221,8 @@ def test_store_evicts_least_recently_used_leaves_and_keeps_apart_adapters_and_re
 
 
 def test_a_longer_save_replaces_the_shorter_partial_block_it_extends(models):
-    model = models("phi3-gqa")
-    core = model.core
-    pool = core.pool(1, 128)
     conversation = ids(40, 30)
-    core.prefill(pool, 0, conversation)
+    core, pool = gqa_pool(models, 1, 128, conversation)
     store = PrefixStore(10 * 2**20, core.rope, block=32)
     store.save(pool, 0)
     assert store.blocks == 2 and store.tokens == 40
@@ -235,11 +235,8 @@ def test_a_longer_save_replaces_the_shorter_partial_block_it_extends(models):
 
 def test_a_save_copies_at_most_save_bytes_and_the_next_save_goes_on(models):
     """A long new prefix is stored over several saves (each a bounded stall), from its start."""
-    model = models("phi3-gqa")
-    core = model.core
-    pool = core.pool(1, 128)
     conversation = ids(100, 40)
-    core.prefill(pool, 0, conversation)
+    core, pool = gqa_pool(models, 1, 128, conversation)
     per_block = core.layout.token_bytes() * 16
     store = PrefixStore(10 * 2**20, core.rope, block=16, min_tokens=16, save_bytes=3 * per_block)
     for saved in (48, 96, 100):
