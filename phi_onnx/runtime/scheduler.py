@@ -64,21 +64,24 @@ from phi_onnx.runtime.sequence import (
     check_prompt,
     prepare_step,
 )
-from phi_onnx.serve.config import DEFAULTS  # the serve defaults, written once (no server imports)
 
 if TYPE_CHECKING:
     from phi_onnx.runtime.model import Model
 
-__all__ = ["CGROUPS", "CHUNK", "MAX_TOP_LOGPROBS", "MEMINFO", "Event", "FinishEvent", "QueueFullError", "Request",
+__all__ = ["CGROUPS", "CHUNK", "MAX_BATCH", "MAX_QUEUE", "MAX_TOP_LOGPROBS", "MEMINFO", "STALL_FACTOR",
+           "Event", "FinishEvent", "QueueFullError", "Request",
            "Scheduler", "SchedulerClosedError", "TokenEvent", "available_memory", "check_pool_memory", "pool_bytes"]
 
 log = logging.getLogger(__name__)
 
 #: Most prompt tokens prefilled per step.
 CHUNK = 256
+#: KV slots (requests decoded together) and requests waiting beyond them, unless told otherwise (ServeConfig's too).
+MAX_BATCH = 8
+MAX_QUEUE = 64
 #: While streams decode, a step's prefill may take this many times a decode step (on average; a piece
 #: may run up to SLACK times over, so the worst stall is about STALL_FACTOR * SLACK decode steps).
-STALL_FACTOR = DEFAULTS.stall_factor
+STALL_FACTOR = 1.25
 #: How far over the budget a piece may run rather than leave a remnant for another run.
 SLACK = 1.25
 #: Fewest prompt tokens prefilled per step, however slow the prefill.
@@ -190,7 +193,7 @@ class Scheduler:
         stall_factor: while streams decode, a step's prefill takes about this many decode steps' time.
     """
 
-    def __init__(self, model: Model, *, max_batch: int = DEFAULTS.max_batch, max_queue: int = DEFAULTS.max_queue,
+    def __init__(self, model: Model, *, max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE,
                  capacity: int | None = None, chunk: int = CHUNK, prefix_cache: bool = True,
                  prefix_cache_bytes: int | None = None, stall_factor: float = STALL_FACTOR) -> None:
         from phi_onnx.runtime.model import Model

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from phi_onnx.errors import OptionsError
 from phi_onnx.runtime.options import finite_number
+from phi_onnx.runtime.scheduler import MAX_BATCH, MAX_QUEUE, STALL_FACTOR
 
 if TYPE_CHECKING:
     from phi_onnx.runtime.folder import ModelFolder
@@ -44,8 +45,8 @@ class ServeConfig:
         host, port, grace, header_timeout, max_connections: the CLI's listener (phi_onnx.serve.server).
     """
 
-    max_batch: int = 8
-    max_queue: int = 64
+    max_batch: int = MAX_BATCH
+    max_queue: int = MAX_QUEUE
     capacity: int | None = None
     chunk: int | None = None
     api_key: str | None = None
@@ -59,7 +60,7 @@ class ServeConfig:
     body_timeout: float = 60.0
     prefix_cache: bool = True
     prefix_cache_bytes: int | None = None
-    stall_factor: float = 1.25
+    stall_factor: float = STALL_FACTOR
     host: str = "127.0.0.1"
     port: int = 8000
     grace: float = 10.0

@@ -32,6 +32,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from phi_onnx.errors import OptionsError
+from phi_onnx.serve.config import DEFAULTS
 from phi_onnx.serve.schema import ApiError
 
 #: Seconds between the grace's end (streams told to stop) and uvicorn's deadline (tasks cancelled).
@@ -44,8 +45,8 @@ _PROBE_INTERVAL = 0.25
 class Limits:
     """What the HTTP layer allows a client (see the module docstring)."""
 
-    header_timeout: float = 10.0
-    max_connections: int = 256
+    header_timeout: float = DEFAULTS.header_timeout
+    max_connections: int = DEFAULTS.max_connections
     keep_alive: float = 5.0
 
     def __post_init__(self) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 from typing import Any
 
@@ -372,3 +375,17 @@ def test_prefill_budget_follows_the_decode_step_at_the_pools_occupancy(models: A
     assert scheduler._prefill_budget() == 0  # the admission took over half of it: the prompts wait a step
     scheduler.slots = [None] * 8
     scheduler.close()
+
+
+def test_the_runtime_imports_nothing_of_serve_and_serve_defaults_are_the_schedulers() -> None:
+    # Folders follow the data: the runtime sits under serve, so its defaults are its own and serve reads them.
+    code = ("import json, sys, phi_onnx.runtime.scheduler as s, phi_onnx.runtime.model; "
+            "served = sorted(m for m in sys.modules if m.startswith('phi_onnx.serve')); "
+            "from phi_onnx.serve.config import DEFAULTS as d; "
+            "print(json.dumps([served, [d.max_batch, d.max_queue, d.stall_factor], "
+            "[s.MAX_BATCH, s.MAX_QUEUE, s.STALL_FACTOR]]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    served, config, runtime = json.loads(done.stdout)
+    assert served == []
+    assert config == runtime
