@@ -164,6 +164,7 @@ class TextStream:
         self.dropped_messages = 0  # chat: history messages dropped to fit the context
         self.tool_format: str | None = None  # chat with tools: how calls are written (runtime/tools.py)
         self.structured = False  # chat with tools and a response format: ToolCallStream(..., structured=)
+        self.tool_names: tuple[str, ...] = ()  # chat with tools: the tools offered (ToolCallStream(..., names=))
 
     def __iter__(self) -> TextStream:
         return self

@@ -106,6 +106,7 @@ class PreparedChat:
     tool_format: str | None = None  # "phi4-mini" or "generic" when the reply may hold calls
     dropped: int = 0  # oldest messages dropped to fit the context
     structured: bool = False  # the text answer follows a response format (parse_tool_calls(structured=))
+    tool_names: tuple[str, ...] = ()  # the tools offered (parse_tool_calls(names=))
 
 
 class EngineLock:
@@ -376,7 +377,7 @@ class Model:
 
         Like `stream`, the stream holds the model until it ends or is closed. With tools, the pieces
         are the raw reply (call markup included): feed them to `ToolCallStream(stream.tool_format,
-        structured=stream.structured)` for content and call deltas; the finished `result` has
+        structured=stream.structured, names=stream.tool_names)` for content and call deltas; the finished `result` has
         `tool_calls` and `content`.
         """
         prepared = self.prepare_chat(messages, tools=tools, tool_choice=tool_choice,
@@ -385,9 +386,10 @@ class Model:
         stream.dropped_messages = prepared.dropped
         stream.tool_format = prepared.tool_format
         stream.structured = prepared.structured
+        stream.tool_names = prepared.tool_names
         fmt = prepared.tool_format
         if fmt is not None:
-            stream.on_finish(lambda result: _attach_calls(result, fmt, prepared.structured))
+            stream.on_finish(lambda result: _attach_calls(result, fmt, prepared.structured, prepared.tool_names))
         return stream
 
     def prepare_chat(self, messages: Sequence[Message], *, tools: Sequence[Any] | None = None,
@@ -401,6 +403,7 @@ class Model:
         """
         fmt = None
         structured = False
+        names: tuple[str, ...] = ()
         if tools is not None or tool_choice not in (None, "none", "auto") or _has_tool_history(messages):
             from phi_onnx.runtime.grammar import constraint_from
             from phi_onnx.runtime.tools import ToolCallSwitch, answer_schema, plan_tools, tool_format
@@ -419,6 +422,7 @@ class Model:
                               parallel_tool_calls=parallel_tool_calls, answer=answer)
             messages = plan.messages
             structured = plan.structured
+            names = tuple(tool.name for tool in plan.tools)
             if plan.constraint is not None:
                 options["grammar"] = plan.constraint
             elif plan.switch is not None:
@@ -436,7 +440,7 @@ class Model:
         messages = check_messages(messages)
         opts = self.options(**options)
         kept, dropped = self.fit_chat(messages, opts.max_new_tokens)
-        return PreparedChat(self.chat_prompt_ids(kept), opts, fmt, dropped, structured)
+        return PreparedChat(self.chat_prompt_ids(kept), opts, fmt, dropped, structured, names)
 
     def fit_chat(self, messages: Sequence[Message], max_new_tokens: int | None = None) -> tuple[list[Message], int]:
         """Drop the oldest turns until the prompt leaves room for a reply of max_new_tokens (at most half
@@ -535,13 +539,14 @@ def _has_tool_history(messages: Any) -> bool:
         isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")) for m in messages)
 
 
-def _attach_calls(result: GenerationResult, fmt: str, structured: bool = False) -> None:
+def _attach_calls(result: GenerationResult, fmt: str, structured: bool = False,
+                  names: Sequence[str] | None = None) -> None:
     """Parse a finished reply's tool calls into `result.tool_calls` / `result.content`."""
     from phi_onnx.runtime.tools import parse_tool_calls
 
     if result.finish_reason == "interrupted":
         result.content = result.text
         return
-    result.content, result.tool_calls = parse_tool_calls(result.text, fmt, structured=structured)
+    result.content, result.tool_calls = parse_tool_calls(result.text, fmt, structured=structured, names=names)
     if result.tool_calls and result.finish_reason in ("eos", "stop"):
         result.finish_reason = "tool_calls"

@@ -42,7 +42,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -480,14 +480,18 @@ def _calls_of(value: Any) -> list[ToolCall] | None:
     return [c for c in calls if c is not None]
 
 
-def parse_tool_calls(text: str, fmt: str, *, structured: bool = False) -> tuple[str | None, list[ToolCall]]:
+def parse_tool_calls(text: str, fmt: str, *, structured: bool = False,
+                     names: Collection[str] | None = None) -> tuple[str | None, list[ToolCall]]:
     """(content, calls) of a reply. phi4-mini: `<|tool_call|>[...]<|/tool_call|>` blocks (the closing tag
     may be missing at the end), or a bare JSON list/object of calls as the whole reply; generic: the JSON
     object {"tool_calls": [...]} or {"response": "..."}. Text that is no call stays content.
 
     structured (a response format combined with tools, `ToolPlan.structured`): the answer is JSON, so a
     bare JSON object is content, never read as a call (phi4-mini), and the generic {"response": VALUE}
-    gives VALUE's JSON text as content (a string VALUE stays JSON: the format may ask for one)."""
+    gives VALUE's JSON text as content (a string VALUE stays JSON: the format may ask for one).
+
+    names (the tools offered): a bare phi4-mini reply is read as calls only when each names one of them;
+    without the tags, `{"name": "Alice", "age": 3}` is an answer, not a call to a tool "Alice"."""
     stripped = text.strip()
     if fmt == GENERIC:
         try:
@@ -517,7 +521,7 @@ def parse_tool_calls(text: str, fmt: str, *, structured: bool = False) -> tuple[
     content_parts.append(rest)
     if not calls and not structured:
         found = _json_calls(stripped)  # a bare list (or object) with no tags
-        if found:
+        if found and (names is None or all(call.name in names for call in found)):
             return None, found
     content = "".join(content_parts).strip()
     return (content or None) if calls else text, calls
@@ -557,9 +561,10 @@ class ToolCallStream:
     arguments in fragments as they arrive. generic: the JSON object is held and parsed at the end
     (its `response` is then the content)."""
 
-    def __init__(self, fmt: str, *, structured: bool = False) -> None:
+    def __init__(self, fmt: str, *, structured: bool = False, names: Collection[str] | None = None) -> None:
         self.format = fmt
         self.structured = structured  # as parse_tool_calls' flag
+        self.names = names  # as parse_tool_calls' names
         self.text = ""
         self.shown = 0  # content characters of `text` sent
         self.calls: list[ToolCall] = []
@@ -613,7 +618,7 @@ class ToolCallStream:
 
     def finish(self) -> Iterator[str | ToolCallDelta]:
         """The end of the reply: everything held back, and `calls` set."""
-        content, calls = parse_tool_calls(self.text, self.format, structured=self.structured)
+        content, calls = parse_tool_calls(self.text, self.format, structured=self.structured, names=self.names)
         if self.format == GENERIC:
             if calls:
                 for i, call in enumerate(calls):

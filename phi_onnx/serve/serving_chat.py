@@ -8,7 +8,7 @@ To extend a request (structured output, tools), override `OpenAIServingChat.logi
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, NamedTuple
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -33,6 +33,16 @@ from phi_onnx.serve.schema import ApiError, ChatRequest
 from phi_onnx.serve.serving_engine import OpenAIServing, ResponseBuilder
 
 
+class PreparedReply(NamedTuple):
+    """What `OpenAIServingChat.prepare` gives a chat request: see there."""
+
+    prompt: list[int]
+    processors: list[LogitsProcessor]
+    tool_format: str | None
+    structured: bool
+    tool_names: tuple[str, ...]
+
+
 class ChatResponseBuilder(ResponseBuilder):
     """chat.completion objects and chat.completion.chunk lines."""
 
@@ -54,7 +64,8 @@ class ChatResponseBuilder(ResponseBuilder):
         if self.tool_format is None or finish.reason not in ("eos", "stop"):
             # a reply cut by max_tokens is not parsed: its calls may be incomplete (finish_reason says length)
             return {"message": {"role": "assistant", "content": finish.text}}
-        content, calls = parse_tool_calls(finish.text, self.tool_format, structured=self.structured)
+        content, calls = parse_tool_calls(finish.text, self.tool_format, structured=self.structured,
+                                          names=self.tool_names)
         if not calls:
             return {"message": {"role": "assistant", "content": content}}
         return {"message": {"role": "assistant", "content": content, "tool_calls": [c.to_openai() for c in calls]},
@@ -69,15 +80,20 @@ class ChatResponseBuilder(ResponseBuilder):
     def pieces(self, index: int, text: str) -> list[dict[str, Any]]:
         if self.tool_format is None:
             return [self.delta(text, False)]
-        parser = self._parsers.setdefault(index, ToolCallStream(self.tool_format, structured=self.structured))
-        return [self._piece(p) for p in parser.push(text)]
+        return [self._piece(p) for p in self._parser(index).push(text)]
 
     def ending(self, index: int) -> tuple[list[dict[str, Any]], bool]:
         if self.tool_format is None:
             return [], False
-        parser = self._parsers.setdefault(index, ToolCallStream(self.tool_format, structured=self.structured))
+        parser = self._parser(index)
         held = [self._piece(p) for p in parser.finish()]
         return held, bool(parser.calls)
+
+    def _parser(self, index: int) -> ToolCallStream:
+        assert self.tool_format is not None
+        if index not in self._parsers:
+            self._parsers[index] = ToolCallStream(self.tool_format, structured=self.structured, names=self.tool_names)
+        return self._parsers[index]
 
     def _piece(self, piece: str | ToolCallDelta) -> dict[str, Any]:
         if isinstance(piece, str):
@@ -109,16 +125,18 @@ class OpenAIServingChat(OpenAIServing):
         """The messages as the chat template takes them (OpenAI's developer role is the system role)."""
         return [m.as_dict() for m in body.messages]
 
-    def prepare(self, loaded: Model, body: ChatRequest) -> tuple[list[int], list[LogitsProcessor], str | None, bool]:
+    def prepare(self, loaded: Model, body: ChatRequest) -> PreparedReply:
         """The prompt's token ids, the reply's logits processors (a grammar for response_format or tool
-        calls), the tool format to parse the reply with (None: no tool calls expected) and whether its
-        text answer is structured (response_format with tool_choice "auto": parse with structured=True).
+        calls), the tool format to parse the reply with (None: no tool calls expected), whether its
+        text answer is structured (response_format with tool_choice "auto": parse with structured=True)
+        and the names of the tools offered.
         Runs off the event loop (rendering, tokenizing and compiling a grammar take a while)."""
         messages = self.messages(body)
         tools, choice = body.tool_list(), body.choice()
         processors: list[LogitsProcessor] = []
         fmt = None
         structured = False
+        names: tuple[str, ...] = ()
         asked = body.response_format.constraint() if body.response_format is not None else {}
         if tools is not None or choice not in (None, "none", "auto") or \
                 any(m.role == "tool" or m.tool_calls for m in body.messages):
@@ -142,6 +160,7 @@ class OpenAIServingChat(OpenAIServing):
                 raise ApiError(400, error.message, param=param) from None
             messages = plan.messages
             structured = plan.structured
+            names = tuple(tool.name for tool in plan.tools)
             if plan.constraint is not None or plan.switch is not None:
                 asked = {}  # the plan's grammar holds the format (auto) or the reply is a call
             if plan.constraint is not None:
@@ -161,7 +180,7 @@ class OpenAIServingChat(OpenAIServing):
             if constraint is not None:
                 processors.append(loaded.grammar(constraint))
         try:
-            return loaded.chat_prompt_ids(check_messages(messages)), processors, fmt, structured
+            return PreparedReply(loaded.chat_prompt_ids(check_messages(messages)), processors, fmt, structured, names)
         except PhiOnnxError as error:
             raise ApiError(400, error.message, param="messages") from None
 
@@ -170,5 +189,6 @@ class OpenAIServingChat(OpenAIServing):
         loaded, _ = self.client.engine()
         self.check_model(body)
         self.check_length(body.characters(), self.max_tokens(body))
-        prompt, processors, fmt, structured = await asyncio.to_thread(self.prepare, loaded, body)
-        return await self.respond(request, body, [prompt], processors, fmt, structured=structured)
+        prepared = await asyncio.to_thread(self.prepare, loaded, body)
+        return await self.respond(request, body, [prepared.prompt], prepared.processors, prepared.tool_format,
+                                  structured=prepared.structured, tool_names=prepared.tool_names)

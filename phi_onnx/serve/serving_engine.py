@@ -34,10 +34,12 @@ class ResponseBuilder:
     chunk_name = "text_completion"
 
     def __init__(self, model: Model, name: str, logprobs: int | None, token_ids: bool = False,
-                 tool_format: str | None = None, *, structured: bool = False) -> None:
+                 tool_format: str | None = None, *, structured: bool = False,
+                 tool_names: tuple[str, ...] = ()) -> None:
         self.model, self.name, self.logprobs, self.token_ids = model, name, logprobs, token_ids
         self.tool_format = tool_format  # set when the reply may hold tool calls (chat with tools)
         self.structured = structured  # its text answer is structured output (tools.parse_tool_calls)
+        self.tool_names = tool_names  # the tools offered (tools.parse_tool_calls' names)
         self.id = self.prefix + uuid.uuid4().hex
         self.created = int(time.time())
 
@@ -233,13 +235,13 @@ class OpenAIServing:
 
     async def respond(self, request: Request, body: Any, prompts: list[list[int]],
                       processors: Sequence[LogitsProcessor] = (), tool_format: str | None = None, *,
-                      structured: bool = False) -> Response:
+                      structured: bool = False, tool_names: tuple[str, ...] = ()) -> Response:
         """Check `prompts` against the model and its limits, generate (one choice each), and answer (JSON or SSE)."""
         loaded, _ = self.client.engine()
         name = self.check_model(body)
         generations = self.submit(body, prompts, processors)
         reply = self.builder(loaded, name, self.logprobs(body), body.return_token_ids, tool_format,
-                             structured=structured)
+                             structured=structured, tool_names=tool_names)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(self.stream(generations, reply, usage), media_type="text/event-stream",

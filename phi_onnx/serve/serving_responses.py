@@ -39,10 +39,11 @@ def _id(prefix: str) -> str:
 class ResponseObject:
     """The `response` object of one request, and its stream events (each numbered)."""
 
-    def __init__(self, body: ResponsesRequest, name: str, tool_format: str | None, structured: bool = False
-                 ) -> None:
+    def __init__(self, body: ResponsesRequest, name: str, tool_format: str | None, structured: bool = False,
+                 tool_names: tuple[str, ...] = ()) -> None:
         self.body, self.name, self.tool_format = body, name, tool_format
         self.structured = structured  # text.format with tools: the text answer is JSON (parse_tool_calls)
+        self.tool_names = tool_names  # the tools offered (parse_tool_calls' names)
         self.id = _id("resp_")
         self.created = int(time.time())
         self.sequence = 0
@@ -104,7 +105,8 @@ class ResponseObject:
         status = self.status(finish)
         content, calls = (finish.text, [])
         if self.tool_format is not None and finish.reason in ("eos", "stop"):
-            content, calls = parse_tool_calls(finish.text, self.tool_format, structured=self.structured)
+            content, calls = parse_tool_calls(finish.text, self.tool_format, structured=self.structured,
+                                              names=self.tool_names)
         output: list[dict[str, Any]] = []
         if content or not calls:
             output.append(self.message(content or "", status))
@@ -207,9 +209,9 @@ class OpenAIServingResponses(OpenAIServingChat):
         chat: ChatRequest = parse(ChatRequest, body.chat_body())
         name = self.check_model(chat)
         self.check_length(chat.characters(), self.max_tokens(chat))
-        prompt, processors, fmt, structured = await asyncio.to_thread(self.prepare, loaded, chat)
-        generations = self.submit(chat, [prompt], processors)
-        reply = ResponseObject(body, name, fmt, structured)
+        prepared = await asyncio.to_thread(self.prepare, loaded, chat)
+        generations = self.submit(chat, [prepared.prompt], prepared.processors)
+        reply = ResponseObject(body, name, prepared.tool_format, prepared.structured, prepared.tool_names)
         if body.stream:
             return StreamingResponse(self.events(generations[0], reply), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -222,7 +224,7 @@ class OpenAIServingResponses(OpenAIServingChat):
         """The Responses stream: created, in_progress, the items' events, then completed (or incomplete)."""
         events = generation.events()
         state = _StreamState(reply)
-        parser = ToolCallStream(reply.tool_format, structured=reply.structured) \
+        parser = ToolCallStream(reply.tool_format, structured=reply.structured, names=reply.tool_names) \
             if reply.tool_format is not None else None
         try:
             yield reply.event("response.created", response=reply.envelope("in_progress", []))

@@ -326,3 +326,29 @@ def test_parsing_a_structured_reply_reads_no_answer_as_a_call():
     stream = T.ToolCallStream(T.GENERIC, structured=True)
     shown = [x for piece in ['{"resp', 'onse":{"a":', '[1]}}'] for x in stream.push(piece)] + list(stream.finish())
     assert shown == ['{"a":[1]}'] and stream.calls == []
+
+
+def test_a_bare_json_reply_is_a_call_only_when_it_names_an_offered_tool():
+    person = '{"name": "Alice", "age": 3}'  # an answer whose key happens to be "name"
+    assert [c.name for c in T.parse_tool_calls(person, T.PHI4_MINI)[1]] == ["Alice"]  # names unknown: read as before
+    assert T.parse_tool_calls(person, T.PHI4_MINI, names={"add"}) == (person, [])
+    call = '[{"name": "add", "arguments": {"a": 1}}, {"name": "get_weather", "arguments": {}}]'
+    assert [c.name for c in T.parse_tool_calls(call, T.PHI4_MINI, names={"add", "get_weather"})[1]] == \
+        ["add", "get_weather"]
+    assert T.parse_tool_calls(call, T.PHI4_MINI, names={"add"}) == (call, [])  # one unoffered name: all text
+    # the tags say the model meant a call: kept whatever it names (the client sees the name it gave)
+    tagged = f"<|tool_call|>{person}<|/tool_call|>"
+    assert [c.name for c in T.parse_tool_calls(tagged, T.PHI4_MINI, names={"add"})[1]] == ["Alice"]
+    stream = T.ToolCallStream(T.PHI4_MINI, names={"add"})
+    shown = [x for piece in [person[:9], person[9:]] for x in stream.push(piece)] + list(stream.finish())
+    assert "".join(x for x in shown if isinstance(x, str)) == person
+    assert stream.calls == [] and not any(isinstance(x, T.ToolCallDelta) for x in shown)
+
+
+def test_prepare_chat_and_its_stream_carry_the_offered_tool_names(phi4mini):
+    prepared = phi4mini.prepare_chat(ASK, tools=[WEATHER, ADD], max_new_tokens=4)
+    assert prepared.tool_format == T.PHI4_MINI and prepared.tool_names == ("get_weather", "add")
+    stream = phi4mini.chat_stream(ASK, tools=[ADD], max_new_tokens=2)
+    assert stream.tool_names == ("add",)
+    stream.close()
+    assert phi4mini.prepare_chat(ASK, max_new_tokens=4).tool_names == ()

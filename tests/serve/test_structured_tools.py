@@ -451,3 +451,28 @@ def test_responses_stream_a_phi4_mini_tool_call_in_fragments(phi4: Any) -> None:
     assert len(fragments) > 1 and "".join(fragments) == done.arguments
     jsonschema.validate(json.loads(done.arguments), SCHEMAS["add"])
     assert [i.type for i in final.output] == ["function_call"] and final.output[0].arguments == done.arguments
+
+
+def test_a_bare_json_answer_naming_no_offered_tool_is_content_on_every_endpoint() -> None:
+    from phi_onnx.runtime.scheduler import FinishEvent
+    from phi_onnx.runtime.tools import PHI4_MINI
+    from phi_onnx.serve.schema import ResponsesRequest
+    from phi_onnx.serve.serving_chat import ChatResponseBuilder
+    from phi_onnx.serve.serving_responses import ResponseObject
+
+    person, call = '{"name": "Alice", "age": 3}', '{"name": "add", "arguments": {"a": 1, "b": 2}}'
+    for text, called in ((person, False), (call, True)):
+        finish = FinishEvent("eos", 5, 9, text)
+        chat = ChatResponseBuilder(None, MODEL_NAME, None, False, PHI4_MINI, tool_names=("get_weather", "add"))
+        whole = chat.whole_choice([], finish)
+        assert (whole["message"]["content"], "tool_calls" in whole["message"]) == \
+            ((None, True) if called else (person, False))
+        streamed = chat.pieces(0, text[:7]) + chat.pieces(0, text[7:])
+        held, has_calls = chat.ending(0)
+        deltas = [piece["delta"] for piece in streamed + held]
+        assert has_calls == called
+        assert any("tool_calls" in d for d in deltas) == called
+        assert "".join(d.get("content") or "" for d in deltas) == text  # a bare reply streams as text first
+        body = ResponsesRequest.model_validate({"model": MODEL_NAME, "input": "hi"})
+        output = ResponseObject(body, MODEL_NAME, PHI4_MINI, tool_names=("get_weather", "add")).whole(finish)["output"]
+        assert [item["type"] for item in output] == (["function_call"] if called else ["message"])
