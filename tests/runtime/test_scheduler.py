@@ -389,3 +389,30 @@ def test_the_runtime_imports_nothing_of_serve_and_serve_defaults_are_the_schedul
     served, config, runtime = json.loads(done.stdout)
     assert served == []
     assert config == runtime
+
+
+@pytest.mark.parametrize("token,one_row,step,admit", [
+    (0.0072, 0.024, 0.055, 0.0),  # fast int8 dot products: a 4-row step costs less than 8 prompt tokens
+    (0.0072, 0.024, 0.055, 0.02),
+    (0.0067, 0.06, 0.12, 0.0),  # a decode step worth 18 prompt tokens
+    (0.0067, 0.06, 0.12, 0.04),
+    (0.002, 0.03, 0.04, 0.0),
+])
+def test_a_piece_of_the_budget_keeps_the_step_within_the_stall_bound(models: Any, token: float, one_row: float,
+                                                                      step: float, admit: float) -> None:
+    """Whatever the machine's ratio of prompt-token to decode-step cost, a piece cut from the budget (up to
+    SLACK times it) with its run's own pass and the admission stays within SLACK x stall_factor decode steps:
+    the floor that keeps small pieces efficient (MIN_PREFILL) gives way where it alone would break that."""
+    from phi_onnx.runtime.scheduler import MIN_PREFILL, SLACK, piece
+
+    scheduler = Scheduler(models("phi3-mha"), max_batch=4, chunk=256)
+    scheduler._token_seconds, scheduler._decode_seconds, scheduler._admit_seconds = token, {1: one_row, 4: step}, admit
+    scheduler.slots = [object()] * 4  # type: ignore[list-item]
+    budget = scheduler._prefill_budget()
+    assert budget >= 1
+    worst = max(one_row + admit + piece(remaining, budget) * token for remaining in range(1, 300))
+    assert worst <= SLACK * scheduler.stall_factor * step + 1e-9
+    if (SLACK * scheduler.stall_factor * step - one_row - admit) / (SLACK * token) >= MIN_PREFILL:
+        assert budget >= MIN_PREFILL  # where it fits, pieces stay at least MIN_PREFILL tokens
+    scheduler.slots = [None] * 4
+    scheduler.close()
