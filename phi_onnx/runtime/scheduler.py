@@ -23,11 +23,12 @@ any other slot (busy or free) and in the store, and copies those rows (same posi
 recomputed or shifted). Requests that share a long prefix with one that is still computing it wait
 for it rather than compute it twice. Matching is on token ids, under the LongRoPE rule.
 
-Stalls are bounded by time: while streams decode, a step's prefill work is sized so that it takes
-about `stall_factor` times a decode step at the pool's occupancy (measured per row count: the step the
-streams see once every request holding a slot decodes), so running streams' inter-token latency stays
-within about (1 + stall_factor) times its usual value; with nothing decoding a step prefills `chunk`
-tokens, and once a stream starts within a step the rest of that step keeps to the bound. A prompt is cut
+Stalls are bounded by time: while streams decode, a step's prefill work is sized so that the whole step
+(admission, prompt runs, the decode of the rows running now) takes about 1 + `stall_factor` decode steps
+at the pool's occupancy (measured per row count: the step the streams see once every request holding a
+slot decodes), so running streams' inter-token latency stays within about that many times its usual
+value; with nothing decoding a step prefills `chunk` tokens, and once a stream starts within a step the
+rest of that step keeps to the bound. A prompt is cut
 into even pieces (`piece`): every run reads all the weights once, so a small remnant run costs almost a
 decode step of its own.
 
@@ -500,27 +501,33 @@ class Scheduler:
 
     def _decoding(self) -> bool:
         """Whether a stream is running (has its first token and is not done)."""
-        return any(r is not None and r.seq is not None and r.seq.generated and not r.seq.done for r in self.slots)
+        return self._running() > 0
+
+    def _running(self) -> int:
+        """Streams running (first token out, not done): the rows this step decodes, besides any that start."""
+        return sum(1 for r in self.slots if r is not None and r.seq is not None and r.seq.generated and not r.seq.done)
 
     def _prefill_budget(self) -> int:
-        """Prompt tokens a step may prefill while streams decode: what fits in `stall_factor` decode steps
-        at the pool's occupancy, at the measured prefill speed (`chunk` until both were measured); raised
-        towards MIN_PREFILL only as far as a piece (up to SLACK times its budget) stays within SLACK times
-        that stall; none when the step's admission already took half of that time or more."""
+        """Prompt tokens a step may prefill while streams decode, at the measured prefill speed (`chunk` until
+        the speeds were measured): the streams wait for the whole step (the admission, the run's pass over
+        the weights, its tokens, the decode step at the rows running now), which may take 1 + stall_factor
+        decode steps at the pool's occupancy. The budget is raised towards MIN_PREFILL only as far as a
+        piece (up to SLACK times the budget) keeps the step within 1 + SLACK x stall_factor of them; it is
+        none when the admission already took half of the room."""
         seconds, run = self._decode_step_seconds(max(self.active, 1)), self._decode_step_seconds(1)
-        if seconds is None or run is None or self._token_seconds is None:
+        now = self._decode_step_seconds(max(self._running(), 1))
+        if seconds is None or run is None or now is None or self._token_seconds is None:
             return self.chunk
-        # A run costs about a one-row decode step (one pass over the weights) plus its tokens' share; the
-        # step's admission (saving a slot's prefix to the store) already stalled the streams.
         token = max(self._token_seconds, 1e-9)
-        stall = self.stall_factor * seconds - run
-        if self._admit_seconds > stall / 2:
-            return 0  # the admission took most of this step's stall: the prompts wait one step
-        fits = (stall - self._admit_seconds) / token
+        # Fewer rows running than the pool holds (streams starting together) leave the pieces more room.
+        room = (1 + self.stall_factor) * seconds - now - run
+        if self._admit_seconds > room / 2:
+            return 0  # the admission (saving a slot's prefix to the store) took most of it: the prompts wait
+        fits = (room - self._admit_seconds) / token
         # Small pieces waste a run each, but where a decode step is cheap beside a prompt token (a CPU with
         # fast int8 dot products: 4 rows in 54 ms, a 12-token piece 110 ms) MIN_PREFILL alone stalled the
         # streams for 3x their step.
-        worst = SLACK * self.stall_factor * seconds - run - self._admit_seconds
+        worst = (1 + SLACK * self.stall_factor) * seconds - now - run - self._admit_seconds
         floor = max(min(MIN_PREFILL, worst / (SLACK * token)), 1)
         return int(min(max(fits, floor), self.chunk))
 

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import threading
+import types
 from typing import Any
 
 import pytest
@@ -354,6 +355,11 @@ def test_pieces_are_even_and_leave_no_remnant_run() -> None:
     assert piece(0, 16) == 0 and piece(10, 0) == 0
 
 
+def running() -> Any:
+    """A slot's request whose stream runs (first token out, not done), as the budget sees it."""
+    return types.SimpleNamespace(seq=types.SimpleNamespace(generated=[1], done=False))
+
+
 def test_prefill_budget_follows_the_decode_step_at_the_pools_occupancy(models: Any) -> None:
     """The stall budget: stall_factor decode steps at the occupancy (measured, else estimated from the
     row counts measured), less one pass over the weights and the step's admission time, in prompt tokens."""
@@ -365,7 +371,7 @@ def test_prefill_budget_follows_the_decode_step_at_the_pools_occupancy(models: A
     scheduler._decode_seconds = {1: 0.05, 4: 0.11}
     assert scheduler._decode_step_seconds(2) == pytest.approx(0.07)  # between two measured counts
     assert scheduler._decode_step_seconds(8) == pytest.approx(0.19)  # along the two nearest
-    scheduler.slots = [object()] * 4 + [None] * 4  # type: ignore[list-item]
+    scheduler.slots = [running()] * 4 + [None] * 4  # type: ignore[list-item]
     assert scheduler._prefill_budget() in (27, 28)  # (3 x 0.11 - 0.05) / 0.01: D(4), not D(1) or D(8)
     scheduler._admit_seconds = 0.1
     assert scheduler._prefill_budget() in (17, 18)  # less the admission's 0.1 s
@@ -407,12 +413,32 @@ def test_a_piece_of_the_budget_keeps_the_step_within_the_stall_bound(models: Any
 
     scheduler = Scheduler(models("phi3-mha"), max_batch=4, chunk=256)
     scheduler._token_seconds, scheduler._decode_seconds, scheduler._admit_seconds = token, {1: one_row, 4: step}, admit
-    scheduler.slots = [object()] * 4  # type: ignore[list-item]
+    scheduler.slots = [running()] * 4  # type: ignore[list-item]
     budget = scheduler._prefill_budget()
     assert budget >= 1
     worst = max(one_row + admit + piece(remaining, budget) * token for remaining in range(1, 300))
     assert worst <= SLACK * scheduler.stall_factor * step + 1e-9
     if (SLACK * scheduler.stall_factor * step - one_row - admit) / (SLACK * token) >= MIN_PREFILL:
         assert budget >= MIN_PREFILL  # where it fits, pieces stay at least MIN_PREFILL tokens
+    scheduler.slots = [None] * 4
+    scheduler.close()
+
+
+def test_fewer_streams_running_than_the_pool_holds_leave_the_pieces_more_room(models: Any) -> None:
+    """Streams that start together (all at once): while one of four runs, its step is short, so a piece may
+    take what the other rows' decoding would have (the whole step keeps to the bound)."""
+    from phi_onnx.runtime.scheduler import SLACK, piece
+
+    scheduler = Scheduler(models("phi3-mha"), max_batch=4, chunk=256)
+    scheduler._token_seconds, scheduler._decode_seconds = 0.0072, {1: 0.024, 4: 0.055}
+    budgets = []
+    for started in (4, 2, 1):
+        scheduler.slots = [running()] * started + [types.SimpleNamespace(seq=None)] * (4 - started)  # type: ignore
+        budgets.append(scheduler._prefill_budget())
+        now = scheduler._decode_step_seconds(started)
+        assert now is not None
+        worst = max(now + 0.024 + piece(remaining, budgets[-1]) * 0.0072 for remaining in range(1, 300))
+        assert worst <= (1 + SLACK * scheduler.stall_factor) * 0.055 + 1e-9
+    assert budgets[0] < budgets[1] < budgets[2]
     scheduler.slots = [None] * 4
     scheduler.close()
