@@ -415,11 +415,17 @@ class Scheduler:
                 else:
                     kept.append(request)
             self.waiting = kept
+        saved = False
         while self.waiting and None in self.slots:
-            request = self.waiting.popleft()
+            request = self.waiting[0]
             if request.cancelled:
-                self._finish(request, "cancelled")
+                self._finish(self.waiting.popleft(), "cancelled")
                 continue
+            slot, shared = self._choose(request)
+            saves = shared < self.pool.filled(slot) and self.store is not None
+            if saves and saved:
+                break  # each save stalls the running streams (several slots freed at once took 250 ms): next step
+            self.waiting.popleft()
             try:
                 request.seq = SequenceState(request.prompt, request.options, request.budget,
                                             tokenizer=self.model.tokenizer, eos_token_ids=self.eos,
@@ -427,25 +433,30 @@ class Scheduler:
             except PhiOnnxError as error:  # e.g. a logit_bias id outside the vocabulary
                 self._finish(request, "error", error=error.message)
                 continue
-            slot = self._place(request)
+            self._place(request, slot, shared)
+            saved = saved or saves
             request.slot, request.admitted_at = slot, time.perf_counter()
             self.slots[slot] = request
 
-    def _place(self, request: Request) -> int:
-        """The free slot for `request`: the one holding the longest prefix of its prompt, else an empty one,
-        else the least recently used (its contents saved to the store first). Keeps only the shared prefix."""
+    def _choose(self, request: Request) -> tuple[int, int]:
+        """The free slot for `request` and the prompt tokens it holds: the one holding the longest prefix of
+        its prompt, else an empty one, else the least recently used."""
         free = [s for s in range(self.max_batch) if self.slots[s] is None]
-        adapter, pool = request.options.adapter, self.pool
         reuses = self._reuses(request)
         shared = {s: self._shared(s, request) if reuses else 0 for s in free}
-        slot = max(free, key=lambda s: (shared[s], not pool.filled(s), -self.last_used[s]))
-        if shared[slot] < pool.filled(slot) and self.store is not None:
+        slot = max(free, key=lambda s: (shared[s], not self.pool.filled(s), -self.last_used[s]))
+        return slot, shared[slot]
+
+    def _place(self, request: Request, slot: int, shared: int) -> None:
+        """Give `slot` to `request`, keeping only the `shared` prefix (what it held beyond is saved to the
+        store first)."""
+        adapter, pool = request.options.adapter, self.pool
+        if shared < pool.filled(slot) and self.store is not None:
             self.store.save(pool, slot)  # what this slot held would be lost: keep it for later
-        pool.keep(slot, shared[slot])
+        pool.keep(slot, shared)
         pool.adapter[slot] = adapter  # the rows it keeps were computed with this adapter
-        request.cached_tokens = shared[slot]
-        self.reused_tokens += shared[slot]
-        return slot
+        request.cached_tokens = shared
+        self.reused_tokens += shared
 
     def step(self) -> None:
         """One scheduling step on the caller's thread (for tests and tools, when `start()` was not called)."""
@@ -515,7 +526,8 @@ class Scheduler:
         piece (up to SLACK times the budget) keeps the step within 1 + SLACK x stall_factor of them; it is
         none when the admission already took half of the room."""
         seconds, run = self._decode_step_seconds(max(self.active, 1)), self._decode_step_seconds(1)
-        now = self._decode_step_seconds(max(self._running(), 1))
+        # the rows running now, and one more: a prompt that completes in this step decodes in it too
+        now = self._decode_step_seconds(min(self._running() + 1, max(self.active, 1)))
         if seconds is None or run is None or now is None or self._token_seconds is None:
             return self.chunk
         token = max(self._token_seconds, 1e-9)
