@@ -568,6 +568,11 @@ class Scheduler:
             per_row = self._token_seconds if rows > only and self._token_seconds is not None else 0.0
             return known[only] + (rows - only) * per_row
         slope = max((known[hi] - known[lo]) / (hi - lo), 0.0)
+        if rows > hi and self._token_seconds is not None:
+            # Beyond every count measured, two neighbouring counts taken at other contexts can slope steeply
+            # (6 and 7 rows: 91 and 116 ms); an overestimate sizes pieces past the bound, so at most a prompt
+            # token's share per row.
+            return known[hi] + (rows - hi) * min(slope, self._token_seconds)
         return max(known[lo] + (rows - lo) * slope, 0.0)
 
     def _fast_forward(self, budget: int) -> int:

@@ -370,7 +370,10 @@ def test_prefill_budget_follows_the_decode_step_at_the_pools_occupancy(models: A
     assert scheduler._decode_step_seconds(8) == pytest.approx(0.05 + 7 * 0.01)  # one row's work per row
     scheduler._decode_seconds = {1: 0.05, 4: 0.11}
     assert scheduler._decode_step_seconds(2) == pytest.approx(0.07)  # between two measured counts
-    assert scheduler._decode_step_seconds(8) == pytest.approx(0.19)  # along the two nearest
+    assert scheduler._decode_step_seconds(8) == pytest.approx(0.15)  # beyond them: a token's share per row at most
+    scheduler._decode_seconds = {1: 0.05, 4: 0.08, 8: 0.11}
+    assert scheduler._decode_step_seconds(6) == pytest.approx(0.095)  # between two: along them
+    scheduler._decode_seconds = {1: 0.05, 4: 0.11}
     scheduler.slots = [running()] * 4 + [None] * 4  # type: ignore[list-item]
     assert scheduler._prefill_budget() in (27, 28)  # (3 x 0.11 - 0.05) / 0.01: D(4), not D(1) or D(8)
     scheduler._admit_seconds = 0.1
