@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from phi_onnx.errors import OptionsError, PhiOnnxError
+from phi_onnx.runtime.defaults import MAX_BATCH, MAX_QUEUE, STALL_FACTOR
 from phi_onnx.runtime.kv_pool import CGROUPS, MEMINFO, available_memory, check_pool_memory, pool_bytes
 from phi_onnx.runtime.options import MAX_TOP_LOGPROBS, GenerationOptions, finite_number
 from phi_onnx.runtime.prefix_cache import MIN_TOKENS, PrefixStore
@@ -77,12 +78,6 @@ log = logging.getLogger(__name__)
 
 #: Most prompt tokens prefilled per step.
 CHUNK = 256
-#: KV slots (requests decoded together) and requests waiting beyond them, unless told otherwise (ServeConfig's too).
-MAX_BATCH = 8
-MAX_QUEUE = 64
-#: While streams decode, a step's prefill may take this many times a decode step (on average; a piece
-#: may run up to SLACK times over, so the worst stall is about STALL_FACTOR * SLACK decode steps).
-STALL_FACTOR = 1.25
 #: How far over the budget a piece may run rather than leave a remnant for another run.
 SLACK = 1.25
 #: Fewest prompt tokens a step prefills while streams decode (every run reads all the weights: tiny pieces waste

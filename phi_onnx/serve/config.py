@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from phi_onnx.errors import OptionsError
+from phi_onnx.runtime.defaults import MAX_BATCH, MAX_QUEUE, STALL_FACTOR
 from phi_onnx.runtime.options import finite_number
-from phi_onnx.runtime.scheduler import MAX_BATCH, MAX_QUEUE, STALL_FACTOR
 
 if TYPE_CHECKING:
     from phi_onnx.runtime.folder import ModelFolder
