@@ -129,13 +129,13 @@ class PrefixStore:
         self.restored += 1
 
     # -- saving ---------------------------------------------------------------------------------------
-    def save(self, pool: KVPool, slot: int) -> None:
+    def save(self, pool: KVPool, slot: int) -> int:
         """Copy what `slot` holds into the store: only the blocks not stored yet, at most `save_bytes` of them,
         as far as the budget allows (least recently used leaves make room; the prefix being saved is never
-        evicted for its own tail)."""
+        evicted for its own tail). Returns the bytes copied."""
         held = pool.held[slot]
         if len(held) < self.min_tokens or not self.budget or pool.device != "cpu":
-            return
+            return 0
         key = (pool.long[slot], pool.adapter[slot])
         node = self.roots.get(key)
         if node is None:
@@ -160,6 +160,7 @@ class PrefixStore:
             path.add(child.id)
             node = child
         self.saved += 1
+        return copied
 
     def _drop_covered(self, parent: _Block, block: _Block) -> None:
         """Drop the shorter leaf siblings whose tokens `block` starts with: it serves all they did."""

@@ -410,7 +410,7 @@ class Scheduler:
                 else:
                     kept.append(request)
             self.waiting = kept
-        saved = False
+        copied = 0  # bytes this admission saved to the prefix store
         while self.waiting and None in self.slots:
             request = self.waiting[0]
             if request.cancelled:
@@ -418,7 +418,7 @@ class Scheduler:
                 continue
             slot, shared = self._choose(request)
             saves = shared < self.pool.filled(slot) and self.store is not None
-            if saves and saved:
+            if saves and copied:
                 break  # each save stalls the running streams (several slots freed at once took 250 ms): next step
             self.waiting.popleft()
             try:
@@ -428,8 +428,7 @@ class Scheduler:
             except PhiOnnxError as error:  # e.g. a logit_bias id outside the vocabulary
                 self._finish(request, "error", error=error.message)
                 continue
-            self._place(request, slot, shared)
-            saved = saved or saves
+            copied += self._place(request, slot, shared, saves)
             request.slot, request.admitted_at = slot, time.perf_counter()
             self.slots[slot] = request
 
@@ -442,16 +441,18 @@ class Scheduler:
         slot = max(free, key=lambda s: (shared[s], not self.pool.filled(s), -self.last_used[s]))
         return slot, shared[slot]
 
-    def _place(self, request: Request, slot: int, shared: int) -> None:
-        """Give `slot` to `request`, keeping only the `shared` prefix (what it held beyond is saved to the
-        store first)."""
+    def _place(self, request: Request, slot: int, shared: int, save: bool) -> int:
+        """Give `slot` to `request`, keeping only the `shared` prefix; with `save`, what it held beyond is
+        saved to the store first. Returns the bytes saved."""
         adapter, pool = request.options.adapter, self.pool
-        if shared < pool.filled(slot) and self.store is not None:
-            self.store.save(pool, slot)  # what this slot held would be lost: keep it for later
+        copied = 0
+        if save and self.store is not None:
+            copied = self.store.save(pool, slot)  # what this slot held would be lost: keep it for later
         pool.keep(slot, shared)
         pool.adapter[slot] = adapter  # the rows it keeps were computed with this adapter
         request.cached_tokens = shared
         self.reused_tokens += shared
+        return copied
 
     def step(self) -> None:
         """One scheduling step on the caller's thread (for tests and tools, when `start()` was not called)."""

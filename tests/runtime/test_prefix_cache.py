@@ -264,3 +264,16 @@ def test_an_admission_saves_at_most_one_slot_so_slots_freed_together_do_not_stal
     for prompt, handle in zip(newcomers, handles, strict=True):
         assert handle.generated == cold(model, prompt, 3)
     scheduler.close()
+
+
+def test_an_admission_that_saves_nothing_admits_every_newcomer_at_once(models):
+    """With a store of 0 bytes (`--prefix-cache-bytes 0`: the slots only) a save copies nothing and stalls
+    nobody, so slots freed together go to the waiting requests in one admission."""
+    model = models("phi3-gqa")
+    scheduler = Scheduler(model, max_batch=3, max_queue=8, capacity=96, chunk=64, prefix_cache_bytes=0)
+    drive(scheduler, [scheduler.submit(ids(40, 10 + i), model.options(max_new_tokens=2)) for i in range(3)])
+    handles = [scheduler.submit(ids(40, 20 + i), model.options(max_new_tokens=2)) for i in range(3)]
+    scheduler._timed_admit()
+    assert sum(r is not None for r in scheduler.slots) == 3
+    drive(scheduler, handles)
+    scheduler.close()
