@@ -422,7 +422,7 @@ class Model:
                               parallel_tool_calls=parallel_tool_calls, answer=answer)
             messages = plan.messages
             structured = plan.structured
-            names = tuple(tool.name for tool in plan.tools)
+            names = plan.names
             if plan.constraint is not None:
                 options["grammar"] = plan.constraint
             elif plan.switch is not None:

@@ -311,6 +311,11 @@ class ToolPlan:
     tools: list[Tool] = field(default_factory=list)
     structured: bool = False
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The names of the tools offered (parse_tool_calls' and ToolCallStream's `names`)."""
+        return tuple(tool.name for tool in self.tools)
+
 
 def answer_schema(*, json_schema: Any = None, json_object: bool = False, regex: str | None = None,
                   grammar: Any = None, strict: bool = True) -> tuple[dict[str, Any], bool] | None:

@@ -160,7 +160,7 @@ class OpenAIServingChat(OpenAIServing):
                 raise ApiError(400, error.message, param=param) from None
             messages = plan.messages
             structured = plan.structured
-            names = tuple(tool.name for tool in plan.tools)
+            names = plan.names
             if plan.constraint is not None or plan.switch is not None:
                 asked = {}  # the plan's grammar holds the format (auto) or the reply is a call
             if plan.constraint is not None:
