@@ -4,7 +4,8 @@ Starts `phi-onnx serve FOLDER` in a subprocess on a free 127.0.0.1 port (or uses
 each concurrency N runs N clients at once, each sending `--requests-per-client` streaming
 /v1/completions requests one after another: a `--prompt-tokens` prompt of random token ids and
 `--new-tokens` greedy tokens with EOS ignored (so every reply has the same length). Reports per N:
-aggregate output tokens/s, requests/s, time to first token p50/p99, inter-token latency p50/p99.
+aggregate output tokens/s, requests/s, time to first token p50/p99, inter-token latency p50/p99 (and in the
+JSON its largest gap and the time to the second token p50).
 `--static` adds, per N, the ort backend's static batch (`Model.generate` of N prompts in this process,
 run right after that level while the server idles) for comparison.
 
@@ -89,10 +90,15 @@ async def level(url: str, clients: int, per_client: int, prompt_tokens: int, new
     tokens = sum(r["tokens"] for r in results)
     ttft = [r["arrivals"][0] - r["start"] for r in results if r["arrivals"]]
     itl = [b - a for r in results for a, b in zip(r["arrivals"], r["arrivals"][1:], strict=False)]
+    # The second token's wait shows what a p99 over many gaps hides: a server that sends first tokens early
+    # and then prefills the other prompts leaves one long gap per stream.
+    second = [r["arrivals"][1] - r["start"] for r in results if len(r["arrivals"]) > 1]
     return {"clients": clients, "requests": len(results), "output_tokens": tokens, "seconds": round(wall, 3),
             "output_tok_s": round(tokens / wall, 1), "req_s": round(len(results) / wall, 3),
             "ttft_p50_ms": round(1000 * percentile(ttft, 50), 1), "ttft_p99_ms": round(1000 * percentile(ttft, 99), 1),
-            "itl_p50_ms": round(1000 * percentile(itl, 50), 1), "itl_p99_ms": round(1000 * percentile(itl, 99), 1)}
+            "itl_p50_ms": round(1000 * percentile(itl, 50), 1), "itl_p99_ms": round(1000 * percentile(itl, 99), 1),
+            "itl_max_ms": round(1000 * max(itl, default=float("nan")), 1),
+            "second_token_p50_ms": round(1000 * percentile(second, 50), 1)}
 
 
 class StaticBatch:

@@ -122,6 +122,15 @@ def random_ids(n: int, seed: int = 0, low: int = 10, high: int = 990) -> np.ndar
     return np.random.default_rng(seed).integers(low, high, size=(1, n), dtype=np.int64)
 
 
+def drive(scheduler: Any, handles: list[Any], limit: int = 2000) -> None:
+    """Step `scheduler` on this thread until every handle has finished (at most `limit` steps)."""
+    for _ in range(limit):
+        if all(h.finish for h in handles):
+            return
+        scheduler.step()
+    raise AssertionError("requests did not finish")
+
+
 def make_adapter(checkpoint: Path, folder: Path, seed: int, **config: Any) -> Path:
     """A peft LoRA adapter on `checkpoint`, with random (non-zero) A and B, saved to `folder`.
 

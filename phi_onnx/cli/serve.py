@@ -148,6 +148,10 @@ def _loopback(host: str) -> bool:
               default=DEFAULTS.stall_factor, show_default=True,
               help="While streams decode, a newcomer's prefill takes about this many decode steps per step "
                    "(higher: sooner first tokens, longer pauses in running streams).")
+@click.option("--cohort-tokens", type=click.IntRange(min=0), default=DEFAULTS.cohort_tokens, show_default=True,
+              help="Cold prompts arriving together while nothing streams are prefilled back to back and start "
+                   "decoding together, up to this many prompt tokens (throughput; the first streams pause once "
+                   "after their first token). 0: each starts as soon as its prompt is in.")
 @user_errors
 def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int, max_queue: int,
           max_context: int | None, model_name: tuple[str, ...], max_adapters: int | None, device: str,
@@ -155,7 +159,7 @@ def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int,
           replicas: str | None, min_replicas: int | None, max_replicas: int | None,
           gpus_per_replica: float | None, ray_address: str | None, allowed_hosts: tuple[str, ...],
           cors_origins: tuple[str, ...], header_timeout: float, body_timeout: float, max_connections: int,
-          prefix_cache: bool, prefix_cache_bytes: int | None, stall_factor: float) -> None:
+          prefix_cache: bool, prefix_cache_bytes: int | None, stall_factor: float, cohort_tokens: int) -> None:
     """Serve MODEL with OpenAI's API (/v1/chat/completions, /v1/completions) and a chat page at /.
 
     MODEL is an export folder, or a short name, hub id or checkpoint folder, exported once into the local
@@ -184,7 +188,8 @@ def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int,
                          capacity=max_context, allowed_hosts=tuple(hosts), cors_origins=tuple(origins),
                          body_timeout=body_timeout, host=host, port=port, grace=grace,
                          header_timeout=header_timeout, max_connections=max_connections, prefix_cache=prefix_cache,
-                         prefix_cache_bytes=prefix_cache_bytes, stall_factor=stall_factor)
+                         prefix_cache_bytes=prefix_cache_bytes, stall_factor=stall_factor,
+                         cohort_tokens=cohort_tokens)
     sockets = _listen(host, port)  # before the model is exported or loaded
     click.get_current_context().call_on_close(lambda: [sock.close() for sock in sockets])
     if not _loopback(host) and not api_key:

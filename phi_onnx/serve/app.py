@@ -94,6 +94,8 @@ def create_app(model: Model | Callable[[], Model], config: ServeConfig | None = 
         max_body_bytes: largest body (413 beyond); body_timeout: seconds a body may take to arrive (408 after).
         prefix_cache, prefix_cache_bytes: prompt prefix reuse across requests and the prefix store's budget.
         stall_factor: while streams decode, a step's prefill takes about this many decode steps.
+        cohort_tokens: cold prompts arriving together while nothing streams start decoding together, up to this
+            many prompt tokens to compute (0: each starts as soon as its prompt is in).
     """
     unknown = sorted(set(options) - set(APP_FIELDS))
     if unknown:

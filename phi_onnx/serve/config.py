@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from phi_onnx.errors import OptionsError
-from phi_onnx.runtime.defaults import MAX_BATCH, MAX_QUEUE, STALL_FACTOR
+from phi_onnx.runtime.defaults import COHORT_TOKENS, MAX_BATCH, MAX_QUEUE, STALL_FACTOR
 from phi_onnx.runtime.options import finite_number
 
 if TYPE_CHECKING:
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 APP_FIELDS = ("max_batch", "max_queue", "capacity", "chunk", "api_key", "model_name", "model_aliases", "max_adapters",
               "replica_name",
               "allowed_hosts", "cors_origins", "max_body_bytes", "body_timeout", "prefix_cache", "prefix_cache_bytes",
-              "stall_factor")
+              "stall_factor", "cohort_tokens")
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,8 @@ class ServeConfig:
         prefix_cache_bytes: the prefix store's budget (None: a fifth of the memory available at start).
         stall_factor: while streams decode, a step's prefill takes about this many decode steps at the pool's
             occupancy; higher: sooner first tokens, longer pauses in running streams.
+        cohort_tokens: cold prompts arriving together while nothing streams start decoding together once all
+            are prefilled, up to this many prompt tokens to compute (0: each starts as soon as its prompt is in).
         host, port, grace, header_timeout, max_connections: the CLI's listener (phi_onnx.serve.server).
     """
 
@@ -61,6 +63,7 @@ class ServeConfig:
     prefix_cache: bool = True
     prefix_cache_bytes: int | None = None
     stall_factor: float = STALL_FACTOR
+    cohort_tokens: int = COHORT_TOKENS
     host: str = "127.0.0.1"
     port: int = 8000
     grace: float = 10.0
@@ -79,6 +82,8 @@ class ServeConfig:
             raise OptionsError(f"body_timeout must be a positive number of seconds, not {self.body_timeout!r}.")
         if not finite_number(self.stall_factor) or self.stall_factor <= 0:
             raise OptionsError(f"stall_factor must be a positive number of decode steps, not {self.stall_factor!r}.")
+        if isinstance(self.cohort_tokens, bool) or not isinstance(self.cohort_tokens, int) or self.cohort_tokens < 0:
+            raise OptionsError(f"cohort_tokens must be a whole number of tokens >= 0, not {self.cohort_tokens!r}.")
 
     @classmethod
     def of(cls, config: ServeConfig | None = None, **options: Any) -> ServeConfig:

@@ -125,7 +125,7 @@ class EngineClient:
         chunk = {} if c.chunk is None else {"chunk": c.chunk}
         scheduler = Scheduler(loaded, max_batch=c.max_batch, max_queue=c.max_queue, capacity=c.capacity,
                               prefix_cache=c.prefix_cache, prefix_cache_bytes=c.prefix_cache_bytes,
-                              stall_factor=c.stall_factor, **chunk)
+                              stall_factor=c.stall_factor, cohort_tokens=c.cohort_tokens, **chunk)
         if c.max_adapters is not None and loaded.core.lora is not None:
             loaded.core.lora.max_loaded = c.max_adapters
         scheduler.start()

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import random_ids
+from helpers import drive, random_ids
 
 from phi_onnx.runtime.kv_pool import KVPool
 from phi_onnx.runtime.prefix_cache import PrefixStore
@@ -17,14 +17,6 @@ def cold(model: Any, prompt: list[int], new: int) -> list[int]:
     """Model.generate from an empty cache."""
     model.engine.forget()
     return model.generate(prompt, max_new_tokens=new, min_new_tokens=new).token_ids
-
-
-def drive(scheduler: Scheduler, handles: list[Any], limit: int = 2000) -> None:
-    for _ in range(limit):
-        if all(h.finish for h in handles):
-            return
-        scheduler.step()
-    raise AssertionError("requests did not finish")
 
 
 def ids(n: int, seed: int, vocab: int = 1000) -> list[int]:

@@ -10,7 +10,7 @@ import types
 from typing import Any
 
 import pytest
-from helpers import random_ids
+from helpers import drive, random_ids
 
 from phi_onnx.errors import OptionsError
 from phi_onnx.runtime.errors import PromptTooLongError
@@ -285,7 +285,8 @@ def test_bad_arguments_are_refused_with_a_message(models):
     """Issue 18: wrong types to Scheduler(...)/submit(...) are OptionsErrors, not raw Type/Value/AttributeErrors."""
     model = models("phi3-mha")
     for kwargs in ({"max_batch": "8"}, {"max_batch": 0}, {"max_queue": -1}, {"capacity": 1.5}, {"chunk": True},
-                   {"stall_factor": float("nan")}, {"prefix_cache_bytes": -5}):
+                   {"stall_factor": float("nan")}, {"prefix_cache_bytes": -5}, {"cohort_tokens": -1},
+                   {"cohort_tokens": 2.5}):
         with pytest.raises(OptionsError):
             Scheduler(model, **kwargs)
     with pytest.raises(OptionsError, match="loaded Model"):
@@ -391,8 +392,8 @@ def test_the_runtime_imports_nothing_of_serve_and_serve_defaults_are_the_schedul
     code = ("import json, sys, phi_onnx.runtime.scheduler as s, phi_onnx.runtime.model; "
             "served = sorted(m for m in sys.modules if m.startswith('phi_onnx.serve')); "
             "from phi_onnx.serve.config import DEFAULTS as d; "
-            "print(json.dumps([served, [d.max_batch, d.max_queue, d.stall_factor], "
-            "[s.MAX_BATCH, s.MAX_QUEUE, s.STALL_FACTOR]]))")
+            "print(json.dumps([served, [d.max_batch, d.max_queue, d.stall_factor, d.cohort_tokens], "
+            "[s.MAX_BATCH, s.MAX_QUEUE, s.STALL_FACTOR, s.COHORT_TOKENS]]))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     served, config, runtime = json.loads(done.stdout)
@@ -445,4 +446,101 @@ def test_fewer_streams_running_than_the_pool_holds_leave_the_pieces_more_room(mo
         assert worst <= (1 + SLACK * scheduler.stall_factor) * 0.055 + 1e-9
     assert budgets[0] < budgets[1] < budgets[2]
     scheduler.slots = [None] * 4
+    scheduler.close()
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return [int(t) % 1000 for t in random_ids(n, seed=seed).ravel()]
+
+
+def test_prompts_arriving_together_prefill_back_to_back_then_start_together(models: Any) -> None:
+    """A cohort (prompts that arrived together while nothing streamed, the all-at-once load): each first
+    token goes out as its prompt completes, no stream decodes before the last prompt is in, then all decode
+    in that same step; the tokens are each request's own."""
+    model = models("phi3-gqa")
+    scheduler = Scheduler(model, max_batch=4, capacity=96, chunk=32)
+    prompts = [_ids(40, 60 + i) for i in range(3)]
+    handles = [scheduler.submit(p, model.options(max_new_tokens=5, min_new_tokens=5)) for p in prompts]
+    seen = []
+    while not all(h.generated for h in handles):
+        scheduler.step()
+        seen.append([len(h.generated) for h in handles])
+    # 120 prompt tokens at 32 a step: four steps; the first token of the first prompt came two steps before
+    # the last prompt's, and nobody took a second token until then
+    assert seen[:-1] == [[0, 0, 0], [1, 0, 0], [1, 1, 0]]
+    assert seen[-1] == [2, 2, 2]  # the cohort starts: every stream decodes in the step its last prompt came in
+    drive(scheduler, handles)
+    for prompt, handle in zip(prompts, handles, strict=True):
+        assert handle.generated == solo(model, prompt, 5)
+    scheduler.close()
+
+
+def test_a_request_that_arrived_before_the_first_token_joins_even_if_admitted_after_it(models: Any) -> None:
+    """All at once over HTTP: the first request is admitted and prefilled alone while the others arrive. The
+    first stream holds its second token while a request that arrived before its first token still waits for
+    admission; one that arrives after it does not join, and the cohort's streams decode while it prefills."""
+    model = models("phi3-gqa")
+    scheduler = Scheduler(model, max_batch=4, capacity=96, chunk=64)
+    options = model.options(max_new_tokens=6, min_new_tokens=6)
+    first = scheduler.submit(_ids(30, 70), options)
+    scheduler._timed_admit()
+    second = scheduler.submit(_ids(30, 71), options)  # arrives during the first one's prefill
+    scheduler._step()
+    assert (len(first.generated), len(second.generated)) == (1, 0)  # held for the request still queued
+    late = scheduler.submit(_ids(50, 72), options)  # after the first token: not of the cohort
+    scheduler.step()
+    assert (len(first.generated), len(second.generated), len(late.generated)) == (2, 2, 0)
+    drive(scheduler, [first, second, late])
+    for handle, seed, n in ((first, 70, 30), (second, 71, 30), (late, 72, 50)):
+        assert handle.generated == solo(model, _ids(n, seed), 6)
+    scheduler.close()
+
+
+def test_a_cohort_takes_cold_prompts_up_to_cohort_tokens(models: Any) -> None:
+    """Who starts together: prompts computed mostly from scratch, up to `cohort_tokens` to compute. A prompt
+    that shares most of itself with a member (a system prompt, a returning conversation) starts under the
+    stall bound after the cohort, and so does one past the bound; tokens equal solo runs either way."""
+    model = models("phi3-gqa")
+    options = model.options(max_new_tokens=4, min_new_tokens=4)
+    shared = _ids(40, 80)
+    cases = [([_ids(40, 90 + i) for i in range(3)], 2048, [2, 2, 2]),  # cold: all three start together
+             ([shared + _ids(5, 81 + i) for i in range(3)], 2048, [2, 0, 0]),  # 5 of 45 tokens to compute
+             ([_ids(40, 90 + i) for i in range(3)], 60, [2, 0, 0])]  # 40 + 40 tokens > 60
+    for prompts, limit, after_one_step in cases:
+        scheduler = Scheduler(model, max_batch=4, capacity=96, chunk=128, cohort_tokens=limit)
+        handles = [scheduler.submit(p, options) for p in prompts]
+        scheduler.step()
+        assert [len(h.generated) for h in handles] == after_one_step
+        assert scheduler._cohort is None
+        drive(scheduler, handles)
+        for prompt, handle in zip(prompts, handles, strict=True):
+            assert handle.generated == solo(model, prompt, 4)
+        scheduler.close()
+    # cohort_tokens=0 (`--cohort-tokens 0`): a stream decodes from the step after its prompt is in
+    for limit, after_two_steps in ((2048, [1, 0, 0]), (0, [2, 0, 0])):
+        scheduler = Scheduler(model, max_batch=4, capacity=96, chunk=32, cohort_tokens=limit)
+        handles = [scheduler.submit(_ids(40, 90 + i), options) for i in range(3)]
+        scheduler.step()
+        scheduler.step()
+        assert [len(h.generated) for h in handles] == after_two_steps
+        drive(scheduler, handles)
+        scheduler.close()
+
+
+def test_a_cohort_member_cancelled_mid_prefill_lets_the_others_start(models: Any) -> None:
+    """A member of a cohort that is cancelled before its prompt is in leaves it: the streams whose prompts are
+    in start at the next step instead of waiting for it."""
+    model = models("phi3-gqa")
+    scheduler = Scheduler(model, max_batch=4, capacity=160, chunk=32)
+    options = model.options(max_new_tokens=4, min_new_tokens=4)
+    first, slow = scheduler.submit(_ids(20, 100), options), scheduler.submit(_ids(120, 101), options)
+    scheduler.step()
+    scheduler.step()
+    assert (len(first.generated), len(slow.generated)) == (1, 0)  # held: the long prompt is not in yet
+    slow.cancel()
+    scheduler.step()
+    assert slow.finish is not None and slow.finish.reason == "cancelled"
+    assert len(first.generated) == 2 and scheduler._cohort is None
+    drive(scheduler, [first])
+    assert first.generated == solo(model, _ids(20, 100), 4)
     scheduler.close()

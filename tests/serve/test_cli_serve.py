@@ -227,18 +227,20 @@ def test_stall_factor_and_prefix_cache_flags_reach_the_scheduler(monkeypatch: An
     served = record_served_apps(monkeypatch)
     result = CliRunner().invoke(main, ["serve", str(tiny_export), "--port", "0", "--max-batch", "1",
                                        "--max-context", "256", "--stall-factor", "3.5",
-                                       "--prefix-cache-bytes", "1000000"])
+                                       "--prefix-cache-bytes", "1000000", "--cohort-tokens", "0"])
     assert result.exit_code == 0, result.output
     from fastapi.testclient import TestClient
 
     with TestClient(served[-1]) as client:
         wait_until_loaded(client)
         scheduler = served[-1].state.phi_onnx.client.scheduler
-        assert scheduler.stall_factor == 3.5
+        assert scheduler.stall_factor == 3.5 and scheduler.cohort_tokens == 0
         assert scheduler.store is not None and scheduler.store.budget == 1_000_000
     for bad in ("0", "-1", "nan"):
         refused = CliRunner().invoke(main, ["serve", str(tiny_export), "--stall-factor", bad])
         assert refused.exit_code == 2 and "--stall-factor" in refused.output, bad
+    refused = CliRunner().invoke(main, ["serve", str(tiny_export), "--cohort-tokens", "-1"])
+    assert refused.exit_code == 2 and "--cohort-tokens" in refused.output
 
 
 def test_create_app_refuses_a_bad_stall_factor_before_serving(tiny_model: Any) -> None:
@@ -248,3 +250,6 @@ def test_create_app_refuses_a_bad_stall_factor_before_serving(tiny_model: Any) -
     for bad in (0, -2.0, float("nan"), float("inf"), True, "2"):
         with pytest.raises(OptionsError, match="stall_factor"):
             create_app(tiny_model, stall_factor=bad)
+    for bad_count in (-1, 2.5, True, "2"):
+        with pytest.raises(OptionsError, match="cohort_tokens"):
+            create_app(tiny_model, cohort_tokens=bad_count)
