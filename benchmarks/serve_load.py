@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -173,6 +174,8 @@ def main() -> None:
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--static", action="store_true", help="also time the static batch per N")
     parser.add_argument("--json", default=None, help="write the figures here")
+    parser.add_argument("--serve-options", default="",
+                        help='more options for the phi-onnx serve it starts, e.g. "--cohort-tokens 0"')
     args = parser.parse_args()
     from phi_onnx.runtime.folder import read_folder
 
@@ -182,7 +185,8 @@ def main() -> None:
     url = args.url
     if url is None:
         server, url = start_server(args.folder, max_batch=args.max_batch, max_queue=max(levels) * 2,
-                                   max_context=args.prompt_tokens + args.new_tokens + 16, threads=args.threads)
+                                   max_context=args.prompt_tokens + args.new_tokens + 16, threads=args.threads,
+                                   extra=shlex.split(args.serve_options))
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     rows = []
     static = StaticBatch(args.folder, args.threads) if args.static else None

@@ -39,8 +39,8 @@ would. Interleaving the first streams' decode steps with the others' small piece
 pass over the weights and a decode step per piece, 8-17 % of such a load's output tokens/s on a CPU where a
 decode step is cheap beside a prompt token. A prompt that shares most of itself with a member or a cache (a
 returning conversation, a common system prompt) is cheap to interleave and starts under the bound; a cohort
-computes at most `cohort_tokens` prompt tokens. Its price: a stream that got its first token early waits once
-for the others' prompts before its second.
+computes at most `cohort_tokens` prompt tokens (its first member alone may exceed them). Its price: a stream
+that got its first token early waits once for the others' prompts before its second.
 
 A request whose sampling fails (its own logits processor, say) ends with "error" alone; the others
 in the step go on. The scheduler shares the Model's InferenceSession (ONNX Runtime sessions allow
@@ -254,7 +254,7 @@ class Scheduler:
         self._token_seconds: float | None = None  # a prompt token's share of a prefill run, moving average
         self._admit_seconds = 0.0  # the current step's admission (slot placement, prefix store saves)
         self._cohort: set[int] | None = None  # ids of the requests starting together (see _cohort_members)
-        self._cohort_tokens = 0  # prompt tokens the cohort computes (at most cohort_tokens past its first)
+        self._cohort_tokens = 0  # prompt tokens the cohort computes (within cohort_tokens, but for a first alone)
         self._cohort_full = False  # a request did not join: none after it may
         self._cohort_first = float("inf")  # when the cohort's first token came
         self.recomputes = 0
@@ -410,6 +410,7 @@ class Scheduler:
                 self._step()
             except Exception as error:  # a bug or an ORT failure: fail the running requests, keep serving
                 log.exception("scheduler step failed")
+                self._cohort = None  # its members end here; a later cohort starts afresh
                 with self._cond:
                     for request in [r for r in self.slots if r is not None]:
                         self._finish(request, "error", error=str(error))
@@ -492,7 +493,7 @@ class Scheduler:
         started, computed = time.perf_counter(), self.computed_tokens
         cohort = self._cohort_members()
         decoding = cohort is None and self._decoding()
-        budget = self._fast_forward(self._prefill_budget() if decoding else self.chunk)
+        budget = self._fast_forward(self._prefill_budget() if decoding else self.chunk, held=cohort)
         prefilling = sorted((r for r in self.slots if r is not None and r.seq is not None
                              and self.pool.filled(r.slot or 0) < len(r.prompt)
                              and (cohort is None or r.id in cohort)), key=lambda r: r.id)
@@ -516,6 +517,8 @@ class Scheduler:
                 break  # the budget's rest is too small for a run of its own: next step
             budget -= self._prefill(request, size)
             ran += 1
+            if cohort is not None and request.first_token_at is not None:  # kept: it may have finished already
+                self._cohort_first = min(self._cohort_first, request.first_token_at)
             if cohort is None and not decoding and request.generated:
                 decoding = True  # a stream started: the rest of this step keeps the bound
                 budget = min(budget, self._prefill_budget())
@@ -563,18 +566,20 @@ class Scheduler:
         return self._cohort_first
 
     def _cohort_need(self, request: Request) -> int:
-        """Prompt tokens `request` would compute in the cohort: its prompt less what its slot holds or the
-        longest prefix a member computes (a copy, not a run), whichever is more."""
+        """Prompt tokens `request` would compute: its prompt less the longest prefix a cache serves it (a slot,
+        its own or another, or the store) or a member computes (a copy, not a run)."""
         assert self._cohort is not None
         rope = self.core.rope
-        held = self.pool.filled(request.slot) if request.slot is not None else 0
-        shared = 0
+        cached = self.pool.filled(request.slot) if request.slot is not None else 0
         if self._reuses(request):
+            cached = max(cached, *(self._shared(s, request) for s in range(self.max_batch)))
+            if self.store is not None:
+                cached = max(cached, self.store.match(request.prompt, request.options.adapter)[1])
             for other in self.slots:
                 if other is not None and other is not request and other.id in self._cohort and \
                         other.options.adapter == request.options.adapter:
-                    shared = max(shared, rope.reusable(other.prompt, rope.is_long(len(other.prompt)), request.prompt))
-        return max(len(request.prompt) - max(held, shared), 1)
+                    cached = max(cached, rope.reusable(other.prompt, rope.is_long(len(other.prompt)), request.prompt))
+        return max(len(request.prompt) - cached, 1)
 
     def _joins(self, request: Request) -> bool:
         """Whether `request` joins the cohort (see _cohort_members); the first always does. A request that
@@ -671,19 +676,20 @@ class Scheduler:
             return known[hi] + (rows - hi) * min(slope, self._token_seconds)
         return max(known[lo] + (rows - lo) * slope, 0.0)
 
-    def _fast_forward(self, budget: int) -> int:
+    def _fast_forward(self, budget: int, held: set[int] | None = None) -> int:
         """Run the forced tails: each request with several tokens not in its slot yet (a sampled token and
         those its grammar forced) runs them in one batch-1 run, as the library does, then samples. Like a
         prompt chunk they use the prefill budget, oldest request first; a tail that does not fit waits a
-        step, except that every step runs at least one. Returns the budget left."""
+        step, except that every step runs at least one; those of a cohort's members (`held`) wait, like their
+        decoding, until the cohort starts. Returns the budget left."""
         ran = 0
         for request in sorted((r for r in self.slots if r is not None and r.seq is not None), key=lambda r: r.id):
             seq, slot = request.seq, request.slot
             assert seq is not None and slot is not None
-            held = self.pool.filled(slot)
-            if seq.done or not seq.generated or held < len(seq.prompt):
+            have = self.pool.filled(slot)
+            if seq.done or not seq.generated or have < len(seq.prompt) or (held is not None and request.id in held):
                 continue
-            tail = seq.tokens[held:]
+            tail = seq.tokens[have:]
             if len(tail) < 2 or (ran and len(tail) > budget):
                 continue
             before = self.core.recomputes

@@ -544,3 +544,59 @@ def test_a_cohort_member_cancelled_mid_prefill_lets_the_others_start(models: Any
     drive(scheduler, [first])
     assert first.generated == solo(model, _ids(20, 100), 4)
     scheduler.close()
+
+
+def test_a_request_arriving_after_a_first_token_never_joins_even_once_that_member_is_gone(models: Any) -> None:
+    """The cutoff is the cohort's first token, kept after the member that took it finished at it (max_tokens 1):
+    a later request is not held for, and does not hold the others."""
+    model = models("phi3-gqa")
+    scheduler = Scheduler(model, max_batch=4, capacity=96, chunk=32)
+    five = model.options(max_new_tokens=5, min_new_tokens=5)
+    first = scheduler.submit(_ids(20, 1), model.options(max_new_tokens=1, min_new_tokens=1))
+    long = scheduler.submit(_ids(60, 2), five)
+    scheduler.step()  # 20 + 12 tokens: the first's only token
+    assert first.finish is not None and first.finish.reason == "length" and not long.generated
+    late = scheduler.submit(_ids(30, 3), five)
+    scheduler.step()
+    assert scheduler._cohort is not None and late.id not in scheduler._cohort
+    drive(scheduler, [long, late])
+    assert late.generated == solo(model, _ids(30, 3), 5)
+    scheduler.close()
+
+
+def test_a_returning_conversation_in_the_store_is_not_cold(models: Any) -> None:
+    """A conversation whose prefix waits in the prefix store computes a few tokens: it starts under the stall
+    bound, not in lockstep with a cold prompt that arrived with it."""
+    model = models("phi3-gqa")
+    scheduler = Scheduler(model, max_batch=2, capacity=128, chunk=128, prefix_cache_bytes=1 << 26)
+    two = model.options(max_new_tokens=2, min_new_tokens=2)
+    history = _ids(64, 10)
+    drive(scheduler, [scheduler.submit(history, two)])
+    # two others take both slots: the conversation's rows go to the store
+    drive(scheduler, [scheduler.submit(_ids(40, 11), two), scheduler.submit(_ids(40, 12), two)])
+    assert scheduler.store is not None and scheduler.store.match([*history, 5], None)[1] >= 32
+    cold_one = scheduler.submit(_ids(40, 13), two)
+    returning = scheduler.submit(history + _ids(8, 14), two)
+    scheduler.step()
+    assert scheduler._cohort is None and len(cold_one.generated) == 2  # not held for the returning one
+    drive(scheduler, [cold_one, returning])
+    assert returning.finish is not None and returning.finish.cached_tokens >= 32
+    assert returning.generated == solo(model, history + _ids(8, 14), 2)
+    scheduler.close()
+
+
+def test_forced_tails_of_a_cohort_wait_for_it_to_start(tiny: Any) -> None:
+    """A member whose grammar forces tokens takes them once the cohort starts, not while the others' prompts
+    are still being prefilled (that would be decoding during the hold, and spend the cohort's chunk)."""
+    person = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    scheduler = Scheduler(tiny, max_batch=2, chunk=16)
+    forced = scheduler.submit(tiny.encode("x"), tiny.options(json_schema=person, max_new_tokens=60))
+    long = scheduler.submit(_ids(200, 5), tiny.options(max_new_tokens=3, min_new_tokens=3))
+    seen = []
+    while not long.generated and scheduler.steps < 40:
+        scheduler.step()
+        seen.append(len(forced.generated))
+    assert long.generated and seen[0] >= 1 and set(seen[:-1]) == {seen[0]}
+    drive(scheduler, [forced, long])
+    scheduler.close()
