@@ -36,7 +36,7 @@ Cold prompts that arrive together while nothing streams (all at once: a batch jo
 moment) form a cohort instead (`_cohort_members`): their prompts are prefilled back to back, each first token
 sent as it comes, and their streams start decoding together once the last prompt is in, as a static batch
 would. Interleaving the first streams' decode steps with the others' small pieces made every prompt cost a
-pass over the weights and a decode step per piece, 8-17 % of such a load's output tokens/s on a CPU where a
+pass over the weights and a decode step per piece, 7-17 % of such a load's output tokens/s on a CPU where a
 decode step is cheap beside a prompt token. A prompt that shares most of itself with a member or a cache (a
 returning conversation, a common system prompt) is cheap to interleave and starts under the bound; a cohort
 computes at most `cohort_tokens` prompt tokens (its first member alone may exceed them). Its price: a stream
@@ -534,7 +534,7 @@ class Scheduler:
         """The ids of the cohort this step prefills, or None: requests that arrived together while nothing
         streamed (all at once) prefill back to back, each first token sent as it comes, and their streams start
         decoding together once the last prompt is in (`_cohort_waits`). Interleaving the first streams'
-        decode steps with the others' pieces (the stall bound) cost such a batch 8-17 % of its output
+        decode steps with the others' pieces (the stall bound) cost such a batch 7-17 % of its output
         tokens/s and a third more TTFT; what it bought, the early streams' second tokens seconds sooner, is
         what the cohort gives up (see the module docstring). A cohort opens when a prompt is being prefilled
         and no stream runs; it takes requests in arrival order while they arrived before its first token,
