@@ -401,28 +401,14 @@ class Model:
         Scheduler and parses the reply with `phi_onnx.runtime.tools.parse_tool_calls` /
         `ToolCallStream` when `tool_format` is set.
         """
-        fmt = None
-        structured = False
-        names: tuple[str, ...] = ()
-        if tools is not None or tool_choice not in (None, "none", "auto") or _has_tool_history(messages):
-            from phi_onnx.runtime.grammar import constraint_from
-            from phi_onnx.runtime.tools import ToolCallSwitch, answer_schema, plan_tools, tool_format
+        from phi_onnx.runtime.tools import ToolCallSwitch, plan_reply, uses_tools
 
-            fmt = tool_format(self.chat_template.source, self.tokenizer.vocabulary())
+        if uses_tools(messages, tools, tool_choice):
             asked = {name: options.pop(name) for name in CONSTRAINT_KEYWORDS if name in options}
-            answer = None
-            if tools and any(v is not None and v is not False for k, v in asked.items() if k != "strict"):
-                # "auto": calls or an answer in the format, one grammar; "required"/named: a call, and
-                # the format is for a later reply in text (still checked now)
-                if tool_choice in (None, "auto"):
-                    answer = answer_schema(**asked)
-                elif tool_choice != "none":
-                    constraint_from(**asked)
-            plan = plan_tools(_items(messages, "messages"), tools, tool_choice, fmt,
-                              parallel_tool_calls=parallel_tool_calls, answer=answer)
+            plan = plan_reply(_items(messages, "messages"), tools, tool_choice, asked,
+                              template_source=self.chat_template.source, vocabulary=self.tokenizer.vocabulary(),
+                              parallel_tool_calls=parallel_tool_calls)
             messages = plan.messages
-            structured = plan.structured
-            names = plan.names
             if plan.constraint is not None:
                 options["grammar"] = plan.constraint
             elif plan.switch is not None:
@@ -431,12 +417,10 @@ class Model:
                 base = self.options(**options)
                 options["logits_processors"] = (*base.logits_processors,
                                                 ToolCallSwitch(self.grammar(plan.switch), opened))
-            else:
-                options.update(asked)  # no call can come: the format applies to the reply as without tools
-            if not plan.tools or tool_choice == "none":
-                # as the server: a reply that cannot hold calls is text (a JSON answer with a "name"
-                # is not a call)
-                fmt = None
+            options.update(plan.asked)  # the format applies to the reply as without tools
+            fmt, structured, names = plan.tool_format, plan.structured, plan.names
+        else:
+            fmt, structured, names = None, False, ()
         messages = check_messages(messages)
         opts = self.options(**options)
         kept, dropped = self.fit_chat(messages, opts.max_new_tokens)
@@ -531,12 +515,6 @@ def _items(prompt: Any, what: str = "a prompt") -> list[Any]:
         raise OptionsError(f"Cannot use {type(prompt).__name__} as {what}.",
                            hint="Pass a string, a list of token ids, or a list of those.")
     return list(prompt)
-
-
-def _has_tool_history(messages: Any) -> bool:
-    """Whether a conversation holds tool calls or tool results (which need the tool format to render)."""
-    return isinstance(messages, (list, tuple)) and any(
-        isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")) for m in messages)
 
 
 def _attach_calls(result: GenerationResult, fmt: str, structured: bool = False,

@@ -50,9 +50,9 @@ import numpy as np
 
 from phi_onnx.runtime.errors import OptionsError
 
-__all__ = ["GENERIC", "PHI4_MINI", "Tool", "ToolCall", "ToolCallDelta", "ToolCallStream", "ToolPlan",
-           "answer_schema", "check_tool_choice", "check_tools", "parse_tool_calls", "plan_tools",
-           "render_tool_messages", "tool_format"]
+__all__ = ["GENERIC", "PHI4_MINI", "ReplyPlan", "ResponseFormatError", "Tool", "ToolCall", "ToolCallDelta",
+           "ToolCallStream", "ToolPlan", "answer_schema", "check_tool_choice", "check_tools", "parse_tool_calls",
+           "plan_reply", "plan_tools", "render_tool_messages", "tool_format", "uses_tools"]
 
 PHI4_MINI = "phi4-mini"
 GENERIC = "generic"
@@ -403,6 +403,80 @@ def plan_tools(messages: Sequence[Mapping[str, Any]], tools: Any, tool_choice: A
         reply = {"anyOf": [reply, {"type": "object", "properties": {"response": {"type": "string"}},
                                    "required": ["response"], "additionalProperties": False}]}
     return ToolPlan(fmt, rendered, grammar.json_schema(reply), tools=checked)
+
+
+class ResponseFormatError(OptionsError):
+    """The response format is invalid, or cannot go with the tools (a server answers it as `response_format`'s)."""
+
+
+@dataclass(frozen=True)
+class ReplyPlan:
+    """What a chat reply runs under, tools or not (`plan_reply`).
+
+    Attributes:
+        messages: the messages for the chat template.
+        constraint: a grammar the whole reply must match (tool calls, or calls or the format's answer).
+        switch: phi4-mini "auto": a grammar applied once the model opens a call (`ToolCallSwitch`).
+        asked: the response format's keywords that still apply to the reply, as without tools (a grammar
+            the caller builds; empty when `constraint` or `switch` holds the format or the reply is a call).
+        tool_format: the format to parse the reply's calls with (None: no call can come, the reply is text).
+        structured: the reply's text answer is the response format's JSON (parse with `structured=True`).
+        names: the tools offered (parse_tool_calls' and ToolCallStream's `names`).
+    """
+
+    messages: list[dict[str, Any]]
+    constraint: Any = None
+    switch: Any = None
+    asked: dict[str, Any] = field(default_factory=dict)
+    tool_format: str | None = None
+    structured: bool = False
+    names: tuple[str, ...] = ()
+
+
+def uses_tools(messages: Any, tools: Any, tool_choice: Any) -> bool:
+    """Whether a chat needs the tool format: tools offered, a tool_choice that asks for a call, or tool calls
+    or results in the conversation (they need the format to render)."""
+    return tools is not None or tool_choice not in (None, "none", "auto") or (
+        isinstance(messages, (list, tuple)) and any(
+            isinstance(m, Mapping) and (m.get("role") == "tool" or m.get("tool_calls")) for m in messages))
+
+
+def plan_reply(messages: Sequence[Mapping[str, Any]], tools: Any, tool_choice: Any, asked: Mapping[str, Any], *,
+               template_source: str | None, vocabulary: Mapping[str, int] | Sequence[str],
+               parallel_tool_calls: bool = True) -> ReplyPlan:
+    """How to run a chat reply with `tools`, `tool_choice` and a response format (`asked`: `Model.options`'
+    constraint keywords), for the library's chat and the server's endpoints alike.
+
+    Without tools, a tool_choice or tool history the messages are as given and `asked` applies as is. With
+    them: the tool format of the template and vocabulary (`tool_format`), the plan of `plan_tools`, and the
+    format combined as it says ("auto": calls or the format's answer, one grammar; "required" or a named
+    tool: a call, the format checked and kept for a later text reply; "none": the format applies to the text).
+
+    Raises:
+        ResponseFormatError: the format is invalid or cannot go with the tools.
+        OptionsError: the tools or tool_choice are invalid.
+    """
+    from phi_onnx.runtime.grammar import constraint_from
+
+    if not uses_tools(messages, tools, tool_choice):
+        return ReplyPlan(list(messages), asked=dict(asked))
+    fmt: str | None = tool_format(template_source, vocabulary)
+    assert fmt is not None
+    answer = None
+    if tools and any(v is not None and v is not False for k, v in asked.items() if k != "strict"):
+        try:
+            if tool_choice in (None, "auto"):
+                answer = answer_schema(**asked)
+            elif tool_choice != "none":
+                constraint_from(**asked)  # still checked: a bad format is an error whatever the reply
+        except OptionsError as error:
+            raise ResponseFormatError(error.message, hint=error.hint) from None
+    plan = plan_tools(messages, tools, tool_choice, fmt, parallel_tool_calls=parallel_tool_calls, answer=answer)
+    holds = plan.constraint is not None or plan.switch is not None  # the format is in it, or the reply is a call
+    if not plan.tools or tool_choice == "none":
+        fmt = None  # history only: the reply is text (a JSON answer with a "name" is not a call)
+    return ReplyPlan(plan.messages, plan.constraint, plan.switch, {} if holds else dict(asked), fmt,
+                     plan.structured, plan.names)
 
 
 def _note_answer(messages: list[dict[str, Any]], schema: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -21,13 +21,12 @@ from phi_onnx.runtime.options import LogitsProcessor
 from phi_onnx.runtime.scheduler import FinishEvent, TokenEvent
 from phi_onnx.runtime.tools import (
     CALL_OPEN,
+    ResponseFormatError,
     ToolCallDelta,
     ToolCallStream,
     ToolCallSwitch,
-    answer_schema,
     parse_tool_calls,
-    plan_tools,
-    tool_format,
+    plan_reply,
 )
 from phi_onnx.serve.schema import ApiError, ChatRequest
 from phi_onnx.serve.serving_engine import OpenAIServing, ResponseBuilder
@@ -131,58 +130,37 @@ class OpenAIServingChat(OpenAIServing):
         text answer is structured (response_format with tool_choice "auto": parse with structured=True)
         and the names of the tools offered.
         Runs off the event loop (rendering, tokenizing and compiling a grammar take a while)."""
-        messages = self.messages(body)
-        tools, choice = body.tool_list(), body.choice()
-        processors: list[LogitsProcessor] = []
-        fmt = None
-        structured = False
-        names: tuple[str, ...] = ()
         asked = body.response_format.constraint() if body.response_format is not None else {}
-        if tools is not None or choice not in (None, "none", "auto") or \
-                any(m.role == "tool" or m.tool_calls for m in body.messages):
-            fmt = tool_format(loaded.chat_template.source, loaded.tokenizer.vocabulary())
-            answer = None
+        try:
+            plan = plan_reply(self.messages(body), body.tool_list(), body.choice(), asked,
+                              template_source=loaded.chat_template.source, vocabulary=loaded.tokenizer.vocabulary(),
+                              parallel_tool_calls=body.parallel_tool_calls)
+        except ResponseFormatError as error:
+            raise ApiError(400, f"Invalid value for 'response_format': {error.message}",
+                           param="response_format", code="invalid_value") from None
+        except PhiOnnxError as error:
+            param = "tool_choice" if "tool_choice" in error.message else "tools"
+            raise ApiError(400, error.message, param=param) from None
+        processors: list[LogitsProcessor] = []
+        if plan.constraint is not None:
+            processors.append(loaded.grammar(plan.constraint))
+        elif plan.switch is not None:
+            opened = loaded.tokenizer.token_to_id(CALL_OPEN)
+            assert opened is not None  # tool_format found it
+            processors.append(ToolCallSwitch(loaded.grammar(plan.switch), opened))
+        if plan.asked:
             try:
-                # response_format with tools that may be called: "auto" answers calls or text in the
-                # format (one grammar); "required"/named answer a call, the format is for a text reply
-                if asked and tools and choice in (None, "auto"):
-                    answer = answer_schema(**asked)
-                elif asked and tools and choice != "none":
-                    constraint_from(**asked)  # still checked: a bad format is a 400 whatever the reply
-            except PhiOnnxError as error:
-                raise ApiError(400, f"Invalid value for 'response_format': {error.message}",
-                               param="response_format", code="invalid_value") from None
-            try:
-                plan = plan_tools(messages, tools, choice, fmt, parallel_tool_calls=body.parallel_tool_calls,
-                                  answer=answer)
-            except PhiOnnxError as error:
-                param = "tool_choice" if "tool_choice" in error.message else "tools"
-                raise ApiError(400, error.message, param=param) from None
-            messages = plan.messages
-            structured = plan.structured
-            names = plan.names
-            if plan.constraint is not None or plan.switch is not None:
-                asked = {}  # the plan's grammar holds the format (auto) or the reply is a call
-            if plan.constraint is not None:
-                processors.append(loaded.grammar(plan.constraint))
-            elif plan.switch is not None:
-                opened = loaded.tokenizer.token_to_id(CALL_OPEN)
-                assert opened is not None  # tool_format found it
-                processors.append(ToolCallSwitch(loaded.grammar(plan.switch), opened))
-            if not tools or choice == "none":
-                fmt = None  # history only: the reply is text
-        if asked:
-            try:
-                constraint = constraint_from(**asked)
+                constraint = constraint_from(**plan.asked)
             except PhiOnnxError as error:
                 raise ApiError(400, f"Invalid value for 'response_format': {error.message}",
                                param="response_format", code="invalid_value") from None
             if constraint is not None:
                 processors.append(loaded.grammar(constraint))
         try:
-            return PreparedReply(loaded.chat_prompt_ids(check_messages(messages)), processors, fmt, structured, names)
+            prompt = loaded.chat_prompt_ids(check_messages(plan.messages))
         except PhiOnnxError as error:
             raise ApiError(400, error.message, param="messages") from None
+        return PreparedReply(prompt, processors, plan.tool_format, plan.structured, plan.names)
 
     async def create(self, request: Request, body: ChatRequest) -> Response:
         """Answer one parsed chat request."""

@@ -352,3 +352,41 @@ def test_prepare_chat_and_its_stream_carry_the_offered_tool_names(phi4mini):
     assert stream.tool_names == ("add",)
     stream.close()
     assert phi4mini.prepare_chat(ASK, max_new_tokens=4).tool_names == ()
+
+
+def test_plan_reply_is_the_one_rule_for_tools_and_response_formats() -> None:
+    """The library's prepare_chat and the server's chat/Responses endpoints both run plan_reply: without tools
+    the format applies as is; "auto" folds it into the calls grammar; "required" checks it and keeps it for a
+    later reply; "none" applies it to the text; a bad format is a ResponseFormatError (a 400 on
+    response_format), bad tools an OptionsError."""
+    vocab = {"<|tool_call|>": 1, "<|/tool_call|>": 2, "a": 3}
+    source = PHI4_MINI_CHAT_TEMPLATE
+    schema = {"json_schema": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}
+
+    def plan(tools: Any, choice: Any, asked: dict[str, Any], messages: Any = ASK) -> T.ReplyPlan:
+        return T.plan_reply(messages, tools, choice, asked, template_source=source, vocabulary=vocab)
+
+    plain = plan(None, None, schema)
+    assert plain.messages == ASK and plain.asked == schema and plain.tool_format is None
+    assert plain.constraint is None and plain.switch is None and plain.names == ()
+    auto = plan([WEATHER, ADD], "auto", schema)
+    assert auto.constraint is not None and auto.structured and auto.asked == {}
+    assert auto.tool_format == T.PHI4_MINI and auto.names == ("get_weather", "add")
+    switch = plan([WEATHER], "auto", {})
+    assert switch.switch is not None and switch.constraint is None and not switch.structured
+    required = plan([WEATHER], "required", schema)
+    assert required.constraint is not None and required.asked == {} and not required.structured
+    none = plan([WEATHER], "none", schema)
+    assert none.tool_format is None and none.asked == schema and none.names == ("get_weather",)
+    history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    replay = plan(None, None, {}, history)
+    assert replay.tool_format is None and replay.messages != history  # rendered in the tool format, reply is text
+    with pytest.raises(T.ResponseFormatError, match="regex"):
+        plan([WEATHER], "auto", {"regex": "[a-z]+"})  # the generic answer is JSON: no regex with tools
+    with pytest.raises(T.ResponseFormatError):
+        plan([WEATHER], "required", {"json_schema": {"type": "no-such-type"}})
+    with pytest.raises(OptionsError) as bad_tools:
+        plan([WEATHER], {"type": "function", "function": {"name": "missing"}}, {})
+    assert not isinstance(bad_tools.value, T.ResponseFormatError)
