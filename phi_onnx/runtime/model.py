@@ -26,6 +26,7 @@ from phi_onnx.runtime.tokenizer import TextTokenizer, check_text, check_token_id
 if TYPE_CHECKING:
     from phi_onnx.runtime.core import DecodeCore
     from phi_onnx.runtime.grammar import Constraint, GrammarProcessor
+    from phi_onnx.runtime.tools import ToolCallSwitch
 
 log = logging.getLogger(__name__)
 
@@ -322,6 +323,17 @@ class Model:
                 self._grammars.pop(next(iter(self._grammars)))
         return processor
 
+    def tool_call_switch(self, constraint: Constraint) -> ToolCallSwitch:
+        """phi4-mini "auto" tool calls as a logits processor: free text until the model opens a call with
+        `<|tool_call|>`, then `constraint` compiled for this model (`ToolPlan.switch`/`ReplyPlan.switch`)."""
+        from phi_onnx.runtime.tools import CALL_OPEN, ToolCallSwitch
+
+        opened = self.tokenizer.token_to_id(CALL_OPEN)
+        if opened is None:
+            raise OptionsError(f"This model's vocabulary has no {CALL_OPEN} token for tool calls.",
+                               hint="Tool calls of this format need a Phi-4-mini tokenizer.")
+        return ToolCallSwitch(self.grammar(constraint), opened)
+
     @overload
     def generate(self, prompt: Prompt, **options: Any) -> GenerationResult: ...
     @overload
@@ -401,7 +413,7 @@ class Model:
         Scheduler and parses the reply with `phi_onnx.runtime.tools.parse_tool_calls` /
         `ToolCallStream` when `tool_format` is set.
         """
-        from phi_onnx.runtime.tools import ToolCallSwitch, plan_reply, uses_tools
+        from phi_onnx.runtime.tools import plan_reply, uses_tools
 
         if uses_tools(messages, tools, tool_choice):
             asked = {name: options.pop(name) for name in CONSTRAINT_KEYWORDS if name in options}
@@ -412,11 +424,8 @@ class Model:
             if plan.constraint is not None:
                 options["grammar"] = plan.constraint
             elif plan.switch is not None:
-                opened = self.tokenizer.token_to_id("<|tool_call|>")
-                assert opened is not None  # tool_format found it
                 base = self.options(**options)
-                options["logits_processors"] = (*base.logits_processors,
-                                                ToolCallSwitch(self.grammar(plan.switch), opened))
+                options["logits_processors"] = (*base.logits_processors, self.tool_call_switch(plan.switch))
             options.update(plan.asked)  # the format applies to the reply as without tools
             fmt, structured, names = plan.tool_format, plan.structured, plan.names
         else:

@@ -256,7 +256,7 @@ class Scheduler:
         self._cohort: set[int] | None = None  # ids of the requests starting together (see _cohort_members)
         self._cohort_tokens = 0  # prompt tokens the cohort computes (within cohort_tokens, but for a first alone)
         self._cohort_full = False  # a request did not join: none after it may
-        self._cohort_first = float("inf")  # when the cohort's first token came
+        self._cohort_first = float("inf")  # when the cohort's first token came: later arrivals do not join
         self.recomputes = 0
         self.steps = 0
         self._ids = itertools.count()
@@ -491,12 +491,12 @@ class Scheduler:
     def _step(self) -> None:
         self.steps += 1
         started, computed = time.perf_counter(), self.computed_tokens
-        cohort = self._cohort_members()
+        unfilled = sorted((r for r in self.slots if r is not None and r.seq is not None
+                           and self.pool.filled(r.slot or 0) < len(r.prompt)), key=lambda r: r.id)
+        cohort = self._cohort_members(unfilled)
         decoding = cohort is None and self._decoding()
         budget = self._fast_forward(self._prefill_budget() if decoding else self.chunk, held=cohort)
-        prefilling = sorted((r for r in self.slots if r is not None and r.seq is not None
-                             and self.pool.filled(r.slot or 0) < len(r.prompt)
-                             and (cohort is None or r.id in cohort)), key=lambda r: r.id)
+        prefilling = unfilled if cohort is None else [r for r in unfilled if r.id in cohort]
         waiting_for: list[Request] = []
         ran = 0
         for request in prefilling:
@@ -517,8 +517,8 @@ class Scheduler:
                 break  # the budget's rest is too small for a run of its own: next step
             budget -= self._prefill(request, size)
             ran += 1
-            if cohort is not None and request.first_token_at is not None:  # kept: it may have finished already
-                self._cohort_first = min(self._cohort_first, request.first_token_at)
+            if cohort is not None and request.first_token_at is not None:  # members take first tokens only here
+                self._cohort_first = min(self._cohort_first, request.first_token_at)  # kept: it may finish at it
             if cohort is None and not decoding and request.generated:
                 decoding = True  # a stream started: the rest of this step keeps the bound
                 budget = min(budget, self._prefill_budget())
@@ -530,7 +530,7 @@ class Scheduler:
                       1000 * (time.perf_counter() - prefilled),
                       f" (cohort of {len(self._cohort)})" if self._cohort is not None else "")
 
-    def _cohort_members(self) -> set[int] | None:
+    def _cohort_members(self, unfilled: list[Request]) -> set[int] | None:
         """The ids of the cohort this step prefills, or None: requests that arrived together while nothing
         streamed (all at once) prefill back to back, each first token sent as it comes, and their streams start
         decoding together once the last prompt is in (`_cohort_waits`). Interleaving the first streams'
@@ -539,15 +539,14 @@ class Scheduler:
         what the cohort gives up (see the module docstring). A cohort opens when a prompt is being prefilled
         and no stream runs; it takes requests in arrival order while they arrived before its first token,
         compute at least half their own prompt (`_joins`) and its prompt tokens to compute stay within
-        `cohort_tokens`; the first that does not ends the joining."""
-        waiting = sorted((r for r in self.slots if r is not None and r.seq is not None
-                          and self.pool.filled(r.slot or 0) < len(r.prompt)), key=lambda r: r.id)
+        `cohort_tokens`; the first that does not ends the joining. `unfilled`: the admitted requests whose
+        prompts are not in yet, oldest first."""
         if self._cohort is None:
-            if not waiting or self._running() or not self.cohort_tokens:
+            if not unfilled or self._running() or not self.cohort_tokens:
                 return None
             self._cohort, self._cohort_tokens, self._cohort_full, self._cohort_first = set(), 0, False, float("inf")
         members = self._cohort
-        for request in waiting:
+        for request in unfilled:
             if request.id in members:
                 continue
             if self._cohort_full or not self._joins(request):
@@ -557,14 +556,6 @@ class Scheduler:
             members.add(request.id)
         return members
 
-    def _cohort_cutoff(self) -> float:
-        """When the cohort's first token came (requests that arrived later do not join), or +inf."""
-        assert self._cohort is not None
-        times = [t for r in self.slots if r is not None and r.id in self._cohort
-                 and (t := r.first_token_at) is not None]
-        self._cohort_first = min([*times, self._cohort_first])  # kept: that member may have finished since
-        return self._cohort_first
-
     def _cohort_need(self, request: Request) -> int:
         """Prompt tokens `request` would compute: its prompt less the longest prefix a cache serves it (a slot,
         its own or another, or the store) or a member computes (a copy, not a run)."""
@@ -572,9 +563,7 @@ class Scheduler:
         rope = self.core.rope
         cached = self.pool.filled(request.slot) if request.slot is not None else 0
         if self._reuses(request):
-            cached = max(cached, *(self._shared(s, request) for s in range(self.max_batch)))
-            if self.store is not None:
-                cached = max(cached, self.store.match(request.prompt, request.options.adapter)[1])
+            cached = max(cached, self._longest_prefix(request)[2])
             for other in self.slots:
                 if other is not None and other is not request and other.id in self._cohort and \
                         other.options.adapter == request.options.adapter:
@@ -590,7 +579,7 @@ class Scheduler:
         if not self._cohort:
             return True
         need = self._cohort_need(request)
-        return request.submitted_at <= self._cohort_cutoff() and 2 * need >= len(request.prompt) and \
+        return request.submitted_at <= self._cohort_first and 2 * need >= len(request.prompt) and \
             self._cohort_tokens + need <= self.cohort_tokens
 
     def _cohort_waits(self) -> bool:
@@ -700,28 +689,36 @@ class Scheduler:
             self._sample(request, logits)
         return budget
 
+    def _longest_prefix(self, request: Request) -> tuple[int | None, Any, int]:
+        """The longest prefix of `request`'s prompt that another slot or the store holds: (that slot, the
+        stored handle, its length); the store's only where it holds more than any slot."""
+        source, length = None, 0
+        for other in range(self.max_batch):
+            if other != request.slot:
+                n = self._shared(other, request)
+                if n > length:
+                    source, length = other, n
+        if self.store is not None:
+            stored, stored_length = self.store.match(request.prompt, request.options.adapter)
+            if stored is not None and stored_length > length:
+                return None, stored, stored_length
+        return source, None, length
+
     def _import_prefix(self, request: Request) -> None:
         """Copy into `request`'s slot a longer prefix of its prompt held by another slot or the store."""
         slot = request.slot
         assert slot is not None
         pool = self.pool
         have = pool.filled(slot)
-        source, length = None, have
-        for other in range(self.max_batch):
-            if other != slot:
-                n = self._shared(other, request)
-                if n > length:
-                    source, length = other, n
-        stored, stored_length = (self.store.match(request.prompt, request.options.adapter) if self.store is not None
-                                 else (None, 0))
-        if stored is not None and stored_length > length:
-            assert self.store is not None
-            self.store.restore(stored, stored_length, pool, slot)
-            length = stored_length
-        elif source is not None:
-            pool.copy_rows(source, slot, length)
-        else:
+        source, stored, length = self._longest_prefix(request)
+        if length <= have:
             return
+        if stored is not None:
+            assert self.store is not None
+            self.store.restore(stored, length, pool, slot)
+        else:
+            assert source is not None
+            pool.copy_rows(source, slot, length)
         self.copied_tokens += length - have
         request.cached_tokens += length - have
 

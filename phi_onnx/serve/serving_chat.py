@@ -20,16 +20,20 @@ from phi_onnx.runtime.model import Model
 from phi_onnx.runtime.options import LogitsProcessor
 from phi_onnx.runtime.scheduler import FinishEvent, TokenEvent
 from phi_onnx.runtime.tools import (
-    CALL_OPEN,
     ResponseFormatError,
     ToolCallDelta,
     ToolCallStream,
-    ToolCallSwitch,
     parse_tool_calls,
     plan_reply,
 )
 from phi_onnx.serve.schema import ApiError, ChatRequest
 from phi_onnx.serve.serving_engine import OpenAIServing, ResponseBuilder
+
+
+def _format_error(error: PhiOnnxError) -> ApiError:
+    """A response_format that cannot be honoured, as OpenAI's 400 naming the field."""
+    return ApiError(400, f"Invalid value for 'response_format': {error.message}", param="response_format",
+                    code="invalid_value")
 
 
 class PreparedReply(NamedTuple):
@@ -136,8 +140,7 @@ class OpenAIServingChat(OpenAIServing):
                               template_source=loaded.chat_template.source, vocabulary=loaded.tokenizer.vocabulary(),
                               parallel_tool_calls=body.parallel_tool_calls)
         except ResponseFormatError as error:
-            raise ApiError(400, f"Invalid value for 'response_format': {error.message}",
-                           param="response_format", code="invalid_value") from None
+            raise _format_error(error) from None
         except PhiOnnxError as error:
             param = "tool_choice" if "tool_choice" in error.message else "tools"
             raise ApiError(400, error.message, param=param) from None
@@ -145,15 +148,12 @@ class OpenAIServingChat(OpenAIServing):
         if plan.constraint is not None:
             processors.append(loaded.grammar(plan.constraint))
         elif plan.switch is not None:
-            opened = loaded.tokenizer.token_to_id(CALL_OPEN)
-            assert opened is not None  # tool_format found it
-            processors.append(ToolCallSwitch(loaded.grammar(plan.switch), opened))
+            processors.append(loaded.tool_call_switch(plan.switch))
         if plan.asked:
             try:
                 constraint = constraint_from(**plan.asked)
             except PhiOnnxError as error:
-                raise ApiError(400, f"Invalid value for 'response_format': {error.message}",
-                               param="response_format", code="invalid_value") from None
+                raise _format_error(error) from None
             if constraint is not None:
                 processors.append(loaded.grammar(constraint))
         try:

@@ -390,3 +390,13 @@ def test_plan_reply_is_the_one_rule_for_tools_and_response_formats() -> None:
     with pytest.raises(OptionsError) as bad_tools:
         plan([WEATHER], {"type": "function", "function": {"name": "missing"}}, {})
     assert not isinstance(bad_tools.value, T.ResponseFormatError)
+
+
+def test_tool_call_switch_needs_the_call_token(phi4mini: Any, models: Any) -> None:
+    from phi_onnx.runtime import grammar
+
+    rest = grammar.lark('start: "x"\n')
+    switch = phi4mini.tool_call_switch(rest)
+    assert isinstance(switch, T.ToolCallSwitch) and switch.open_token == phi4mini.tokenizer.token_to_id(T.CALL_OPEN)
+    with pytest.raises(OptionsError, match="tool_call"):
+        models("phi3-gqa").tool_call_switch(rest)
